@@ -1,0 +1,83 @@
+"""The `qtune` command. Each subcommand's flags come from its config dataclass (see config.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ScoreConfig, TrainConfig, add_arguments, build_config
+from .errors import QTuneError
+
+
+def _score(ns: argparse.Namespace) -> None:
+    from .workflows import run_score
+
+    run_score(build_config(ScoreConfig, ns, ns.config))
+
+
+def _train(ns: argparse.Namespace) -> None:
+    from .train import run_train
+
+    run_train(build_config(TrainConfig, ns, ns.config))
+
+
+def _methods(ns: argparse.Namespace) -> None:
+    from .methods import METHODS
+
+    for name, cls in sorted(METHODS.items()):
+        summary = (cls.__doc__ or "").strip().splitlines()[0]
+        print(f"{name:10s} {summary}")
+
+
+def _testbed_build(ns: argparse.Namespace) -> None:
+    from .testbed import build_testbed
+
+    paths = build_testbed(ns.cache_dir, force=ns.force)
+    print(f"model: {paths.model_dir}\ntrain: {paths.train_path}\ntest:  {paths.test_path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qtune", description="Data-efficient SFT with Q-Tuning.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    score = commands.add_parser("score", help="Place every sample of a dataset on the Error-Uncertainty plane.",
+                                description="Score a dataset with a causal LM: per-sample PPL and entropy, "
+                                            "quadrants, summary table and EU-plane plot.")
+    score.add_argument("--config", help="YAML file with any of the options below (flags override it).")
+    add_arguments(score, ScoreConfig)
+    score.set_defaults(func=_score)
+
+    train = commands.add_parser("train", help="Fine-tune a model with a pruning method (Q-Tuning by default).",
+                                description="SFT with dynamic sample and token pruning. Options can also come "
+                                            "from a YAML file (--config); flags override it.")
+    train.add_argument("--config", help="YAML file with any of the options below (flags override it).")
+    add_arguments(train, TrainConfig)
+    train.set_defaults(func=_train)
+
+    methods = commands.add_parser("methods", help="List the registered pruning methods.")
+    methods.set_defaults(func=_methods)
+
+    testbed = commands.add_parser("testbed", help="The micro testbed: task data and a tiny base model.")
+    testbed_cmds = testbed.add_subparsers(dest="testbed_command", required=True, metavar="ACTION")
+    build = testbed_cmds.add_parser("build", help="Build (or reuse from the cache) the testbed model and data.")
+    build.add_argument("--cache-dir", default=None, help="Cache root (default: $QTUNE_CACHE or ~/.cache/qtune).")
+    build.add_argument("--force", action="store_true", help="Rebuild even if the cache has it.")
+    build.set_defaults(func=_testbed_build)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        ns.func(ns)
+    except QTuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Loading a causal language model and its tokenizer the way every qtune command does.
+
+One path for everything: a local folder or a hub id goes through `from_pretrained`, so the
+testbed model and a user's model are loaded by the same code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import QTuneError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """`auto` picks CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise QTuneError(f"device {device!r} was asked for but CUDA is not available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` is bfloat16 on a GPU that supports it and float32 otherwise."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise QTuneError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _check_source(name_or_path: str) -> None:
+    """A name that can only be a local path must exist; anything else goes to the hub resolver."""
+    if Path(name_or_path).expanduser().exists():
+        return
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise QTuneError(f"model path {name_or_path!r} does not exist")
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, pad_token: str | None = None):
+    """Load a tokenizer; `pad_token` sets one for tokenizers that ship without (e.g. its EOS)."""
+    from transformers import AutoTokenizer
+
+    _check_source(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            os.path.expanduser(name_or_path), trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise QTuneError(f"could not load a tokenizer from {name_or_path!r}: {_first_line(exc)}") from exc
+    if pad_token is not None:
+        if pad_token not in tokenizer.get_vocab():
+            raise QTuneError(f"--pad-token {pad_token!r} is not in the tokenizer's vocabulary")
+        tokenizer.pad_token = pad_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+):
+    """Load a causal LM from safetensors weights onto `device`, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    _check_source(name_or_path)
+    dev = resolve_device(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            os.path.expanduser(name_or_path),
+            dtype=resolve_dtype(dtype, dev),
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+        )
+    except (OSError, ValueError) as exc:
+        raise QTuneError(f"could not load a model from {name_or_path!r}: {_first_line(exc)}") from exc
+    return model.to(dev).eval()
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

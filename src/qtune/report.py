@@ -1,0 +1,59 @@
+"""Plain-text tables for summaries printed by the commands and written next to their outputs."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Sequence
+
+QUADRANT_ORDER = (1, 2, 3, 4, 0)
+QUADRANT_LABELS = {1: "Q1 noise", 2: "Q2 misconception", 3: "Q3 redundant", 4: "Q4 calibration", 0: "middle"}
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence], align_first_left: bool = True) -> str:
+    """A GitHub-flavoured Markdown table (also readable in a terminal)."""
+    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(row):
+        parts = [
+            c.ljust(w) if (i == 0 and align_first_left) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
+        ]
+        return "| " + " | ".join(parts) + " |"
+
+    sep = "|" + "|".join(("-" * (w + 2)) if i == 0 else ("-" * (w + 1) + ":") for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    return str(value)
+
+
+def quantile_rows(name: str, values: Sequence[float], qs=(0.0, 0.25, 0.5, 0.75, 1.0)) -> list:
+    ordered = sorted(values)
+    n = len(ordered)
+    return [name] + [ordered[min(n - 1, int(round(q * (n - 1))))] for q in qs]
+
+
+def score_summary(ppl: Sequence[float], ent: Sequence[float], quadrant: Sequence[int], r_sample: float) -> str:
+    """Quantiles of both axes and the quadrant counts of a scored dataset."""
+    quantiles = format_table(["score", "min", "q25", "median", "q75", "max"],
+                             [quantile_rows("PPL", ppl), quantile_rows("entropy", ent)])
+    counts = Counter(quadrant)
+    n = len(quadrant)
+    quad_rows = [[QUADRANT_LABELS[q], counts.get(q, 0), f"{100 * counts.get(q, 0) / n:.1f}%"] for q in QUADRANT_ORDER]
+    quads = format_table([f"quadrant (r_sample={r_sample:g})", "samples", "share"], quad_rows)
+    return f"{n} samples\n\n{quantiles}\n\n{quads}"
+
+
+def category_quadrant_table(categories: Sequence[str], quadrant: Sequence[int]) -> str:
+    """Rows: ground-truth categories; columns: share of each category in each quadrant."""
+    by_cat: dict[str, Counter] = {}
+    for cat, q in zip(categories, quadrant):
+        by_cat.setdefault(cat, Counter())[q] += 1
+    rows = []
+    for cat in sorted(by_cat):
+        total = sum(by_cat[cat].values())
+        rows.append([cat, total] + [f"{100 * by_cat[cat].get(q, 0) / total:.1f}%" for q in QUADRANT_ORDER])
+    return format_table(["category", "n"] + [QUADRANT_LABELS[q] for q in QUADRANT_ORDER], rows)

@@ -1,0 +1,247 @@
+"""Error-Uncertainty scores: per-token NLL and entropy, per-sample PPL and mean entropy.
+
+Everything is computed in float32 whatever the model's dtype, and never for the whole
+[batch x length x vocab] block at once: the log-softmax is taken over chunks of positions, so a
+150k-vocabulary model scores long sequences in the memory of its own logits plus one chunk.
+
+Token statistics are aligned with `labels`: `nll[b, t]` is `-log p(labels[b, t] | tokens < t)`,
+so a mask computed from them applies to `labels` directly.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+#: Default number of positions whose float32 log-probabilities exist at one time.
+DEFAULT_CHUNK_TOKENS = 128
+
+
+@dataclass
+class BatchScores:
+    """Scores of one batch. Token tensors are [B, L], zero outside `response_mask`."""
+
+    nll: torch.Tensor            # float32 [B, L]
+    entropy: torch.Tensor        # float32 [B, L]
+    response_mask: torch.Tensor  # bool [B, L]: positions that receive loss
+    ppl: torch.Tensor            # float32 [B]: exp(mean nll over response positions)
+    ent: torch.Tensor            # float32 [B]: mean entropy over response (or attended) positions
+    n_response: torch.Tensor     # int64 [B]
+
+
+def gold_nll_and_entropy(
+    logits: torch.Tensor,
+    gold: torch.Tensor,
+    *,
+    index: torch.Tensor | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows of 2-D `logits` [n, V] (or the rows picked by `index`), the NLL of `gold` and the
+    entropy of the softmax, in float32, `chunk_tokens` rows at a time.
+
+    With z = x - max(x), e = exp(z), s = sum(e):  nll = log s - z_gold  and
+    H = -sum p log p = log s - sum(e z) / s.  One float32 copy of the chunk is the only large
+    temporary besides `e`.
+    """
+    n = gold.numel() if index is None else index.numel()
+    nll = torch.empty(n, dtype=torch.float32, device=logits.device)
+    entropy = torch.empty_like(nll)
+    lowest = torch.finfo(torch.float32).min
+    for start in range(0, n, chunk_tokens):
+        part = slice(start, start + chunk_tokens)
+        if index is None:
+            x = logits[part].to(torch.float32, copy=True)
+        else:
+            x = logits.index_select(0, index[part]).float()
+        # -inf logits (masked vocabulary entries) would make e*z = 0*inf = NaN.
+        x.clamp_(min=lowest)
+        x.sub_(x.amax(dim=-1, keepdim=True))
+        e = torch.exp(x)
+        total = e.sum(dim=-1)
+        log_total = total.log()
+        nll[part] = log_total - x.gather(1, gold[part, None]).squeeze(1)
+        entropy[part] = log_total - torch.linalg.vecdot(e, x) / total
+    return nll, entropy
+
+
+def _masks(labels: torch.Tensor, entropy_mask: torch.Tensor | None):
+    """Response positions (they get loss) and the positions whose statistics are needed."""
+    response_mask = labels != IGNORE_INDEX
+    response_mask[:, 0] = False  # the first token has no prediction
+    if entropy_mask is None:
+        entropy_mask = response_mask
+    else:
+        entropy_mask = entropy_mask.bool().clone()
+        entropy_mask[:, 0] = False
+    return response_mask, entropy_mask, response_mask | entropy_mask
+
+
+def _scatter(values_nll, values_entropy, wanted, response_mask, entropy_mask):
+    nll = torch.zeros(wanted.shape, dtype=torch.float32, device=wanted.device)
+    entropy = torch.zeros_like(nll)
+    nll[wanted] = values_nll
+    entropy[wanted] = values_entropy
+    return nll.masked_fill_(~response_mask, 0.0), entropy.masked_fill_(~entropy_mask, 0.0)
+
+
+def token_statistics(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    entropy_mask: torch.Tensor | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NLL of each gold token and entropy of each next-token distribution, in float32.
+
+    `logits` [B, L, V] (any dtype), `labels` [B, L] with IGNORE_INDEX on positions without loss.
+    Returns `(nll, entropy, response_mask)`, each [B, L] and aligned with `labels`.
+    Entropy is computed where `entropy_mask` is True (default: the response positions); the
+    authors' code averages it over every attended position, which `entropy_mask` allows.
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not match")
+    batch, length, _ = logits.shape
+    response_mask, entropy_mask, wanted = _masks(labels, entropy_mask)
+    rows, cols = wanted.nonzero(as_tuple=True)
+    # Position t is predicted by the logits at t-1.
+    nll, entropy = gold_nll_and_entropy(
+        logits.reshape(batch * length, -1), labels[rows, cols].clamp_min(0),
+        index=rows * length + cols - 1, chunk_tokens=chunk_tokens,
+    )
+    nll, entropy = _scatter(nll, entropy, wanted, response_mask, entropy_mask)
+    return nll, entropy, response_mask
+
+
+def sample_scores(
+    nll: torch.Tensor,
+    entropy: torch.Tensor,
+    response_mask: torch.Tensor,
+    entropy_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample `(ppl, ent, n_response)` from token statistics.
+
+    A sample without a response position has no score: the data layer excludes such samples,
+    and meeting one here is an error rather than a silent 0 or NaN.
+    """
+    n_response = response_mask.sum(dim=1)
+    if bool((n_response == 0).any()):
+        bad = (n_response == 0).nonzero().flatten().tolist()
+        raise ValueError(f"batch rows {bad} have no response token; they cannot be scored")
+    ppl = torch.exp(nll.sum(dim=1) / n_response)
+    if entropy_mask is None:
+        ent = entropy.sum(dim=1) / n_response
+    else:
+        ent = entropy.sum(dim=1) / entropy_mask[:, 1:].sum(dim=1).clamp_min(1)
+    return ppl, ent, n_response
+
+
+@torch.no_grad()
+def score_batch(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    entropy_over: str = "response",
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> BatchScores:
+    """Score a batch with a gradient-free forward pass of `model` (its current weights).
+
+    `entropy_over="response"` (default) averages entropy over response positions, as the paper
+    defines it; `"attended"` averages over every attended position, as the authors' code does.
+    """
+    if entropy_over not in ("response", "attended"):
+        raise ValueError(f"entropy_over must be 'response' or 'attended', not {entropy_over!r}")
+    attended = attention_mask.bool() if entropy_over == "attended" else None
+    if accepts_logits_to_keep(model):
+        # Ask the model for logits at the predicting positions only (t-1 for each needed t):
+        # prompt positions then cost no vocabulary projection and no memory.
+        response_mask, entropy_mask, wanted = _masks(labels, attended)
+        predicting = torch.zeros_like(wanted)
+        predicting[:, :-1] = wanted[:, 1:]
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=predicting).logits
+        values = gold_nll_and_entropy(logits.reshape(-1, logits.shape[-1]), labels[wanted].clamp_min(0),
+                                      chunk_tokens=chunk_tokens)
+        nll, entropy = _scatter(*values, wanted, response_mask, entropy_mask)
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        nll, entropy, response_mask = token_statistics(logits, labels, entropy_mask=attended,
+                                                       chunk_tokens=chunk_tokens)
+    del logits
+    ppl, ent, n_response = sample_scores(nll, entropy, response_mask, attended)
+    return BatchScores(nll, entropy, response_mask, ppl, ent, n_response)
+
+
+def accepts_logits_to_keep(model) -> bool:
+    """Whether `model.forward` can return logits for a boolean mask of positions
+    (transformers >= 5 models); others get the full-logits path."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wrappers
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+@dataclass
+class DatasetScores:
+    """Scores of a whole dataset, one entry per sample, in the order of `sample_id`."""
+
+    sample_id: list[int]
+    n_response: list[int]
+    ppl: list[float]
+    ent: list[float]
+    token_nll: list[list[float]] | None
+    token_entropy: list[list[float]] | None
+    seconds: float
+    tokens: int
+
+
+def score_dataset(
+    model,
+    samples: list[dict],
+    *,
+    pad_token_id: int,
+    batch_size: int = 8,
+    per_token: bool = False,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    progress: bool = True,
+) -> DatasetScores:
+    """Score tokenized samples (dicts from `qtune.data.tokenize_records`) in length-bucketed batches."""
+    from tqdm.auto import tqdm
+
+    from .data import collate, length_bucketed_batches
+
+    device = next(model.parameters()).device
+    batches = length_bucketed_batches([len(s["input_ids"]) for s in samples], batch_size)
+    rows: dict[int, tuple] = {}
+    tokens = 0
+    start = time.perf_counter()
+    bar = tqdm(total=len(samples), unit="sample", desc="scoring", disable=not progress)
+    for indices in batches:
+        batch = collate([samples[i] for i in indices], pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        scores = score_batch(
+            model, batch["input_ids"], batch["attention_mask"], batch["labels"], chunk_tokens=chunk_tokens
+        )
+        tokens += int(batch["attention_mask"].sum())
+        for j, sid in enumerate(batch["sample_id"].tolist()):
+            mask = scores.response_mask[j]
+            token_part = (scores.nll[j][mask].tolist(), scores.entropy[j][mask].tolist()) if per_token else None
+            rows[sid] = (int(scores.n_response[j]), float(scores.ppl[j]), float(scores.ent[j]), token_part)
+        bar.update(len(indices))
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        bar.set_postfix(tok_s=f"{tokens / elapsed:,.0f}", refresh=False)
+    bar.close()
+    order = sorted(rows)
+    return DatasetScores(
+        sample_id=order,
+        n_response=[rows[i][0] for i in order],
+        ppl=[rows[i][1] for i in order],
+        ent=[rows[i][2] for i in order],
+        token_nll=[rows[i][3][0] for i in order] if per_token else None,
+        token_entropy=[rows[i][3][1] for i in order] if per_token else None,
+        seconds=time.perf_counter() - start,
+        tokens=tokens,
+    )

@@ -1,0 +1,393 @@
+"""SFT with dynamic pruning, on top of `transformers.Trainer`.
+
+One optimizer step, as `QTuneTrainer` runs it:
+
+1. `get_batch_samples` takes the step's micro-batches from the data loader;
+2. if the method needs them, a no-grad pass with the current weights scores every sample
+   (`qtune.scoring.score_batch`);
+3. the method (`qtune.methods`) decides which rows train and which response tokens keep their loss;
+4. the kept rows are physically cut out of the batch (`pack_kept`): dropped samples cost no
+   forward or backward, and each row is trimmed after its last loss position;
+5. the Trainer's own loop runs forward and backward on the packed micro-batches; `compute_loss`
+   sums token cross-entropies and divides by the kept-token count of the whole step, so the loss
+   is the mean over kept tokens however the step is split into micro-batches.
+
+Everything else (optimizer, schedule, checkpoints, resume, logging integrations) is the Trainer's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from .config import TrainConfig
+from .data import collate, require_pad_token
+from .errors import QTuneError
+from .io import write_json
+from .methods import PruningMethod, Selection, build_method
+from .models import load_model, load_tokenizer, resolve_device, resolve_dtype
+from .scoring import IGNORE_INDEX, accepts_logits_to_keep, score_batch
+
+STEP_LOG = "steps.jsonl"
+
+
+class SampleDataset(torch.utils.data.Dataset):
+    """Tokenized samples (dicts from `qtune.data.tokenize_records`)."""
+
+    def __init__(self, samples: list[dict]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.samples[i]
+
+
+def _take_row(batch: dict, row: int, label_mask: torch.Tensor) -> dict | None:
+    """One row of a right-padded batch with pruned labels, cut after its last loss position
+    (later positions cannot influence the loss of a causal model). None if no token is left."""
+    labels = batch["labels"][row].masked_fill(~label_mask[row], IGNORE_INDEX)
+    positions = (labels != IGNORE_INDEX).nonzero()
+    if positions.numel() == 0:
+        return None
+    end = int(positions[-1]) + 1
+    return {
+        "input_ids": batch["input_ids"][row, :end],
+        "attention_mask": batch["attention_mask"][row, :end],
+        "labels": labels[:end],
+        "sample_id": batch["sample_id"][row],
+    }
+
+
+def pack_kept(batches: list[dict], selections: list[Selection], pad_token_id: int) -> list[dict]:
+    """Cut the kept rows out of the step's micro-batches and spread them evenly over the same
+    number of micro-batches (the Trainer's accumulation bookkeeping counts them); a micro-batch
+    may be empty when fewer rows than micro-batches are kept."""
+    rows = []
+    for batch, selection in zip(batches, selections):
+        for r in selection.rows.tolist():
+            row = _take_row(batch, r, selection.label_mask)
+            if row is not None:
+                rows.append(row)
+    n_parts = len(batches)
+    bounds = [round(i * len(rows) / n_parts) for i in range(n_parts + 1)]
+    packed = []
+    for start, end in zip(bounds, bounds[1:]):
+        group = rows[start:end]
+        length = max((len(r["input_ids"]) for r in group), default=0)
+        device = batches[0]["input_ids"].device
+
+        def stack(key, fill):
+            out = torch.full((len(group), length), fill, dtype=torch.long, device=device)
+            for i, r in enumerate(group):
+                out[i, : len(r[key])] = r[key]
+            return out
+
+        packed.append({
+            "input_ids": stack("input_ids", pad_token_id),
+            "attention_mask": stack("attention_mask", 0),
+            "labels": stack("labels", IGNORE_INDEX),
+            "sample_id": torch.stack([r["sample_id"] for r in group]) if group else
+            torch.zeros(0, dtype=torch.long, device=device),
+        })
+    return packed
+
+
+def _count_loss_tokens(batches: list[dict]) -> int:
+    return sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+
+
+class QTuneTrainer(Trainer):
+    """A `transformers.Trainer` whose steps train only what a `PruningMethod` keeps."""
+
+    def __init__(self, *args, method: PruningMethod, pad_token_id: int, entropy_over: str = "response",
+                 chunk_tokens: int = 128, step_log: str | Path | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.method = method
+        self.pad_token_id = pad_token_id
+        self.entropy_over = entropy_over
+        self.chunk_tokens = chunk_tokens
+        self.step_log = Path(step_log) if step_log else Path(self.args.output_dir) / STEP_LOG
+        self.step_record: dict = {}
+        self._since_log: list[dict] = []
+        # compute_loss divides by the step's kept-token count: already scaled for accumulation.
+        self.loss_is_scaled_for_ga = True
+        self.add_callback(_StepRecorder(self))
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if not batches:
+            return batches, None
+        start = time.perf_counter()
+        batches = [self._prepare_inputs(b) for b in batches]
+        scores = None
+        if self.method.needs_scores:
+            model = self.model
+            was_training = model.training
+            model.eval()
+            scores = [score_batch(model, b["input_ids"], b["attention_mask"], b["labels"],
+                                  entropy_over=self.entropy_over, chunk_tokens=self.chunk_tokens)
+                      for b in batches]
+            model.train(was_training)
+        decision = self.method.select(batches, scores, self.state.global_step)
+        packed = pack_kept(batches, decision.selections, self.pad_token_id)
+        kept_tokens = _count_loss_tokens(packed)
+        response_tokens = _count_loss_tokens(batches)
+        self.step_record = {
+            **decision.stats,
+            "kept": sum(b["input_ids"].shape[0] for b in packed),
+            "response_tokens": response_tokens,
+            "kept_tokens": kept_tokens,
+            "input_tokens": sum(int(b["attention_mask"].sum()) for b in batches),
+            "trained_input_tokens": sum(int(b["attention_mask"].sum()) for b in packed),
+            "scoring_seconds": time.perf_counter() - start,
+            "sample_ids": torch.cat([b["sample_id"] for b in batches]).tolist(),
+            "kept_ids": torch.cat([b["sample_id"] for b in packed]).tolist(),
+            "loss": 0.0,
+            "_selected_at": time.perf_counter(),
+        }
+        return packed, torch.tensor(max(kept_tokens, 1), device=device)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if inputs["input_ids"].shape[0] == 0:  # every kept row went to another micro-batch
+            return torch.zeros((), device=self.args.device)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.step_record["loss"] += float(loss)
+        return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Sum of token cross-entropies over kept labels / kept tokens of the whole step.
+
+        Logits are asked for only at positions that predict a kept label (prompt, padding and
+        pruned tokens cost no vocabulary projection), and taken in float32.
+        """
+        labels = inputs["labels"]
+        targets_mask = labels[:, 1:] != IGNORE_INDEX
+        targets = labels[:, 1:][targets_mask]
+        model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        if accepts_logits_to_keep(self.accelerator.unwrap_model(model)):
+            predicting = torch.zeros_like(labels, dtype=torch.bool)
+            predicting[:, :-1] = targets_mask
+            outputs = model(**model_inputs, logits_to_keep=predicting)
+            logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])
+        else:
+            outputs = model(**model_inputs)
+            logits = outputs.logits[:, :-1][targets_mask]
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+        loss = loss / (num_items_in_batch if num_items_in_batch is not None else max(targets.numel(), 1))
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        """Add the pruning statistics since the last log to the Trainer's logs (tensorboard, ...)."""
+        if "loss" in logs and self._since_log:
+            recs = self._since_log
+            logs["kept_sample_frac"] = sum(r["kept"] for r in recs) / max(sum(r["samples"] for r in recs), 1)
+            logs["kept_token_frac"] = sum(r["kept_tokens"] for r in recs) / max(
+                sum(r["response_tokens"] for r in recs), 1)
+            logs["scoring_seconds"] = sum(r["scoring_seconds"] for r in recs)
+            logs["training_seconds"] = sum(r["training_seconds"] for r in recs)
+            self._since_log = []
+        super().log(logs, start_time)
+
+
+class _StepRecorder(TrainerCallback):
+    """Completes the step record after the optimizer step and appends it to the step log."""
+
+    def __init__(self, trainer: QTuneTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        record = self.trainer.step_record
+        if not record:
+            return
+        now = time.perf_counter()
+        record["training_seconds"] = now - record.pop("_selected_at")
+        seconds = record["training_seconds"] + record["scoring_seconds"]
+        record["tokens_per_second"] = record["input_tokens"] / seconds if seconds > 0 else 0.0
+        record["kept_token_fraction"] = record["kept_tokens"] / max(record["response_tokens"], 1)
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **record}
+        if state.is_world_process_zero:
+            with open(self.trainer.step_log, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        self.trainer._since_log.append(record)
+        self.trainer.step_record = {}
+
+
+class _PruningProgress(ProgressCallback):
+    """The Trainer's progress bar, with the step's loss, kept samples and kept tokens."""
+
+    def __init__(self, trainer: QTuneTrainer):
+        super().__init__()
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        recs = self.trainer._since_log
+        if self.training_bar is not None and recs:
+            r = recs[-1]
+            self.training_bar.set_postfix(loss=f"{r['loss']:.3f}", kept=f"{r['kept']}/{r['samples']}",
+                                          tokens=f"{100 * r['kept_token_fraction']:.0f}%", refresh=False)
+        super().on_step_end(args, state, control, **kwargs)
+
+
+def read_step_log(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _truncate_step_log(path: Path, last_step: int) -> None:
+    """On resume, forget steps after the checkpoint: they are about to be trained again."""
+    rows = [r for r in read_step_log(path) if r["step"] <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _apply_lora(model, cfg: TrainConfig):
+    from peft import LoraConfig, get_peft_model
+
+    target = cfg.lora_target if cfg.lora_target == "all-linear" else [t.strip() for t in cfg.lora_target.split(",")]
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=target, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def _save_final_model(trainer: QTuneTrainer, tokenizer, cfg: TrainConfig, out: Path) -> Path:
+    """Write OUT/model atomically: build it beside, then swap it in."""
+    final, tmp = out / "model", out / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = trainer.model
+    if cfg.lora_r > 0 and cfg.merge_lora:
+        model = model.merge_and_unload()
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def summarize_run(rows: list[dict], cfg: TrainConfig) -> dict:
+    """Budget and wall-time summary of a run, from its step log."""
+    nominal = 1.0 if cfg.method == "full" else cfg.r_sample * cfg.r_token
+    response = sum(r["response_tokens"] for r in rows)
+    scoring = sum(r["scoring_seconds"] for r in rows)
+    training = sum(r["training_seconds"] for r in rows)
+    return {
+        "method": cfg.method,
+        "steps": len(rows),
+        "nominal_budget": nominal,
+        "kept_sample_fraction": sum(r["kept"] for r in rows) / max(sum(r["samples"] for r in rows), 1),
+        "loss_token_fraction": sum(r["kept_tokens"] for r in rows) / max(response, 1),
+        "fallback_samples": sum(r.get("fallback", 0) for r in rows),
+        "scoring_seconds": scoring,
+        "training_seconds": training,
+        "wall_seconds": scoring + training,
+        "final_loss": rows[-1]["loss"] if rows else math.nan,
+    }
+
+
+def run_train(cfg: TrainConfig) -> dict:
+    """Train a model with `cfg` and write OUT/model, OUT/steps.jsonl and OUT/summary.json."""
+    from .workflows import load_samples, log
+
+    out = Path(cfg.out)
+    method = build_method(cfg.method, cfg)
+    last_checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if cfg.resume and last_checkpoint is None:
+        raise QTuneError(f"--resume: no checkpoint in {out} to resume from")
+    if not cfg.resume and last_checkpoint is not None:
+        raise QTuneError(f"{out} already holds checkpoints; pass --resume to continue, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    step_log = out / STEP_LOG
+    if cfg.resume:
+        _truncate_step_log(step_log, int(Path(last_checkpoint).name.split("-")[-1]))
+    elif step_log.exists():
+        step_log.unlink()
+
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code, pad_token=cfg.pad_token)
+    pad_id = require_pad_token(tokenizer)
+    records, samples = load_samples(cfg, tokenizer)
+    device = resolve_device(cfg.device)
+    mixed_bf16 = resolve_dtype(cfg.dtype, device) == torch.bfloat16
+    if cfg.dtype == "float16":
+        raise QTuneError("float16 training is not supported; use bfloat16 or float32")
+    # Weights stay float32; bfloat16 means mixed precision (autocast), as in transformers.
+    model = load_model(cfg.model, dtype="float32", device=str(device), trust_remote_code=cfg.trust_remote_code)
+    if cfg.lora_r > 0:
+        model = _apply_lora(model, cfg)
+
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=mixed_bf16,
+        use_cpu=device.type == "cpu",
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        report_to=[] if cfg.report_to == "none" else [cfg.report_to],
+        train_sampling_strategy="group_by_length",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,  # replaced by _PruningProgress below
+    )
+    trainer = QTuneTrainer(
+        model=model,
+        args=args,
+        train_dataset=SampleDataset(samples),
+        data_collator=lambda rows: collate(rows, pad_id),
+        processing_class=tokenizer,
+        method=method,
+        pad_token_id=pad_id,
+        entropy_over="attended" if cfg.reference else "response",
+        chunk_tokens=cfg.chunk_tokens,
+        step_log=step_log,
+    )
+    if cfg.progress:
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(_PruningProgress(trainer))
+    log(f"training {cfg.model} with method {cfg.method} on {len(samples)} samples ({device}, "
+        f"{'bf16 mixed' if mixed_bf16 else 'fp32'}{', LoRA r=%d' % cfg.lora_r if cfg.lora_r else ''})")
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=last_checkpoint if cfg.resume else None)
+    final = _save_final_model(trainer, tokenizer, cfg, out)
+
+    summary = summarize_run(read_step_log(step_log), cfg)
+    summary.update({
+        "config": asdict(cfg),
+        "model_dir": str(final),
+        "process_seconds": time.perf_counter() - started,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {device}, torch {torch.__version__}",
+    })
+    write_json(out / "summary.json", summary)
+    log(f"nominal budget {summary['nominal_budget']:.3f} (r_sample x r_token); response tokens that received "
+        f"loss: {100 * summary['loss_token_fraction']:.1f}%; samples trained: "
+        f"{100 * summary['kept_sample_fraction']:.1f}%")
+    log(f"wall time {summary['wall_seconds']:.1f} s = scoring {summary['scoring_seconds']:.1f} s + training "
+        f"{summary['training_seconds']:.1f} s; model saved to {final}")
+    return summary

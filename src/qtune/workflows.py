@@ -1,0 +1,111 @@
+"""The commands as Python functions: `qtune score` is `run_score(ScoreConfig(...))`."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .config import ScoreConfig
+from .data import load_records, require_pad_token, tokenize_records
+from .errors import QTuneError
+from .io import atomic_path, write_json, write_text
+from .models import load_model, load_tokenizer
+from .pruning import triage
+from .report import QUADRANT_LABELS, category_quadrant_table, score_summary
+from .scoring import score_dataset
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def load_samples(cfg, tokenizer):
+    """Records -> tokenized samples, reporting anything skipped or excluded."""
+    records, load_report = load_records(cfg.data, cfg.format, skip_invalid=cfg.skip_invalid, limit=cfg.limit)
+    if load_report.skipped:
+        log(load_report.summary())
+    samples, tok_report = tokenize_records(
+        records, tokenizer, max_length=cfg.max_length, truncation_side=cfg.truncation_side
+    )
+    if tok_report.excluded_ids or tok_report.n_truncated:
+        log(tok_report.summary())
+    if not samples:
+        raise QTuneError(f"{cfg.data}: no usable sample (every record was skipped or had no response token)")
+    return records, samples
+
+
+def run_score(cfg: ScoreConfig) -> dict:
+    """Score every sample of a dataset on the EU plane and write scores, summary and plot."""
+    out = Path(cfg.out)
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code, pad_token=cfg.pad_token)
+    pad_id = require_pad_token(tokenizer)
+    records, samples = load_samples(cfg, tokenizer)
+    model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    log(f"scoring {len(samples)} samples with {cfg.model} on {model.device} ({model.dtype})")
+    scores = score_dataset(
+        model, samples, pad_token_id=pad_id, batch_size=cfg.batch_size,
+        per_token=cfg.per_token, chunk_tokens=cfg.chunk_tokens,
+    )
+    decision = triage(torch.tensor(scores.ppl), torch.tensor(scores.ent), cfg.r_sample)
+    quadrant = decision.quadrant.tolist()
+    kept = set(decision.keep.tolist())
+    meta = {r.sample_id: r.metadata for r in records}
+    categories = [str(meta[s].get("category")) for s in scores.sample_id] if any(
+        "category" in meta[s] for s in scores.sample_id) else None
+
+    columns = {
+        "sample_id": scores.sample_id,
+        "n_response": scores.n_response,
+        "ppl": scores.ppl,
+        "entropy": scores.ent,
+        "quadrant": quadrant,
+        "quadrant_name": [QUADRANT_LABELS[q] for q in quadrant],
+        "kept": [i in kept for i in range(len(quadrant))],
+        "metadata": [json.dumps(meta[s], sort_keys=True) for s in scores.sample_id],
+    }
+    if categories is not None:
+        columns["category"] = categories
+    if cfg.per_token:
+        columns["token_nll"] = scores.token_nll
+        columns["token_entropy"] = scores.token_entropy
+    _write_parquet(out / "scores.parquet", columns)
+
+    summary = score_summary(scores.ppl, scores.ent, quadrant, cfg.r_sample)
+    if categories is not None:
+        summary += "\n\n" + category_quadrant_table(categories, quadrant)
+    throughput = (f"{len(samples)} samples, {scores.tokens} tokens in {scores.seconds:.1f} s "
+                  f"({len(samples) / scores.seconds:.1f} samples/s, {scores.tokens / scores.seconds:,.0f} tokens/s)")
+    summary += "\n\n" + throughput
+    write_text(out / "summary.md", summary + "\n")
+    result = {
+        "config": asdict(cfg),
+        "n_samples": len(samples),
+        "thresholds": decision.thresholds,
+        "level": decision.level,
+        "counts": decision.counts(),
+        "seconds": scores.seconds,
+        "tokens": scores.tokens,
+        "machine": f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__}".strip(),
+    }
+    write_json(out / "summary.json", result)
+    if cfg.plot:
+        from .plotting import plot_eu_plane
+
+        plot_eu_plane(out / "eu_plane.png", scores.ppl, scores.ent, quadrant, decision.thresholds,
+                      title=f"EU plane: {Path(cfg.data).name} (r_sample={cfg.r_sample:g})", categories=categories)
+    print(summary)
+    log(f"wrote {out / 'scores.parquet'}, {out / 'summary.md'}" + (f", {out / 'eu_plane.png'}" if cfg.plot else ""))
+    return result
+
+
+def _write_parquet(path: Path, columns: dict) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.table(columns), tmp)
