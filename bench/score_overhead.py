@@ -5,7 +5,8 @@ on CUDA with `torch.cuda.max_memory_allocated`, on CPU as the rise of the proces
 above its RSS once the model and batches exist. Variants alternate (forward, score, forward, ...)
 and the ratio of medians is reported, measured side by side in one run.
 
-    python bench/score_overhead.py                   # vocab 32k, batch 8 x 512 tokens, CPU
+    python bench/score_overhead.py                   # vocab 32k, hidden 512, 8 layers, CPU
+    python bench/score_overhead.py --hidden 256 --layers 4   # the harshest case: a tiny body
     python bench/score_overhead.py --vocab 151936 --device cuda --dtype bfloat16
 """
 
@@ -80,12 +81,13 @@ def run_variant(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=512)
-    parser.add_argument("--prompt-share", type=float, default=0.3, help="share of each sequence that is prompt")
-    parser.add_argument("--batches", type=int, default=3)
+    parser.add_argument("--prompt-share", type=float, default=0.35,
+                        help="share of each sequence that is prompt (GSM8K: about 0.45 by characters; 0.35 is conservative)")
+    parser.add_argument("--batches", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3, help="alternating forward/score process pairs")
     parser.add_argument("--chunk-tokens", type=int, default=128)

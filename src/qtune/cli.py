@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ScoreConfig, TrainConfig, add_arguments, build_config
+from .config import EvalRunConfig, ScoreConfig, TrainConfig, add_arguments, build_config
 from .errors import QTuneError
 
 
@@ -21,12 +21,24 @@ def _train(ns: argparse.Namespace) -> None:
     run_train(build_config(TrainConfig, ns, ns.config))
 
 
+def _eval(ns: argparse.Namespace) -> None:
+    from .workflows import run_eval
+
+    run_eval(build_config(EvalRunConfig, ns, ns.config))
+
+
 def _methods(ns: argparse.Namespace) -> None:
     from .methods import METHODS
 
     for name, cls in sorted(METHODS.items()):
         summary = (cls.__doc__ or "").strip().splitlines()[0]
         print(f"{name:10s} {summary}")
+
+
+def _demo(ns: argparse.Namespace) -> None:
+    from .workflows import run_demo
+
+    run_demo(ns.out)
 
 
 def _testbed_build(ns: argparse.Namespace) -> None:
@@ -54,8 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(train, TrainConfig)
     train.set_defaults(func=_train)
 
+    evaluate = commands.add_parser("eval", help="Exact match (GSM8K answers) and held-out perplexity of a model.",
+                                   description="Greedy generation with both lm-evaluation-harness answer "
+                                               "extractors (strict '#### N' and flexible last number).")
+    evaluate.add_argument("--config", help="YAML file with any of the options below (flags override it).")
+    add_arguments(evaluate, EvalRunConfig)
+    evaluate.set_defaults(func=_eval)
+
     methods = commands.add_parser("methods", help="List the registered pruning methods.")
     methods.set_defaults(func=_methods)
+
+    demo = commands.add_parser("demo", help="Run the embedded default on the micro testbed (what `make demo` does).")
+    demo.add_argument("--out", default="runs/demo", help="Output folder (default: runs/demo).")
+    demo.set_defaults(func=_demo)
 
     testbed = commands.add_parser("testbed", help="The micro testbed: task data and a tiny base model.")
     testbed_cmds = testbed.add_subparsers(dest="testbed_command", required=True, metavar="ACTION")

@@ -45,13 +45,37 @@ class DataConfig:
 
 
 @dataclass
-class ScoreConfig(ModelConfig, DataConfig):
+class ScoreConfig(DataConfig, ModelConfig):
     out: str = option(help="Output folder for scores.parquet, summary and plot.", required=True)
     batch_size: int = option(8, "Samples per scoring batch (batches are bucketed by length).")
     r_sample: float = option(0.25, "Sample keep ratio used to place samples in quadrants.")
     per_token: bool = option(False, "Also write per-token NLL and entropy arrays.")
     plot: bool = option(True, "Write the EU-plane plot (needs matplotlib: pip install qtune[plots]).")
     chunk_tokens: int = option(128, "Positions whose float32 log-probabilities are computed at once.")
+
+
+#: Strings that end a generation by default (besides EOS and the chat template's end of turn).
+DEFAULT_STOP = ("Question:", "</s>", "<|im_end|>")
+
+
+@dataclass
+class EvalConfig:
+    """Generation settings of `qtune.evaluate.evaluate_exact_match`."""
+
+    max_new_tokens: int = option(256, "Most tokens generated per sample.")
+    batch_size: int = option(16, "Prompts generated at once (batches group prompts of similar length).")
+    num_fewshot: int = option(0, "Solved examples prepended to each prompt as earlier turns.")
+    fewshot_seed: int = option(1234, "Seed of the few-shot example draw.")
+    stop: tuple[str, ...] = option(DEFAULT_STOP, "Strings that end a generation (the EOS always does).")
+    limit: int | None = option(None, "Evaluate only the first N records.")
+    device: str = option("auto", "auto (wherever the model is), cpu, cuda, cuda:N (the model is moved there).")
+
+
+@dataclass
+class EvalRunConfig(EvalConfig, DataConfig, ModelConfig):
+    out: str = option(help="Output folder for predictions.jsonl and metrics.json.", required=True)
+    fewshot_data: str | None = option(None, "File to draw few-shot examples from (e.g. the train split).")
+    perplexity: bool = option(True, "Also compute held-out perplexity of the reference answers.")
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -68,6 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         common = dict(dest=f.name, help=text, default=argparse.SUPPRESS)
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+        elif typing.get_origin(kind) is tuple:
+            parser.add_argument(flag, nargs="*", type=str, **common)
         else:
             parser.add_argument(flag, type=kind, choices=f.metadata.get("choices"), **common)
 
@@ -104,6 +130,8 @@ def build_config(cls: type, namespace: argparse.Namespace | None = None, yaml_pa
         choices = f.metadata.get("choices")
         if choices and f.name in values and values[f.name] not in choices:
             raise QTuneError(f"--{f.name.replace('_', '-')} must be one of {', '.join(map(str, choices))}")
+    tuples = {f.name for f in dataclasses.fields(cls) if typing.get_origin(typing.get_type_hints(cls)[f.name]) is tuple}
+    values.update({k: tuple(v) for k, v in values.items() if k in tuples and v is not None})
     return cls(**values)
 
 
@@ -124,7 +152,7 @@ class PruningConfig:
 
 
 @dataclass
-class TrainConfig(ModelConfig, DataConfig, PruningConfig):
+class TrainConfig(PruningConfig, DataConfig, ModelConfig):
     out: str = option(help="Output folder: checkpoints, step log, final model in OUT/model.", required=True)
     epochs: float = option(1.0, "Training epochs over the full dataset (every sample is scored each epoch).")
     max_steps: int = option(-1, "Stop after this many optimizer steps (overrides --epochs when > 0).")

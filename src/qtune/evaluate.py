@@ -18,12 +18,11 @@ import math
 import random
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .config import option
+from .config import DEFAULT_STOP, EvalConfig
 from .data import render_prompt, render_segments
 from .errors import QTuneError
 from .io import write_json, write_jsonl
@@ -35,7 +34,6 @@ FLEXIBLE_PATTERN = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 IGNORE_PATTERNS = tuple(re.compile(p) for p in (",", r"\$", r"(?s).*#### ", r"\.$"))
 
 #: Stop strings of the harness's gsm8k task; the tokenizer's EOS always stops as well.
-DEFAULT_STOP = ("Question:", "</s>", "<|im_end|>")
 
 
 def extract_strict(text: str) -> str | None:
@@ -75,17 +73,6 @@ def gold_answer(answer_field: str) -> str:
 def is_correct(pred: str | None, gold: str) -> bool:
     """Whether an extracted prediction matches `gold`, itself already normalised by `gold_answer`."""
     return pred is not None and normalize_number(pred) == gold
-
-
-@dataclass
-class EvalConfig:
-    max_new_tokens: int = option(256, "Most tokens generated per sample.")
-    batch_size: int = option(16, "Prompts generated at once (batches group prompts of similar length).")
-    num_fewshot: int = option(0, "Solved examples prepended to each prompt as earlier turns.")
-    fewshot_seed: int = option(1234, "Seed of the few-shot example draw.")
-    stop: tuple[str, ...] = option(DEFAULT_STOP, "Strings that end a generation (the EOS always does).")
-    limit: int | None = option(None, "Evaluate only the first N records.")
-    device: str = option("auto", "auto (wherever the model is), cpu, cuda, cuda:N (the model is moved there).")
 
 
 def _stop_token_ids(model, tokenizer, stop) -> list[int]:

@@ -67,3 +67,122 @@ def plot_eu_plane(
         fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path
+
+
+METHOD_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+
+def _save_figure(fig, path: str | Path) -> Path:
+    """Save atomically (the layout is the figure's own) and close."""
+    plt = _pyplot()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_vs_budget(
+    path: str | Path,
+    series: dict[str, Sequence[tuple[float, float, float | None]]],
+    full: tuple[float, float | None] | None = None,
+    *,
+    ylabel: str = "exact match (%)",
+    title: str = "Accuracy against budget",
+) -> Path:
+    """One line per method through its (budget, mean, std) points, std as error bars, on a log-scale
+    budget axis; `full` = (mean, std) of full-data training as a horizontal line with its band."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.8), dpi=120, layout="tight")
+    for i, (method, points) in enumerate(sorted(series.items())):
+        points = sorted(points)
+        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] or 0.0 for p in points],
+                    marker=METHOD_MARKERS[i % len(METHOD_MARKERS)], capsize=3, label=method)
+    if full is not None:
+        mean, std = full
+        ax.axhline(mean, color="k", ls="--", lw=1, label="full data")
+        if std:
+            ax.axhspan(mean - std, mean + std, color="k", alpha=0.08, lw=0)
+    ax.set_xscale("log")
+    budgets = sorted({p[0] for points in series.values() for p in points})
+    if budgets:
+        ax.set_xticks(budgets)
+        ax.set_xticklabels([f"{b:.3g}" for b in budgets], rotation=45)
+        ax.minorticks_off()
+    ax.set_xlabel("nominal budget r_sample x r_token (log scale)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save_figure(fig, path)
+
+
+def plot_accuracy_vs_time(
+    path: str | Path,
+    points: dict[str, Sequence[tuple[float, float | None, float, float | None, str]]],
+    *,
+    ylabel: str = "exact match (%)",
+    title: str = "Accuracy against wall time",
+) -> Path:
+    """Per method, its (time mean, time std, accuracy mean, accuracy std, label) points with error
+    bars in both directions, each point labelled (e.g. with its budget)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.8), dpi=120, layout="tight")
+    for i, (method, pts) in enumerate(sorted(points.items())):
+        pts = sorted(pts)
+        ax.errorbar([p[0] for p in pts], [p[2] for p in pts], xerr=[p[1] or 0.0 for p in pts],
+                    yerr=[p[3] or 0.0 for p in pts], marker=METHOD_MARKERS[i % len(METHOD_MARKERS)],
+                    ls="" if len(pts) == 1 else "-", capsize=3, label=method)
+        for x, _, y, _, label in pts:
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6)
+    ax.set_xlabel("wall time per run: scoring + training (s)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save_figure(fig, path)
+
+
+def plot_kept_eu_plane(
+    path: str | Path,
+    ppl: Sequence[float],
+    ent: Sequence[float],
+    panels: Sequence[tuple[str, Sequence[float | None]]],
+    *,
+    categories: Sequence[str] | None = None,
+    title: str = "What was trained on",
+) -> Path:
+    """Panels of the same EU-plane scatter (log-PPL x, entropy y), each coloured by its own per-sample
+    share in [0, 1] (e.g. how often a run trained on the sample); None draws a small grey dot
+    (never seen). `categories` gives each ground-truth category its own marker."""
+    plt = _pyplot()
+    n = len(panels)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    # constrained, not tight: the colorbar spans several axes.
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 4 * rows + 0.6), dpi=110, squeeze=False,
+                             sharex=True, sharey=True, layout="constrained")
+    log_ppl = [math.log(p) for p in ppl]
+    cats = list(categories) if categories is not None else ["all"] * len(log_ppl)
+    markers = {c: CATEGORY_MARKERS[i % len(CATEGORY_MARKERS)] for i, c in enumerate(sorted(set(cats)))}
+    mappable = None
+    for ax, (panel_title, shares) in zip(axes.flat, panels):
+        unseen = [i for i, s in enumerate(shares) if s is None]
+        ax.scatter([log_ppl[i] for i in unseen], [ent[i] for i in unseen], s=3, c="#cccccc", linewidths=0)
+        for cat, marker in markers.items():
+            idx = [i for i, (s, c) in enumerate(zip(shares, cats)) if s is not None and c == cat]
+            if idx:
+                mappable = ax.scatter([log_ppl[i] for i in idx], [ent[i] for i in idx], c=[shares[i] for i in idx],
+                                      cmap="RdYlBu", vmin=0, vmax=1, s=10, marker=marker, linewidths=0.6,
+                                      alpha=0.8, label=cat if categories is not None else None)
+        ax.set_title(panel_title, fontsize=9)
+        ax.set_xlabel("log PPL (error)")
+        ax.set_ylabel("mean entropy (uncertainty)")
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    if categories is not None:
+        axes.flat[0].legend(fontsize=7, loc="best")
+    fig.suptitle(title, fontsize=11)
+    if mappable is not None:
+        fig.colorbar(mappable, ax=axes, shrink=0.8, label="share of its appearances trained on (blue: kept)")
+    return _save_figure(fig, path)

@@ -57,3 +57,23 @@ def category_quadrant_table(categories: Sequence[str], quadrant: Sequence[int]) 
         total = sum(by_cat[cat].values())
         rows.append([cat, total] + [f"{100 * by_cat[cat].get(q, 0) / total:.1f}%" for q in QUADRANT_ORDER])
     return format_table(["category", "n"] + [QUADRANT_LABELS[q] for q in QUADRANT_ORDER], rows)
+
+
+def pruning_audit(step_rows: Sequence[dict], category_of: dict[int, str]) -> dict[str, dict]:
+    """Per ground-truth category: how often its samples were seen by a training step and how
+    often they were trained on (an epoch shows each sample once), from a run's step log."""
+    seen, kept = Counter(), Counter()
+    for row in step_rows:
+        seen.update(category_of[i] for i in row["sample_ids"])
+        kept.update(category_of[i] for i in row["kept_ids"])
+    return {cat: {"seen": seen[cat], "kept": kept[cat], "dropped_share": 1 - kept[cat] / seen[cat]}
+            for cat in sorted(seen)}
+
+
+def audit_table(audits: dict[str, dict[str, dict]]) -> str:
+    """Rows: categories; columns: the dropped share under each run (e.g. qtuning vs random)."""
+    runs = list(audits)
+    cats = sorted({c for a in audits.values() for c in a})
+    rows = [[cat] + [f"{100 * audits[r][cat]['dropped_share']:.1f}%" if cat in audits[r] else "-" for r in runs]
+            for cat in cats]
+    return format_table(["category"] + [f"dropped by {r}" for r in runs], rows)

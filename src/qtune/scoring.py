@@ -40,32 +40,36 @@ def gold_nll_and_entropy(
     *,
     index: torch.Tensor | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    overwrite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For rows of 2-D `logits` [n, V] (or the rows picked by `index`), the NLL of `gold` and the
     entropy of the softmax, in float32, `chunk_tokens` rows at a time.
 
     With z = x - max(x), e = exp(z), s = sum(e):  nll = log s - z_gold  and
-    H = -sum p log p = log s - sum(e z) / s.  One float32 copy of the chunk is the only large
-    temporary besides `e`.
+    H = -sum p log p = log s - sum(e z) / s.  A float32 chunk and `e` are the only large
+    temporaries; `overwrite=True` lets float32 `logits` serve as the chunk itself (the caller
+    gives them up), which saves a copy.
     """
     n = gold.numel() if index is None else index.numel()
     nll = torch.empty(n, dtype=torch.float32, device=logits.device)
     entropy = torch.empty_like(nll)
-    lowest = torch.finfo(torch.float32).min
+    in_place = overwrite and index is None and logits.dtype == torch.float32
     for start in range(0, n, chunk_tokens):
         part = slice(start, start + chunk_tokens)
-        if index is None:
-            x = logits[part].to(torch.float32, copy=True)
-        else:
+        if index is not None:
             x = logits.index_select(0, index[part]).float()
-        # -inf logits (masked vocabulary entries) would make e*z = 0*inf = NaN.
-        x.clamp_(min=lowest)
+        else:
+            x = logits[part] if in_place else logits[part].to(torch.float32, copy=True)
         x.sub_(x.amax(dim=-1, keepdim=True))
         e = torch.exp(x)
         total = e.sum(dim=-1)
+        expected = torch.linalg.vecdot(e, x)
+        if torch.isnan(expected).any():
+            # -inf logits (a masked vocabulary) give e*z = 0*(-inf): make them finite and redo.
+            expected = torch.linalg.vecdot(e, x.clamp_(min=torch.finfo(torch.float32).min))
         log_total = total.log()
         nll[part] = log_total - x.gather(1, gold[part, None]).squeeze(1)
-        entropy[part] = log_total - torch.linalg.vecdot(e, x) / total
+        entropy[part] = log_total - expected / total
     return nll, entropy
 
 
@@ -166,7 +170,7 @@ def score_batch(
         predicting[:, :-1] = wanted[:, 1:]
         logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=predicting).logits
         values = gold_nll_and_entropy(logits.reshape(-1, logits.shape[-1]), labels[wanted].clamp_min(0),
-                                      chunk_tokens=chunk_tokens)
+                                      chunk_tokens=chunk_tokens, overwrite=True)
         nll, entropy = _scatter(*values, wanted, response_mask, entropy_mask)
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits

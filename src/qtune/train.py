@@ -35,7 +35,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from .config import TrainConfig
 from .data import collate, require_pad_token
 from .errors import QTuneError
-from .io import write_json
+from .io import write_json, write_text
 from .methods import PruningMethod, Selection, build_method
 from .models import load_model, load_tokenizer, resolve_device, resolve_dtype
 from .scoring import IGNORE_INDEX, accepts_logits_to_keep, score_batch
@@ -243,18 +243,25 @@ class _PruningProgress(ProgressCallback):
 
 
 def read_step_log(path: str | Path) -> list[dict]:
+    """The step records of a run. A last line cut short by a killed process is ignored."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise QTuneError(f"{path}, line {i + 1}: not a JSON record") from None
+    return rows
 
 
 def _truncate_step_log(path: Path, last_step: int) -> None:
     """On resume, forget steps after the checkpoint: they are about to be trained again."""
     rows = [r for r in read_step_log(path) if r["step"] <= last_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _apply_lora(model, cfg: TrainConfig):

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 
-from .config import ScoreConfig
+from .config import EvalConfig, EvalRunConfig, ScoreConfig
 from .data import load_records, require_pad_token, tokenize_records
 from .errors import QTuneError
 from .io import atomic_path, write_json, write_text
 from .models import load_model, load_tokenizer
 from .pruning import triage
-from .report import QUADRANT_LABELS, category_quadrant_table, score_summary
+from .report import QUADRANT_LABELS, category_quadrant_table, format_table, score_summary
 from .scoring import score_dataset
 
 
@@ -109,3 +109,56 @@ def _write_parquet(path: Path, columns: dict) -> None:
 
     with atomic_path(path) as tmp:
         pq.write_table(pa.table(columns), tmp)
+
+
+def corpus_perplexity(model, samples: list[dict], pad_token_id: int, batch_size: int) -> dict:
+    """Token-level perplexity of the reference responses: exp(total NLL / total tokens)."""
+    import math
+
+    scores = score_dataset(model, samples, pad_token_id=pad_token_id, batch_size=batch_size, progress=False)
+    total_nll = sum(math.log(p) * n for p, n in zip(scores.ppl, scores.n_response))
+    tokens = sum(scores.n_response)
+    return {"perplexity": math.exp(total_nll / tokens), "perplexity_tokens": tokens}
+
+
+def run_eval(cfg: EvalRunConfig) -> dict:
+    """Generation-based exact match (and held-out perplexity) of a model on a dataset."""
+    from dataclasses import fields
+
+    from .evaluate import evaluate_exact_match, write_eval_outputs
+
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code, pad_token=cfg.pad_token)
+    records, report = load_records(cfg.data, cfg.format, skip_invalid=cfg.skip_invalid, limit=cfg.limit)
+    if report.skipped:
+        log(report.summary())
+    fewshot = load_records(cfg.fewshot_data, cfg.format)[0] if cfg.fewshot_data else None
+    model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    generation = EvalConfig(**{f.name: getattr(cfg, f.name) for f in fields(EvalConfig)})
+    metrics, predictions = evaluate_exact_match(model, tokenizer, records, generation, fewshot_records=fewshot)
+    if cfg.perplexity:
+        _, samples = load_samples(cfg, tokenizer)
+        metrics.update(corpus_perplexity(model, samples, require_pad_token(tokenizer), cfg.batch_size))
+    metrics.update({"model": cfg.model, "data": cfg.data})
+    write_eval_outputs(cfg.out, metrics, predictions)
+    rows = [[k, metrics[k]] for k in ("n", "exact_match_strict", "exact_match_flexible", "perplexity")
+            if metrics.get(k) is not None]
+    print(format_table(["metric", "value"], rows))
+    log(f"wrote {Path(cfg.out) / 'predictions.jsonl'} and {Path(cfg.out) / 'metrics.json'}")
+    return metrics
+
+
+def run_demo(out: str | Path = "runs/demo") -> dict:
+    """The embedded default: build (or reuse) the testbed, then place its training set on the
+    EU plane with the base model, per ground-truth category."""
+    from .testbed import build_testbed
+
+    out = Path(out)
+    stages = 2
+    log(f"[1/{stages}] testbed: building or reusing the tiny base model and its data")
+    paths = build_testbed()
+    log(f"          model {paths.model_dir}\n          train {paths.train_path}\n          test  {paths.test_path}")
+    log(f"[2/{stages}] scoring the training set with the base model")
+    score = run_score(ScoreConfig(model=str(paths.model_dir), data=str(paths.train_path), out=str(out / "score-base"),
+                                  batch_size=32))
+    log(f"demo done: see {out / 'score-base' / 'eu_plane.png'} and {out / 'score-base' / 'summary.md'}")
+    return {"testbed": str(paths.root), "score": score}

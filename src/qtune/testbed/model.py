@@ -116,7 +116,7 @@ def default_cache_root() -> Path:
     return Path(os.environ.get("QTUNE_CACHE") or Path.home() / ".cache" / "qtune" / "testbed")
 
 
-def testbed_key(recipe: ModelRecipe, config: TestbedConfig) -> str:
+def cache_key(recipe: ModelRecipe, config: TestbedConfig) -> str:
     """A short hash of the recipe, the data config and the build code version."""
     spec = {"build_version": BUILD_VERSION, "recipe": dataclasses.asdict(recipe), "data": dataclasses.asdict(config)}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
@@ -149,7 +149,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, max_length: int) -> PreTr
     )
 
 
-def _corpus_blocks(recipe: ModelRecipe, tokenizer: PreTrainedTokenizerFast, corpus_seed: int) -> torch.Tensor:
+def _corpus_blocks(recipe: ModelRecipe, tokenizer: PreTrainedTokenizerFast, levels: tuple[tuple[int, int], ...]) -> torch.Tensor:
     """Pretraining text packed into (steps * batch_size, block_size) token blocks.
 
     Documents are generated in chunks until there are enough tokens; each is wrapped in bos/eos.
@@ -158,7 +158,7 @@ def _corpus_blocks(recipe: ModelRecipe, tokenizer: PreTrainedTokenizerFast, corp
     ids: list[int] = []
     chunk = 0
     while len(ids) < needed:
-        documents = make_corpus(500, seed=corpus_seed * 1000 + chunk)
+        documents = make_corpus(500, seed=recipe.seed * 1000 + chunk, levels=levels)
         for document in tokenizer(documents, add_special_tokens=False)["input_ids"]:
             ids += [tokenizer.bos_token_id, *document, tokenizer.eos_token_id]
         chunk += 1
@@ -172,8 +172,14 @@ def _lr_factor(step: int, recipe: ModelRecipe) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def pretrain(recipe: ModelRecipe, tokenizer: PreTrainedTokenizerFast, *, progress: bool = True) -> LlamaForCausalLM:
-    """A fresh Llama of the recipe's shape, trained on the generated corpus (one pass)."""
+def pretrain(
+    recipe: ModelRecipe,
+    tokenizer: PreTrainedTokenizerFast,
+    levels: tuple[tuple[int, int], ...] = TestbedConfig.levels,
+    *,
+    progress: bool = True,
+) -> LlamaForCausalLM:
+    """A fresh Llama of the recipe's shape, trained once over a corpus of stories at these `levels`."""
     torch.manual_seed(recipe.seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -190,7 +196,7 @@ def pretrain(recipe: ModelRecipe, tokenizer: PreTrainedTokenizerFast, *, progres
         pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config)
-    blocks = _corpus_blocks(recipe, tokenizer, recipe.seed)
+    blocks = _corpus_blocks(recipe, tokenizer, levels)
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(recipe.seed))
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -222,13 +228,13 @@ def pretrain(recipe: ModelRecipe, tokenizer: PreTrainedTokenizerFast, *, progres
 def _build(folder: Path, recipe: ModelRecipe, config: TestbedConfig, key: str, progress: bool) -> None:
     """Write a complete testbed (model, tokenizer, data, recipe.json) into `folder`."""
     started = time.perf_counter()
-    tokenizer_texts = make_corpus(recipe.tokenizer_documents, seed=recipe.seed * 1000 + 999)
+    tokenizer_texts = make_corpus(recipe.tokenizer_documents, seed=recipe.seed * 1000 + 999, levels=config.levels)
     # The tokenizer also sees questions and answers, so their words are whole tokens; the model
     # itself never trains on that format before fine-tuning.
     tokenizer_texts += [r["question"] + "\n" + r["answer"] for r in make_train_set(
         TestbedConfig(train_size=1000, seed=recipe.seed + 10_000, levels=config.levels, level_weights=config.level_weights))]
     tokenizer = train_tokenizer(tokenizer_texts, recipe.vocab_size, recipe.max_length)
-    model = pretrain(recipe, tokenizer, progress=progress)
+    model = pretrain(recipe, tokenizer, config.levels, progress=progress)
     model_dir = folder / "model"
     # transformers v5 always saves weights as safetensors (model.safetensors).
     model.save_pretrained(model_dir)
@@ -260,7 +266,7 @@ def build_testbed(
     testbed with the same key exists, and replaces it once the new one is complete.
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_root()
-    key = testbed_key(recipe, config)
+    key = cache_key(recipe, config)
     final = root / key
     paths = TestbedPaths(final, final / "model", final / "train.jsonl", final / "test.jsonl")
     if final.is_dir() and not force:
@@ -290,5 +296,5 @@ def load_testbed_model(paths: TestbedPaths):
 
 __all__ = [
     "BUILD_VERSION", "CHAT_TEMPLATE", "ModelRecipe", "TestbedPaths", "build_testbed", "default_cache_root",
-    "load_testbed_model", "pretrain", "testbed_key", "train_tokenizer",
+    "load_testbed_model", "pretrain", "cache_key", "train_tokenizer",
 ]

@@ -336,6 +336,14 @@ def _apply(kind: str, value: int, n: int) -> int:
     return value + n if op == "+" else value - n if op == "-" else value * n if op == "*" else value // n
 
 
+def _template(rng: random.Random, count: int, kind: str, clauses: list[_Clause]) -> int:
+    """A template index for a new clause of `kind`, never the one the previous clause used."""
+    index = rng.randrange(count)
+    if clauses and clauses[-1].kind == kind and clauses[-1].template == index:
+        index = (index + 1) % count
+    return index
+
+
 def _sample_plan(rng: random.Random, steps: int, top: int) -> _Plan:
     """A random plan with exactly `steps` reasoning lines and numbers in the question <= `top`.
 
@@ -376,7 +384,7 @@ def _sample_plan(rng: random.Random, steps: int, top: int) -> _Plan:
                     break
                 kind = rng.choice(sorted(choices))
                 n = choices[kind]
-                clauses.append(_Clause(kind, rng.randrange(len(_COUNT_OPS[kind])), (n,)))
+                clauses.append(_Clause(kind, _template(rng, len(_COUNT_OPS[kind]), kind, clauses), (n,)))
                 value = _apply(kind, value, n)
             if together:
                 t = rng.randrange(len(_COUNT_TOGETHER))
@@ -400,7 +408,7 @@ def _sample_plan(rng: random.Random, steps: int, top: int) -> _Plan:
                     p = pick(2, min(top, hi))
                     if p is None:
                         continue
-                    clauses.append(_Clause(kind, rng.randrange(len(_MONEY_TWO_STEP[kind])), (k, p)))
+                    clauses.append(_Clause(kind, _template(rng, len(_MONEY_TWO_STEP[kind]), kind, clauses), (k, p)))
                     value = value + k * p if kind == "earn" else value - k * p
                     left -= 2
                     continue
@@ -412,7 +420,7 @@ def _sample_plan(rng: random.Random, steps: int, top: int) -> _Plan:
                     n = pick(2, min(top, value - _MIN_VALUE))
                 if n is None:
                     continue
-                clauses.append(_Clause(kind, rng.randrange(len(_MONEY_OPS[kind])), (n,)))
+                clauses.append(_Clause(kind, _template(rng, len(_MONEY_OPS[kind]), kind, clauses), (n,)))
                 value = _apply(kind, value, n)
                 left -= 1
             clauses.append(_Clause("ask", rng.randrange(len(_MONEY_ASK)), ()))
@@ -479,22 +487,24 @@ def _wrong_final(rng: random.Random, final: int) -> int:
             return wrong
 
 
-def _near_duplicate(rng: random.Random, kind: str, plan: _Plan, cast: dict[str, str]) -> Problem:
-    """A near-duplicate of a rendered plan: identical, other cast, or numbers nudged by 1 or 2."""
+def _near_duplicate(rng: random.Random, kind: str, plan: _Plan, cast: dict[str, str]) -> tuple[Problem, str]:
+    """A near-duplicate of a rendered plan and its kind: identical, other cast, or numbers nudged.
+
+    When no nudge of the numbers gives a valid problem, the duplicate is renamed instead.
+    """
     if kind == "repeat":
-        return _render(plan, cast)
-    if kind == "renamed":
-        return _render(plan, _entities(rng))
-    for _ in range(100):
-        clauses = tuple(
-            _Clause(c.kind, c.template, tuple(x if c.kind == "half" else max(1, x + rng.choice([-2, -1, 1, 2])) for x in c.numbers))
-            for c in plan.clauses
-        )
-        try:
-            return _render(_Plan(plan.family, clauses), cast)
-        except _Invalid:
-            continue
-    return _render(plan, _entities(rng))  # no valid nudge: fall back to a renaming
+        return _render(plan, cast), kind
+    if kind == "renumbered":
+        for _ in range(100):
+            clauses = tuple(
+                _Clause(c.kind, c.template, tuple(x if c.kind == "half" else max(1, x + rng.choice([-4, -2, -1, 1, 2, 4])) for x in c.numbers))
+                for c in plan.clauses
+            )
+            try:
+                return _render(_Plan(plan.family, clauses), cast), kind
+            except _Invalid:
+                continue
+    return _render(plan, _entities(rng)), "renamed"
 
 
 def make_train_set(config: TestbedConfig = TestbedConfig()) -> list[dict]:
@@ -547,7 +557,7 @@ def make_train_set(config: TestbedConfig = TestbedConfig()) -> list[dict]:
     redundant_kinds = [k for k, c in zip(config.redundant_kinds, _counts(n_redundant, [1] * len(config.redundant_kinds))) for _ in range(c)]
     for kind in redundant_kinds:
         source, plan, cast = rng.choice(easy)
-        problem = _near_duplicate(rng, kind, plan, cast)
+        problem, kind = _near_duplicate(rng, kind, plan, cast)
         meta = source["metadata"]
         records.append(_record(problem, "redundant", kind, meta["difficulty"], problem.final,
                                f"train-{len(records):05d}", duplicate_of=meta["id"]))

@@ -1,0 +1,308 @@
+"""The benchmark grid: grid flags, resume, interrupted cells, tables, the self-contained HTML report."""
+
+import argparse
+import csv
+import io
+import json
+import random
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import qtune.train
+from qtune import bench, html_report
+from qtune.bench import (BenchConfig, Cell, add_bench_parser, build_grid, markdown_results, parse_budgets,
+                         parse_methods, parse_seeds, run_bench, summarize_results)
+from qtune.config import build_config
+from qtune.errors import QTuneError
+
+
+@pytest.fixture(scope="module")
+def tiny_bench_inputs(tmp_path_factory, tiny_tokenizer):
+    """A tiny random Llama, 32 training records (clean / noise / redundant) and 8 test records."""
+    root = tmp_path_factory.mktemp("bench-inputs")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, pad_token_id=tiny_tokenizer.pad_token_id,
+                         bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(root / "model")
+    tiny_tokenizer.save_pretrained(root / "model")
+    rng = random.Random(0)
+
+    def record(category=None):
+        a, b = rng.randint(2, 60), rng.randint(2, 60)
+        total = a + b + (7 if category == "noise" else 0)
+        row = {"question": f"Tom has {a} apples and buys {b}. How many?",
+               "answer": f"{a} + {b} = <<{a}+{b}={total}>>{total}.\n#### {total}"}
+        return row | ({"metadata": {"category": category}} if category else {})
+
+    (root / "train.jsonl").write_text("".join(json.dumps(record(("clean", "noise", "redundant")[i % 3])) + "\n"
+                                              for i in range(32)))
+    (root / "test.jsonl").write_text("".join(json.dumps(record()) + "\n" for _ in range(8)))
+    return root
+
+
+def bench_config(inputs: Path, out: Path, **overrides) -> BenchConfig:
+    values = dict(out=str(out), model=str(inputs / "model"), data=str(inputs / "train.jsonl"),
+                  eval_data=str(inputs / "test.jsonl"), methods="full,random,qtuning", budgets="0.5x0.5", seeds="0",
+                  max_steps=2, batch_size=8, lr=1e-3, max_new_tokens=8, eval_limit=4, eval_batch_size=4,
+                  max_length=128, examples=2)
+    values.update(overrides)
+    return BenchConfig(**values)
+
+
+@pytest.fixture
+def count_training(monkeypatch):
+    """Counts the cells trained (run_train calls), by method."""
+    calls = []
+    real = qtune.train.run_train
+
+    def counting(cfg):
+        calls.append(cfg.method)
+        return real(cfg)
+
+    monkeypatch.setattr(qtune.train, "run_train", counting)
+    return calls
+
+
+class _Page(HTMLParser):
+    """Tags, attributes and text of an HTML page."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags, self.attrs, self.text = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.attrs += [(tag, name, value or "") for name, value in attrs]
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def parse_page(path: Path) -> _Page:
+    page = _Page()
+    page.feed(path.read_text(encoding="utf-8"))
+    page.close()
+    return page
+
+
+def assert_self_contained(page: _Page):
+    sources = [value for tag, name, value in page.attrs if name in ("src", "href")]
+    assert sources and all(v.startswith("data:image/png;base64,") for v in sources)
+    assert not [a for a in page.attrs if "http://" in a[2] or "https://" in a[2]]
+    assert "link" not in page.tags and "script" not in page.tags
+
+
+# --- the grid ------------------------------------------------------------------------------------
+
+
+def test_default_grid_runs_full_once_per_seed_and_every_other_method_per_budget():
+    methods = parse_methods(None)
+    assert methods[0] == "full" and {"random", "qtuning"} <= set(methods)
+    cells = build_grid(methods, parse_budgets(bench.DEFAULT_BUDGETS), parse_seeds("0,1,2"))
+    assert len(cells) == 3 * (1 + 6 * (len(methods) - 1))
+    assert [c.name for c in cells if c.method == "full"] == ["full-seed0", "full-seed1", "full-seed2"]
+    assert len({c.name for c in cells}) == len(cells)
+    assert Cell("qtuning", 0.25, 0.7, 1).name == "qtuning-r0.25x0.7-seed1"
+
+
+def test_grid_flags_narrow_the_grid_and_bad_values_are_one_line_errors(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_bench_parser(parser.add_subparsers(dest="command"))
+    ns = parser.parse_args(["bench", "--methods", "qtuning", "--budgets", "0.25x0.7,0.125x0.5", "--seeds", "1,2",
+                            "--jobs", "2", "--max-new-tokens", "32", "--no-plots"])
+    cfg = build_config(BenchConfig, ns, ns.config)
+    assert (cfg.jobs, cfg.max_new_tokens, cfg.plots) == (2, 32, False)
+    assert ns.func is bench._bench
+    cells = build_grid(parse_methods(cfg.methods), parse_budgets(cfg.budgets), parse_seeds(cfg.seeds))
+    assert [c.name for c in cells] == ["qtuning-r0.25x0.7-seed1", "qtuning-r0.125x0.5-seed1",
+                                       "qtuning-r0.25x0.7-seed2", "qtuning-r0.125x0.5-seed2"]
+    yaml_file = tmp_path / "bench.yaml"
+    yaml_file.write_text("methods: full,random\nseeds: '0'\nlr: 0.001\n")
+    ns = parser.parse_args(["bench", "--config", str(yaml_file), "--seeds", "3"])
+    cfg = build_config(BenchConfig, ns, ns.config)
+    assert (cfg.methods, cfg.seeds, cfg.lr) == ("full,random", "3", 0.001)
+    for bad in ("0.25", "0x0.5", "0.5x1.5", "axb"):
+        with pytest.raises(QTuneError, match="--budgets"):
+            parse_budgets(bad)
+    with pytest.raises(QTuneError, match="unknown method.*nope"):
+        parse_methods("qtuning,nope")
+    with pytest.raises(QTuneError, match="--seeds"):
+        parse_seeds("1,x")
+
+
+# --- tables --------------------------------------------------------------------------------------
+
+
+def result(method, r_sample, r_token, seed, strict, **extra):
+    row = {"cell": Cell(method, r_sample, r_token, seed).name, "method": method, "r_sample": r_sample,
+           "r_token": r_token, "seed": seed, "nominal_budget": 1.0 if method == "full" else r_sample * r_token,
+           "exact_match_strict": strict, "exact_match_flexible": strict + 0.1, "perplexity": 3.0,
+           "loss_token_fraction": 0.2, "kept_sample_fraction": 0.25, "scoring_seconds": 1.0,
+           "training_seconds": 2.0, "wall_seconds": 3.0, "cell_seconds": 4.0, "audit": None}
+    return row | extra
+
+
+HAND_ROWS = (
+    [result("qtuning", 0.25, 0.7, s, v) for s, v in enumerate([0.4, 0.5, 0.6])]
+    + [result("random", 0.25, 0.7, s, v) for s, v in enumerate([0.3, 0.3, 0.3])]
+    + [result("full", 1.0, 1.0, 0, 0.7)]
+    + [result("random", 0.5, 0.5, 0, 0.45)]  # a budget with one method: nothing to compare
+)
+
+
+def test_summary_has_mean_and_sample_std_over_seeds_and_marks_the_best_of_each_budget():
+    stats = {(g.method, g.r_sample, g.r_token): g for g in summarize_results(HAND_ROWS)}
+    q, r, full = stats["qtuning", 0.25, 0.7], stats["random", 0.25, 0.7], stats["full", 1.0, 1.0]
+    assert q.mean["exact_match_strict"] == pytest.approx(0.5)
+    assert q.std["exact_match_strict"] == pytest.approx(0.1)  # sample std (n - 1)
+    assert r.std["exact_match_strict"] == pytest.approx(0.0)
+    assert full.std["exact_match_strict"] is None and full.seeds == [0]
+    assert (q.best, r.best, full.best, stats["random", 0.5, 0.5].best) == (True, False, False, False)
+    # ranked by the flexible metric, the best can change
+    flexible = {(g.method, g.r_sample): g.best for g in summarize_results(
+        [*HAND_ROWS[:3], *[result("random", 0.25, 0.7, s, 0.3, exact_match_flexible=0.9) for s in range(3)]],
+        "exact_match_flexible")}
+    assert flexible == {("qtuning", 0.25): False, ("random", 0.25): True}
+
+    table = markdown_results(summarize_results(HAND_ROWS), "exact_match_strict")
+    lines = table.splitlines()
+    assert lines[2].startswith("| full") and "70.0" in lines[2]  # full data first, as its own row
+    assert "**50.0 ± 10.0**" in table and "30.0 ± 0.0" in table and "**30.0" not in table
+    rows = list(csv.DictReader(io.StringIO(bench.csv_results(summarize_results(HAND_ROWS)))))
+    best = {(r["method"], r["r_sample"]): r["best"] for r in rows}
+    assert best == {("full", "1.0"): "0", ("qtuning", "0.25"): "1", ("random", "0.25"): "0", ("random", "0.5"): "0"}
+    qrow = next(r for r in rows if r["method"] == "qtuning")
+    assert float(qrow["exact_match_strict_mean"]) == pytest.approx(0.5)
+    assert float(qrow["exact_match_strict_std"]) == pytest.approx(0.1)
+
+
+def test_report_only_rebuilds_tables_and_html_from_results_jsonl(tmp_path):
+    (tmp_path / "bench.json").write_text(json.dumps({"model": "m", "data": "d"}))
+    audit = {"clean": {"seen": 8, "kept": 2, "dropped_share": 0.75}, "noise": {"seen": 4, "kept": 0,
+                                                                                 "dropped_share": 1.0}}
+    rows = [r | {"audit": audit} for r in HAND_ROWS]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"cell": "cut sh')
+    run_bench(BenchConfig(out=str(tmp_path), report_only=True, plots=False))
+    markdown = (tmp_path / "results.md").read_text()
+    assert "**50.0 ± 10.0**" in markdown and "dropped noise %" in markdown and "100.0 ± 0.0" in markdown
+    page = parse_page(tmp_path / "report.html")
+    best = [v for tag, name, v in page.attrs if tag == "td" and name == "class"]
+    assert best == ["best"] and "table" in page.tags
+    with pytest.raises(QTuneError, match="holds no bench run"):
+        run_bench(BenchConfig(out=str(tmp_path / "empty"), report_only=True))
+
+
+def test_html_report_embeds_images_and_strikes_pruned_tokens(tmp_path):
+    from qtune.plotting import plot_accuracy_vs_budget
+
+    png = plot_accuracy_vs_budget(tmp_path / "p.png", {"qtuning": [(0.1, 40.0, 2.0), (0.2, 45.0, None)]}, (50.0, 1.0))
+    example = html_report.TokenExample(sample_id=3, category="noise", prompt="What is 2 + <2>?",
+                                       tokens=[("2 + 2", True, 1.5), (" = 5", False, 90.0), ("</s>", True, 2.0)],
+                                       ppl=4.0, ent=0.5, r_sample=0.25, r_token=0.7)
+    path = html_report.write_report(tmp_path / "r.html", "T & <title>", [
+        html_report.section("S", html_report.table(["a", "b"], [["x", "<1>"]], bold={(0, 1)}),
+                            html_report.image(png, "cap")),
+        html_report.section("E", html_report.token_example(example)),
+    ])
+    page = parse_page(path)
+    assert_self_contained(page)
+    assert page.tags.count("s") == 1 and page.tags.count("img") == 1
+    text = "".join(page.text)
+    assert "What is 2 + <2>?" in text and " = 5" in text and "</s>" in text and "T & <title>" in text
+
+
+# --- running the grid ----------------------------------------------------------------------------
+
+
+def test_bench_runs_the_grid_resumes_and_reruns_an_interrupted_cell(tiny_bench_inputs, tmp_path, count_training,
+                                                                     capsys):
+    out = tmp_path / "bench"
+    cfg = bench_config(tiny_bench_inputs, out, methods="full,qtuning")
+    run_bench(cfg)
+    assert count_training == ["full", "qtuning"]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[1/2] full seed=0 ... acc ") and lines[0].endswith(" s")
+    assert lines[1].startswith("[2/2] qtuning r_sample=0.5 r_token=0.5 seed=0 ... acc ")
+
+    rows = {r["cell"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert set(rows) == {"full-seed0", "qtuning-r0.5x0.5-seed0"}
+    q = rows["qtuning-r0.5x0.5-seed0"]
+    assert q == json.loads((out / "cells" / q["cell"] / "result.json").read_text())
+    assert q["steps"] == 2 and q["kept_sample_fraction"] == 0.5  # 2 steps of 8, half kept
+    assert 0 < q["loss_tokens"] < q["response_tokens"] and q["n_eval"] == 4
+    assert q["wall_seconds"] == pytest.approx(q["scoring_seconds"] + q["training_seconds"])
+    assert set(q["audit"]) == {"clean", "noise", "redundant"}
+    assert sum(a["seen"] for a in q["audit"].values()) == 16
+    assert rows["full-seed0"]["audit"]["noise"]["dropped_share"] == 0.0
+    assert not (out / "cells" / q["cell"] / "train" / "model").exists()  # deleted once evaluated
+    assert not list((out / "cells" / q["cell"] / "train").glob("checkpoint-*"))
+
+    for name in ("results.md", "results.csv", "plots/accuracy_vs_budget.png", "plots/accuracy_vs_time.png",
+                 "plots/eu_plane_qtuning.png"):
+        assert (out / name).stat().st_size > 0, name
+    page = parse_page(out / "report.html")
+    assert_self_contained(page)
+    assert "table" in page.tags and page.tags.count("img") == 3 and page.tags.count("s") > 0
+
+    # A second run recomputes nothing.
+    finished = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/result.json")}
+    count_training.clear()
+    cfg.plots = False  # a report option: it does not change the cells, and saves time here
+    run_bench(cfg)
+    assert count_training == []
+    assert "done earlier" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished
+
+    # A cell folder without result.json (killed mid-cell) is cleaned and run again, and only it.
+    interrupted = out / "cells" / "qtuning-r0.5x0.5-seed0"
+    (interrupted / "result.json").unlink()
+    (interrupted / "partial.bin").write_bytes(b"x")
+    run_bench(cfg)
+    assert count_training == ["qtuning"]
+    assert (interrupted / "result.json").exists() and not (interrupted / "partial.bin").exists()
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+
+    # Other training settings into the same folder are refused before anything runs.
+    with pytest.raises(QTuneError, match=r"other settings: lr \(0.001 before, 0.002 now\)"):
+        run_bench(bench_config(tiny_bench_inputs, out, methods="full,qtuning", lr=2e-3))
+    # Narrowing the grid reuses the finished cells.
+    count_training.clear()
+    run_bench(bench_config(tiny_bench_inputs, out, methods="qtuning", plots=False))
+    assert count_training == []
+    with pytest.raises(QTuneError, match="other settings"):
+        run_bench(bench_config(tiny_bench_inputs, out, methods="qtuning", max_new_tokens=9))
+
+
+def test_a_failing_cell_is_reported_and_the_others_still_run(tiny_bench_inputs, tmp_path, monkeypatch, capsys):
+    real = qtune.train.run_train
+
+    def failing_for_random(cfg):
+        if cfg.method == "random":
+            raise RuntimeError("boom in random")
+        return real(cfg)
+
+    monkeypatch.setattr(qtune.train, "run_train", failing_for_random)
+    out = tmp_path / "bench"
+    with pytest.raises(QTuneError, match=r"1 cell\(s\) failed: random-r0.5x0.5-seed0"):
+        run_bench(bench_config(tiny_bench_inputs, out, methods="full,random", plots=False))
+    assert "random r_sample=0.5 r_token=0.5 seed=0 ... FAILED: boom in random" in capsys.readouterr().out
+    assert "RuntimeError: boom in random" in (out / "cells" / "random-r0.5x0.5-seed0" / "cell.log").read_text()
+    assert not (out / "cells" / "random-r0.5x0.5-seed0" / "result.json").exists()
+    assert [json.loads(line)["cell"] for line in (out / "results.jsonl").read_text().splitlines()] == ["full-seed0"]
+    assert (out / "report.html").exists()
+
+
+@pytest.mark.slow
+def test_parallel_jobs_run_every_cell(tiny_bench_inputs, tmp_path, capsys):
+    out = tmp_path / "bench"
+    run_bench(bench_config(tiny_bench_inputs, out, methods="full,qtuning", jobs=2, plots=False))
+    assert sorted(p.parent.name for p in (out / "cells").glob("*/result.json")) == [
+        "full-seed0", "qtuning-r0.5x0.5-seed0"]
+    progress = capsys.readouterr().out
+    assert "[1/2]" in progress and "[2/2]" in progress
