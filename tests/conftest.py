@@ -74,3 +74,21 @@ def tiny_tokenizer():
 def plain_tokenizer():
     """The same tokenizer without a chat template (qtune then uses its plain template)."""
     return _build_tokenizer(None)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny random Llama (hidden 32, 2 layers) saved with `tiny_tokenizer` in a folder that
+    `from_pretrained` loads, like any local model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-model") / "model"
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, pad_token_id=tiny_tokenizer.pad_token_id,
+                         bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder

@@ -9,8 +9,6 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import qtune.train
 from qtune import bench, html_report
@@ -21,16 +19,10 @@ from qtune.errors import QTuneError
 
 
 @pytest.fixture(scope="module")
-def tiny_bench_inputs(tmp_path_factory, tiny_tokenizer):
-    """A tiny random Llama, 32 training records (clean / noise / redundant) and 8 test records."""
+def tiny_bench_inputs(tmp_path_factory, tiny_model_dir):
+    """The tiny test model, 32 training records (clean / noise / redundant) and 8 test records."""
     root = tmp_path_factory.mktemp("bench-inputs")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, pad_token_id=tiny_tokenizer.pad_token_id,
-                         bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(root / "model")
-    tiny_tokenizer.save_pretrained(root / "model")
+    (root / "model").symlink_to(tiny_model_dir, target_is_directory=True)
     rng = random.Random(0)
 
     def record(category=None):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from qtune.config import TrainConfig
 from qtune.errors import QTuneError
@@ -24,16 +24,9 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 @pytest.fixture(scope="session")
-def tiny_run_inputs(tmp_path_factory, tiny_tokenizer):
-    """A tiny random Llama with the test tokenizer, and 48 GSM8K-style records."""
-    root = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, pad_token_id=tiny_tokenizer.pad_token_id,
-                         bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(root / "model")
-    tiny_tokenizer.save_pretrained(root / "model")
+def tiny_run_inputs(tmp_path_factory, tiny_model_dir):
+    """The tiny test model and 48 GSM8K-style records."""
+    root = tmp_path_factory.mktemp("train-data")
     rng = random.Random(0)
     with open(root / "train.jsonl", "w") as f:
         for i in range(48):
@@ -42,7 +35,7 @@ def tiny_run_inputs(tmp_path_factory, tiny_tokenizer):
             answer = f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b}. {steps}\n#### {a + b}"
             f.write(json.dumps({"question": f"Tom has {a} apples and buys {b}. How many?", "answer": answer,
                                 "metadata": {"category": "noise" if i % 5 == 0 else "clean"}}) + "\n")
-    return root / "model", root / "train.jsonl"
+    return tiny_model_dir, root / "train.jsonl"
 
 
 def train_config(inputs, out, **overrides) -> TrainConfig:
@@ -274,3 +267,9 @@ def test_yaml_config_and_flags_agree(tiny_run_inputs, tmp_path):
     yaml_file.write_text("modle: x\n")
     with pytest.raises(QTuneError, match="unknown option"):
         build_config(TrainConfig, None, str(yaml_file))
+
+
+def test_bf16_mixed_precision_runs_on_cpu(tiny_run_inputs, tmp_path):
+    summary = run_train(train_config(tiny_run_inputs, tmp_path / "bf16", dtype="bfloat16", max_steps=2))
+    assert summary["steps"] == 2 and summary["final_loss"] == summary["final_loss"]  # finite, not NaN
+    assert json.loads((tmp_path / "bf16" / "summary.json").read_text())["config"]["dtype"] == "bfloat16"

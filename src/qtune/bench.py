@@ -27,7 +27,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import add_arguments, build_config, option
+from .config import OptimConfig, TokenPruningConfig, add_arguments, build_config, option
 from .errors import QTuneError
 
 DEFAULT_BUDGETS = "0.125x0.5,0.125x0.7,0.25x0.5,0.25x0.7,0.5x0.5,0.5x0.7"
@@ -37,7 +37,7 @@ EXAMPLE_BUDGET = (0.25, 0.7)
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(OptimConfig, TokenPruningConfig):
     """Options of `qtune bench`. Training and evaluation options are passed to every cell."""
 
     out: str = option("runs/bench", "Output folder: cells/, results.jsonl, results.md, results.csv, plots/, "
@@ -70,29 +70,6 @@ class BenchConfig:
                          choices=["auto", "alpaca", "prompt_completion", "question_answer", "messages", "sharegpt"])
     max_length: int = option(1024, "Maximum tokens per sample, in training and perplexity; longer ones are cut.")
     limit: int | None = option(None, "Train on the first N training records only.")
-    # Training, as in `qtune train`.
-    epochs: float = option(1.0, "Training epochs over the full dataset.")
-    max_steps: int = option(-1, "Stop after this many optimizer steps (overrides --epochs when > 0).")
-    batch_size: int = option(8, "Samples per micro-batch, before pruning.")
-    grad_accum: int = option(1, "Micro-batches per optimizer step; triage sees all of them together.")
-    lr: float = option(1e-4, "Peak learning rate.")
-    lr_scheduler: str = option("cosine", "Learning-rate schedule (any transformers scheduler name).")
-    warmup_ratio: float = option(0.0, "Fraction of the steps used for linear warm-up.")
-    weight_decay: float = option(0.0, "AdamW weight decay.")
-    max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables).")
-    lora_r: int = option(0, "LoRA rank; 0 trains all weights. Adapters are merged before evaluation.")
-    lora_alpha: int = option(16, "LoRA alpha.")
-    lora_dropout: float = option(0.0, "LoRA dropout.")
-    lora_target: str = option("all-linear", "Modules that get LoRA adapters (comma-separated names or all-linear).")
-    chunk_tokens: int = option(128, "Positions whose float32 log-probabilities are computed at once when scoring.")
-    # Q-Tuning's settings, as in `qtune train`.
-    lam: float = option(0.5, "Weight of the neighbours in the token score s_i (lambda).")
-    neighbor: str = option("sum", "Neighbour term: sum of both neighbours or their mean.", choices=["sum", "mean"])
-    edge: str = option("zero", "A missing neighbour at either end of the response counts 0, or as the token itself.",
-                       choices=["zero", "replicate"])
-    token_budget: str = option("sample", "Token budget per sample (paper) or pooled per batch (authors' code).",
-                               choices=["sample", "batch"])
-    reference: bool = option(False, "Reproduce the authors' code (see `qtune train --help`).")
     # Evaluation, as in `qtune eval`.
     max_new_tokens: int = option(256, "Most tokens generated per evaluation question.")
     eval_batch_size: int = option(16, "Prompts generated at once in evaluation.")

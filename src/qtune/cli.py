@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     methods = commands.add_parser("methods", help="List the registered pruning methods.")
     methods.set_defaults(func=_methods)
 
+    from .bench import add_bench_parser
+
+    add_bench_parser(commands)
+
     demo = commands.add_parser("demo", help="Run the embedded default on the micro testbed (what `make demo` does).")
     demo.add_argument("--out", default="runs/demo", help="Output folder (default: runs/demo).")
     demo.set_defaults(func=_demo)

@@ -136,10 +136,9 @@ def build_config(cls: type, namespace: argparse.Namespace | None = None, yaml_pa
 
 
 @dataclass
-class PruningConfig:
-    method: str = option("qtuning", "Pruning method (see `qtune methods`): full, random, qtuning, ...")
-    r_sample: float = option(0.25, "Fraction of each step's samples that are trained on.")
-    r_token: float = option(0.7, "Fraction of response tokens kept in token-pruned (Q2) samples.")
+class TokenPruningConfig:
+    """How Q-Tuning scores and prunes tokens (shared by `qtune train` and `qtune bench`)."""
+
     lam: float = option(0.5, "Weight of the neighbours in the token score s_i (lambda).")
     neighbor: str = option("sum", "Neighbour term: sum of both neighbours (paper, authors' code) or their mean.",
                            choices=["sum", "mean"])
@@ -152,8 +151,16 @@ class PruningConfig:
 
 
 @dataclass
-class TrainConfig(PruningConfig, DataConfig, ModelConfig):
-    out: str = option(help="Output folder: checkpoints, step log, final model in OUT/model.", required=True)
+class PruningConfig(TokenPruningConfig):
+    method: str = option("qtuning", "Pruning method (see `qtune methods`): full, random, qtuning, ...")
+    r_sample: float = option(0.25, "Fraction of each step's samples that are trained on.")
+    r_token: float = option(0.7, "Fraction of response tokens kept in token-pruned (Q2) samples.")
+
+
+@dataclass
+class OptimConfig:
+    """Optimisation and adapters (shared by `qtune train` and `qtune bench`)."""
+
     epochs: float = option(1.0, "Training epochs over the full dataset (every sample is scored each epoch).")
     max_steps: int = option(-1, "Stop after this many optimizer steps (overrides --epochs when > 0).")
     batch_size: int = option(8, "Samples per micro-batch, before pruning.")
@@ -163,16 +170,21 @@ class TrainConfig(PruningConfig, DataConfig, ModelConfig):
     warmup_ratio: float = option(0.0, "Fraction of the steps used for linear warm-up.")
     weight_decay: float = option(0.0, "AdamW weight decay.")
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables).")
-    seed: int = option(0, "Seed for data order, initialisation of adapters and random baselines.")
     lora_r: int = option(0, "LoRA rank; 0 trains all weights (full fine-tuning).")
     lora_alpha: int = option(16, "LoRA alpha.")
     lora_dropout: float = option(0.0, "LoRA dropout.")
     lora_target: str = option("all-linear", "Modules that get LoRA adapters (comma-separated names or all-linear).")
+    chunk_tokens: int = option(128, "Positions whose float32 log-probabilities are computed at once when scoring.")
+
+
+@dataclass
+class TrainConfig(OptimConfig, PruningConfig, DataConfig, ModelConfig):
+    out: str = option(help="Output folder: checkpoints, step log, final model in OUT/model.", required=True)
+    seed: int = option(0, "Seed for data order, initialisation of adapters and random baselines.")
     merge_lora: bool = option(False, "Merge LoRA adapters into the base weights when saving the final model.")
     save_steps: int = option(200, "Save a checkpoint every N optimizer steps.")
     save_total_limit: int = option(2, "Checkpoints kept on disk (oldest deleted first).")
     logging_steps: int = option(10, "Average and report the loss every N steps.")
     report_to: str = option("none", "Where transformers reports metrics: none, tensorboard, wandb, ...")
     resume: bool = option(False, "Resume from the last checkpoint in --out.")
-    chunk_tokens: int = option(128, "Positions whose float32 log-probabilities are computed at once when scoring.")
     progress: bool = option(True, "Show a progress bar.")

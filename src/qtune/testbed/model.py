@@ -79,22 +79,24 @@ class ModelRecipe:
         lr: peak learning rate (AdamW, linear warmup, cosine decay to lr / 10).
         warmup_steps: linear warmup steps.
         weight_decay: AdamW weight decay.
+        drill_share: share of corpus documents that are equation drills (the rest are stories).
         tokenizer_documents: corpus documents the tokenizer is trained on.
         seed: seed of the corpus, the tokenizer text and the weights' initialisation.
     """
 
     vocab_size: int = 1024
-    hidden_size: int = 192
+    hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
-    intermediate_size: int = 512
+    intermediate_size: int = 384
     max_length: int = 512
-    block_size: int = 256
+    block_size: int = 128
     batch_size: int = 16
-    steps: int = 300
+    steps: int = 700
     lr: float = 3e-3
-    warmup_steps: int = 30
+    warmup_steps: int = 50
     weight_decay: float = 0.1
+    drill_share: float = 0.6
     tokenizer_documents: int = 3000
     seed: int = 0
 
@@ -149,7 +151,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, max_length: int) -> PreTr
     )
 
 
-def _corpus_blocks(recipe: ModelRecipe, tokenizer: PreTrainedTokenizerFast, levels: tuple[tuple[int, int], ...]) -> torch.Tensor:
+def _corpus_blocks(recipe: ModelRecipe, tokenizer: PreTrainedTokenizerFast, levels: tuple[tuple[int, int, int], ...]) -> torch.Tensor:
     """Pretraining text packed into (steps * batch_size, block_size) token blocks.
 
     Documents are generated in chunks until there are enough tokens; each is wrapped in bos/eos.
@@ -158,7 +160,7 @@ def _corpus_blocks(recipe: ModelRecipe, tokenizer: PreTrainedTokenizerFast, leve
     ids: list[int] = []
     chunk = 0
     while len(ids) < needed:
-        documents = make_corpus(500, seed=recipe.seed * 1000 + chunk, levels=levels)
+        documents = make_corpus(500, seed=recipe.seed * 1000 + chunk, levels=levels, drill_share=recipe.drill_share)
         for document in tokenizer(documents, add_special_tokens=False)["input_ids"]:
             ids += [tokenizer.bos_token_id, *document, tokenizer.eos_token_id]
         chunk += 1
@@ -175,7 +177,7 @@ def _lr_factor(step: int, recipe: ModelRecipe) -> float:
 def pretrain(
     recipe: ModelRecipe,
     tokenizer: PreTrainedTokenizerFast,
-    levels: tuple[tuple[int, int], ...] = TestbedConfig.levels,
+    levels: tuple[tuple[int, int, int], ...] = TestbedConfig.levels,
     *,
     progress: bool = True,
 ) -> LlamaForCausalLM:

@@ -31,8 +31,8 @@ CATEGORIES = ("clean", "noise", "redundant")
 NOISE_KINDS = ("wrong_final", "corrupted_step", "swapped_answer")
 REDUNDANT_KINDS = ("repeat", "renamed", "renumbered")
 
-_MAX_VALUE = 999  # no intermediate value or answer exceeds three digits
 _MIN_VALUE = 2  # quantities stay >= 2, so "2 apples" is never "1 apples" or "0 apples"
+_MAX_FACTOR = 5  # multipliers, divisors and counts of things bought: small times tables only
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,9 @@ class TestbedConfig:
         redundant_kinds: kinds of redundancy, in equal shares: "repeat" (identical copy),
             "renamed" (other person, friend and objects), "renumbered" (numbers nudged, answer
             recomputed).
-        levels: difficulty levels as (number of reasoning steps, largest number in the question);
-            difficulty d in the metadata is levels[d - 1].
+        levels: difficulty levels as (number of reasoning steps, largest number the question
+            adds or takes away, largest value any step may reach); difficulty d in the metadata is
+            levels[d - 1]. Multipliers and divisors are at most 5 at every level.
         level_weights: share of each level among clean training and test problems.
         seed: one seed for everything; the test set uses a stream of its own.
     """
@@ -65,7 +66,7 @@ class TestbedConfig:
     redundant_share: float = 0.2
     noise_kinds: tuple[str, ...] = NOISE_KINDS
     redundant_kinds: tuple[str, ...] = REDUNDANT_KINDS
-    levels: tuple[tuple[int, int], ...] = ((2, 20), (3, 50), (4, 100))
+    levels: tuple[tuple[int, int, int], ...] = ((2, 10, 30), (3, 15, 60), (4, 20, 99))
     level_weights: tuple[float, ...] = (0.3, 0.4, 0.3)
     seed: int = 0
 
@@ -74,8 +75,8 @@ class TestbedConfig:
             raise ValueError("noise_share and redundant_share must be >= 0 and sum to at most 1")
         if len(self.levels) != len(self.level_weights) or not self.levels:
             raise ValueError("levels and level_weights must have the same, non-zero length")
-        if any(steps < 1 or top < _MIN_VALUE + 1 for steps, top in self.levels):
-            raise ValueError(f"each level needs at least 1 step and numbers above {_MIN_VALUE}")
+        if any(steps < 1 or top < 2 * _MIN_VALUE + 1 or most < 2 * top for steps, top, most in self.levels):
+            raise ValueError(f"each level needs 1 step or more, numbers above {2 * _MIN_VALUE} and values up to twice that")
         if not self.noise_kinds or set(self.noise_kinds) - set(NOISE_KINDS):
             raise ValueError(f"noise_kinds must be taken from {NOISE_KINDS}")
         if not self.redundant_kinds or set(self.redundant_kinds) - set(REDUNDANT_KINDS):
@@ -222,6 +223,7 @@ class _Clause:
 class _Plan:
     family: str  # "count" or "money"
     clauses: tuple[_Clause, ...]
+    max_value: int  # no step may reach more
 
 
 class _Invalid(Exception):
@@ -236,6 +238,7 @@ class Problem:
     lines: list[str]
     final: int
     narrative: list[str] = field(default_factory=list)  # the story as statements, for pretraining
+    equations: list[tuple[int, str, int, int]] = field(default_factory=list)  # (a, op, b, result) per step
 
     @property
     def answer(self) -> str:
@@ -245,13 +248,15 @@ class Problem:
 class _Renderer:
     """Executes a plan: fills the templates, evaluates every step, optionally corrupts one."""
 
-    def __init__(self, cast: dict[str, str], money: bool, corrupt: tuple[int, int] | None):
+    def __init__(self, cast: dict[str, str], money: bool, max_value: int, corrupt: tuple[int, int] | None):
+        self.max_value = max_value
         self.cast = dict(cast, himself="herself" if cast["he"] == "she" else "himself")
         self.unit = "$" if money else ""
         self.corrupt = corrupt  # (step index, delta added to that step's printed result)
         self.question: list[str] = []
         self.lines: list[str] = []
         self.narrative: list[str] = []
+        self.equations: list[tuple[int, str, int, int]] = []
 
     def say(self, template: str, **numbers: int) -> str:
         return template.format(**self.cast, **numbers)
@@ -270,10 +275,11 @@ class _Renderer:
             r = a // b
         if self.corrupt and self.corrupt[0] == len(self.lines):
             r += self.corrupt[1]
-        if not _MIN_VALUE <= r <= _MAX_VALUE:
+        if not _MIN_VALUE <= r <= self.max_value:
             raise _Invalid
         calc = f"{a} {op} {b} = {self.unit}<<{a}{op}{b}={r}>>{r}"
         line = self.say(template, calc=calc)
+        self.equations.append((a, op, b, r))
         self.lines.append(line)
         self.narrative.append(line)
         return r
@@ -282,7 +288,7 @@ class _Renderer:
 def _render(plan: _Plan, cast: dict[str, str], corrupt: tuple[int, int] | None = None) -> Problem:
     """Render a plan with a cast. Raises `_Invalid` if the numbers break a rule."""
     money = plan.family == "money"
-    r = _Renderer(cast, money, corrupt)
+    r = _Renderer(cast, money, plan.max_value, corrupt)
     value = 0
     for clause in plan.clauses:
         t, nums = clause.template, clause.numbers
@@ -325,7 +331,7 @@ def _render(plan: _Plan, cast: dict[str, str], corrupt: tuple[int, int] | None =
             r.question.append(r.say((_MONEY_ASK if money else _COUNT_ASK)[t]))
         else:
             raise AssertionError(clause.kind)
-    return Problem(" ".join(r.question), r.lines, value, r.narrative)
+    return Problem(" ".join(r.question), r.lines, value, r.narrative, r.equations)
 
 
 _OPS = {"add": "+", "gift": "+", "sub": "-", "spend": "-", "mul": "*", "div": "/", "half": "/"}
@@ -344,13 +350,13 @@ def _template(rng: random.Random, count: int, kind: str, clauses: list[_Clause])
     return index
 
 
-def _sample_plan(rng: random.Random, steps: int, top: int) -> _Plan:
-    """A random plan with exactly `steps` reasoning lines and numbers in the question <= `top`.
+def _sample_plan(rng: random.Random, level: tuple[int, int, int]) -> _Plan:
+    """A random plan with exactly `steps` reasoning lines, for a level (steps, top, max_value).
 
-    The numbers are drawn so that every intermediate value stays in [_MIN_VALUE, _MAX_VALUE] and
-    every division is exact.
+    Numbers added or taken away are at most `top`, factors at most _MAX_FACTOR, and every
+    intermediate value stays in [_MIN_VALUE, max_value] with every division exact.
     """
-    small = min(top, 9)  # multipliers, divisors and counts of things bought stay single-digit
+    steps, top, most = level
 
     def pick(lo: int, hi: int) -> int | None:
         return rng.randint(lo, hi) if lo <= hi else None
@@ -362,49 +368,54 @@ def _sample_plan(rng: random.Random, steps: int, top: int) -> _Plan:
         ok = True
         if family == "count":
             if left >= 2 and rng.random() < 0.3:
-                k, n = rng.randint(2, small), rng.randint(2, top)
+                k, n = rng.randint(2, _MAX_FACTOR), rng.randint(2, min(top, most // _MAX_FACTOR))
                 value = k * n
                 clauses.append(_Clause("group", rng.randrange(len(_COUNT_GROUP)), (k, n)))
                 left -= 1
             else:
-                value = rng.randint(_MIN_VALUE + 3, top)
+                value = rng.randint(_MIN_VALUE + 3, 2 * top)
                 clauses.append(_Clause("count_start", rng.randrange(len(_COUNT_START)), (value,)))
             together = left >= 2 and rng.random() < 0.35
             left -= 2 * together
             for _ in range(left):
+                divisors = [d for d in range(2, _MAX_FACTOR + 1) if value % d == 0 and value // d >= _MIN_VALUE]
                 choices = {
-                    "add": pick(2, min(top, _MAX_VALUE - value)),
+                    "add": pick(2, min(top, most - value)),
                     "sub": pick(2, min(top, value - _MIN_VALUE)),
-                    "mul": pick(2, min(small, _MAX_VALUE // value)),
-                    "div": rng.choice([d for d in range(2, small + 1) if value % d == 0 and value // d >= _MIN_VALUE] or [None]),
+                    "mul": pick(2, min(_MAX_FACTOR, most // value)),
+                    "div": rng.choice(divisors) if divisors else None,
                 }
                 choices = {kind: n for kind, n in choices.items() if n is not None}
                 if not choices:
                     ok = False
                     break
                 kind = rng.choice(sorted(choices))
-                n = choices[kind]
-                clauses.append(_Clause(kind, _template(rng, len(_COUNT_OPS[kind]), kind, clauses), (n,)))
-                value = _apply(kind, value, n)
+                clauses.append(_Clause(kind, _template(rng, len(_COUNT_OPS[kind]), kind, clauses), (choices[kind],)))
+                value = _apply(kind, value, choices[kind])
+            if not ok:
+                continue
             if together:
                 t = rng.randrange(len(_COUNT_TOGETHER))
                 kind = _COUNT_TOGETHER[t][0]
-                n = {"add": pick(2, top), "sub": pick(2, value - _MIN_VALUE), "mul": pick(2, min(small, 3))}[kind]
+                # the friend's amount f and the total value + f both stay within max_value
+                n = {"add": pick(2, min(top, most - 2 * value)),
+                     "sub": pick(max(2, 2 * value - most), min(top, value - _MIN_VALUE)),
+                     "mul": pick(2, min(3, most // value - 1))}[kind]
                 if n is None:
-                    ok = False
-                else:
-                    clauses.append(_Clause("together", t, (n,)))
+                    continue
+                clauses.append(_Clause("together", t, (n,)))
             else:
                 clauses.append(_Clause("ask", rng.randrange(len(_COUNT_ASK)), ()))
         else:
-            value = rng.randint(max(_MIN_VALUE + 3, top // 2), 2 * top)
+            value = rng.randint(top, min(3 * top, most))
             clauses.append(_Clause("money_start", rng.randrange(len(_MONEY_START)), (value,)))
-            while left > 0 and ok:
-                kinds = ["gift", "spend", "half"] + (["earn", "buy"] if left >= 2 else [])
-                kind = rng.choice(kinds)
+            for _ in range(20):  # tries to fill the remaining steps with clauses that fit
+                if left == 0:
+                    break
+                kind = rng.choice(["gift", "spend", "half"] + (["earn", "buy"] if left >= 2 else []))
                 if kind in _MONEY_TWO_STEP:
-                    k = rng.randint(2, small)
-                    hi = top if kind == "earn" else (value - _MIN_VALUE) // k
+                    k = rng.randint(2, _MAX_FACTOR)
+                    hi = (most - value) // k if kind == "earn" else (value - _MIN_VALUE) // k
                     p = pick(2, min(top, hi))
                     if p is None:
                         continue
@@ -415,7 +426,7 @@ def _sample_plan(rng: random.Random, steps: int, top: int) -> _Plan:
                 if kind == "half":
                     n = 2 if value % 2 == 0 and value // 2 >= _MIN_VALUE else None
                 elif kind == "gift":
-                    n = pick(2, min(top, _MAX_VALUE - value))
+                    n = pick(2, min(top, most - value))
                 else:
                     n = pick(2, min(top, value - _MIN_VALUE))
                 if n is None:
@@ -423,18 +434,16 @@ def _sample_plan(rng: random.Random, steps: int, top: int) -> _Plan:
                 clauses.append(_Clause(kind, _template(rng, len(_MONEY_OPS[kind]), kind, clauses), (n,)))
                 value = _apply(kind, value, n)
                 left -= 1
+            if left:
+                continue
             clauses.append(_Clause("ask", rng.randrange(len(_MONEY_ASK)), ()))
-        if ok and value <= _MAX_VALUE:
-            return _Plan(family, tuple(clauses))
+        return _Plan(family, tuple(clauses), most)
 
 
-def _new_problem(rng: random.Random, steps: int, top: int) -> tuple[_Plan, dict[str, str], Problem]:
-    while True:
-        plan, cast = _sample_plan(rng, steps, top), _entities(rng)
-        try:
-            return plan, cast, _render(plan, cast)
-        except _Invalid:
-            continue
+def _new_problem(rng: random.Random, level: tuple[int, int, int]) -> tuple[_Plan, dict[str, str], Problem]:
+    """A fresh random problem at a level: its plan, its cast and the rendered problem."""
+    plan, cast = _sample_plan(rng, level), _entities(rng)
+    return plan, cast, _render(plan, cast)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -501,7 +510,7 @@ def _near_duplicate(rng: random.Random, kind: str, plan: _Plan, cast: dict[str, 
                 for c in plan.clauses
             )
             try:
-                return _render(_Plan(plan.family, clauses), cast), kind
+                return _render(_Plan(plan.family, clauses, plan.max_value), cast), kind
             except _Invalid:
                 continue
     return _render(plan, _entities(rng)), "renamed"
@@ -522,7 +531,7 @@ def make_train_set(config: TestbedConfig = TestbedConfig()) -> list[dict]:
     clean: list[tuple[dict, _Plan, dict[str, str]]] = []
     for difficulty in _levels(rng, config, n_clean):
         while True:
-            plan, cast, problem = _new_problem(rng, *config.levels[difficulty - 1])
+            plan, cast, problem = _new_problem(rng, config.levels[difficulty - 1])
             if problem.question not in seen:
                 break
         seen.add(problem.question)
@@ -534,7 +543,7 @@ def make_train_set(config: TestbedConfig = TestbedConfig()) -> list[dict]:
     for kind, difficulty in zip(noise_kinds, _levels(rng, config, n_noise)):
         rid = f"train-{len(records):05d}"
         while True:
-            plan, cast, problem = _new_problem(rng, *config.levels[difficulty - 1])
+            plan, cast, problem = _new_problem(rng, config.levels[difficulty - 1])
             if problem.question in seen:
                 continue
             if kind == "wrong_final":
@@ -545,7 +554,7 @@ def make_train_set(config: TestbedConfig = TestbedConfig()) -> list[dict]:
                 except _Invalid:
                     continue
             else:
-                other = _new_problem(rng, *config.levels[difficulty - 1])[2]
+                other = _new_problem(rng, config.levels[difficulty - 1])[2]
                 if other.final == problem.final:
                     continue
                 answer = other.answer
@@ -572,7 +581,7 @@ def make_test_set(config: TestbedConfig = TestbedConfig()) -> list[dict]:
     records, seen = [], set(train_questions)
     for difficulty in _levels(rng, config, config.test_size):
         while True:
-            _, _, problem = _new_problem(rng, *config.levels[difficulty - 1])
+            _, _, problem = _new_problem(rng, config.levels[difficulty - 1])
             if problem.question not in seen:
                 break
         seen.add(problem.question)
@@ -584,48 +593,33 @@ def make_test_set(config: TestbedConfig = TestbedConfig()) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 # Pretraining corpus
 
-def _equation(rng: random.Random, annotated: bool) -> str:
-    """One arithmetic fact in the ranges the problems use, e.g. "12 + 7 = 19"."""
-    op = rng.choice("+-*/")
-    # Numbers of one, two and three digits equally often, as in the problems (mostly small).
-    a = rng.randint(0, 10 ** rng.randint(1, 3) - 1)
-    if op == "+":
-        b = rng.randint(0, min(10 ** rng.randint(1, 2), _MAX_VALUE - a))
-        r = a + b
-    elif op == "-":
-        b = rng.randint(0, min(10 ** rng.randint(1, 2), a))
-        r = a - b
-    elif op == "*":
-        b = rng.randint(0, 9)
-        a = a // max(b, 1)
-        r = a * b
-        if rng.random() < 0.5:
-            a, b = b, a
-    else:
-        b = rng.randint(1, 9)
-        r = a // b
-        a = r * b
-    if annotated:
-        return f"{a} {op} {b} = <<{a}{op}{b}={r}>>{r}"
-    return f"{a} {op} {b} = {r}"
-
-
-def make_corpus(n_documents: int, seed: int = 0, levels: tuple[tuple[int, int], ...] = TestbedConfig.levels) -> list[str]:
+def make_corpus(
+    n_documents: int,
+    seed: int = 0,
+    levels: tuple[tuple[int, int, int], ...] = TestbedConfig.levels,
+    drill_share: float = 0.5,
+) -> list[str]:
     """Pretraining documents: arithmetic drills and narratives, never in question/answer form.
 
-    Half the documents are lists of equations ("12 + 7 = 19", or annotated as in the answers:
-    "12 + 7 = <<12+7=19>>19"); the other half are stories of the problems' kind told as
-    statements, each event followed by its annotated calculation. The question sentence, the
-    `#### N` line and the chat template are left out: they are what fine-tuning has to teach.
+    A share `drill_share` of the documents are lists of the equations that problems at `levels`
+    need ("12 + 7 = 19", or annotated as in the answers: "12 + 7 = <<12+7=19>>19"); the others are
+    stories of the problems' kind told as statements, each event followed by its annotated
+    calculation. The question sentence, the `#### N` line and the chat template are left out:
+    they are what fine-tuning has to teach.
     """
     rng = random.Random(f"qtune-testbed-corpus-{seed}")
     documents = []
     for _ in range(n_documents):
-        if rng.random() < 0.5:
-            annotated = rng.random() < 0.5
-            documents.append("\n".join(_equation(rng, annotated) for _ in range(rng.randint(8, 16))))
+        if rng.random() < drill_share:
+            equations = [e for _ in range(4) for e in _new_problem(rng, rng.choice(levels))[2].equations]
+            rng.shuffle(equations)
+            if rng.random() < 0.5:
+                lines = [f"{a} {op} {b} = {r}" for a, op, b, r in equations]
+            else:
+                lines = [f"{a} {op} {b} = <<{a}{op}{b}={r}>>{r}" for a, op, b, r in equations]
+            documents.append("\n".join(lines))
         else:
-            stories = [_new_problem(rng, *rng.choice(levels))[2] for _ in range(rng.randint(1, 3))]
+            stories = [_new_problem(rng, rng.choice(levels))[2] for _ in range(rng.randint(1, 3))]
             documents.append("\n".join(" ".join(p.narrative) for p in stories))
     return documents
 
