@@ -166,6 +166,28 @@ def test_corpus_never_shows_the_question_answer_format():
     assert re.search(r"[A-Z][a-z]+ has \d+", text)  # narratives
 
 
+class Recorder(set):
+    """An `exclude` set that records every question make_corpus asks about."""
+
+    def __init__(self, excluded=()):
+        super().__init__(excluded)
+        self.asked: list[str] = []
+
+    def __contains__(self, question):
+        self.asked.append(question)
+        return super().__contains__(question)
+
+
+def test_corpus_skips_excluded_questions():
+    everything = Recorder()
+    make_corpus(20, seed=0, exclude=everything)
+    first = everything.asked[0]
+    without_first = Recorder({first})
+    corpus = make_corpus(20, seed=0, exclude=without_first)
+    assert first in without_first.asked  # drawn, refused, replaced by another problem
+    assert corpus[0] != make_corpus(20, seed=0)[0]
+
+
 def test_jsonl_round_trip(tmp_path, train):
     path = write_jsonl(train, tmp_path / "sub" / "train.jsonl")
     assert [p.name for p in path.parent.iterdir()] == ["train.jsonl"]  # no temporary file left

@@ -1,6 +1,6 @@
 """Calibration of the testbed: base accuracy, a plain full-data SFT run, accuracy after it.
 
-    python -m qtune.testbed.calibrate [--epochs 3] [--lr 1e-3] [--batch-size 16]
+    python -m qtune.testbed.calibrate [--epochs 5] [--lr 1e-3] [--batch-size 16]
 
 Builds (or reuses) the default testbed, measures greedy exact match on the held-out test set
 before and after fine-tuning on the whole default training set, and prints the timings. It is a
@@ -18,9 +18,8 @@ import random
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from qtune.testbed.model import build_testbed
+from qtune.testbed.model import build_testbed, load_testbed_model
 from qtune.testbed.tasks import final_answer
 
 
@@ -93,10 +92,10 @@ def sft(model, tokenizer, records: list[dict], *, epochs: float, lr: float, batc
 
 
 @torch.no_grad()
-def exact_match(model, tokenizer, records: list[dict], *, batch_size: int = 64, max_new_tokens: int = 200) -> float:
-    """Share of records whose generated `#### N` (greedy decoding) equals the true answer."""
+def exact_match(model, tokenizer, records: list[dict], *, batch_size: int = 64, max_new_tokens: int = 200) -> list[bool]:
+    """Per record, whether the generated `#### N` (greedy decoding) equals the true answer."""
     tokenizer.padding_side = "left"
-    correct = 0
+    hits = []
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
         prompts = [
@@ -107,14 +106,24 @@ def exact_match(model, tokenizer, records: list[dict], *, batch_size: int = 64, 
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        correct += sum(final_answer(t) == r["metadata"]["final"] for t, r in zip(texts, chunk))
-    return correct / len(records)
+        hits += [final_answer(t) == r["metadata"]["final"] for t, r in zip(texts, chunk)]
+    return hits
+
+
+def accuracy(records: list[dict], hits: list[bool]) -> str:
+    """"41.2% (difficulty 1: 80.0%, 2: ...)": overall exact match and per difficulty."""
+    levels = sorted({r["metadata"]["difficulty"] for r in records})
+    parts = []
+    for level in levels:
+        level_hits = [h for h, r in zip(hits, records) if r["metadata"]["difficulty"] == level]
+        parts.append(f"{level}: {sum(level_hits) / len(level_hits):.1%}")
+    return f"{sum(hits) / len(hits):.1%} (difficulty " + ", ".join(parts) + ")"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", default=None, help="testbed cache root (default: $QTUNE_CACHE or ~/.cache/qtune/testbed)")
-    parser.add_argument("--epochs", type=float, default=3.0)
+    parser.add_argument("--epochs", type=float, default=5.0)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
@@ -124,19 +133,18 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     paths = build_testbed(args.cache_dir)
     print(f"testbed: {paths.root} ({time.perf_counter() - started:.0f}s, cached builds take ~0s)")
-    model = AutoModelForCausalLM.from_pretrained(paths.model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(paths.model_dir)
+    model, tokenizer = load_testbed_model(paths)
     train, test = read_jsonl(paths.train_path), read_jsonl(paths.test_path)
 
     t = time.perf_counter()
     base = exact_match(model, tokenizer, test)
-    print(f"base model: exact match {base:.1%} on {len(test)} test problems ({time.perf_counter() - t:.0f}s)")
+    print(f"base model: exact match {accuracy(test, base)} on {len(test)} test problems ({time.perf_counter() - t:.0f}s)")
 
     print(f"SFT on {len(train)} records, {args.epochs} epochs, lr {args.lr}, batch {args.batch_size}")
     seconds = sft(model, tokenizer, train, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
     t = time.perf_counter()
     tuned = exact_match(model, tokenizer, test)
-    print(f"after SFT: exact match {tuned:.1%} ({time.perf_counter() - t:.0f}s to evaluate)")
+    print(f"after SFT: exact match {accuracy(test, tuned)} ({time.perf_counter() - t:.0f}s to evaluate)")
     print(f"SFT training time: {seconds:.0f}s")
 
 

@@ -33,7 +33,10 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
+
+from qtune.errors import QTuneError
 
 from qtune.testbed.tasks import TestbedConfig, make_corpus, make_test_set, make_train_set, write_jsonl
 
@@ -151,7 +154,8 @@ def train_tokenizer(texts: list[str], vocab_size: int, max_length: int) -> PreTr
     )
 
 
-def _corpus_blocks(recipe: ModelRecipe, tokenizer: PreTrainedTokenizerFast, levels: tuple[tuple[int, int, int], ...]) -> torch.Tensor:
+def _corpus_blocks(recipe: ModelRecipe, tokenizer: PreTrainedTokenizerFast, levels: tuple[tuple[int, int, int], ...],
+                   exclude: frozenset[str]) -> torch.Tensor:
     """Pretraining text packed into (steps * batch_size, block_size) token blocks.
 
     Documents are generated in chunks until there are enough tokens; each is wrapped in bos/eos.
@@ -160,7 +164,7 @@ def _corpus_blocks(recipe: ModelRecipe, tokenizer: PreTrainedTokenizerFast, leve
     ids: list[int] = []
     chunk = 0
     while len(ids) < needed:
-        documents = make_corpus(500, seed=recipe.seed * 1000 + chunk, levels=levels, drill_share=recipe.drill_share)
+        documents = make_corpus(500, seed=recipe.seed * 1000 + chunk, levels=levels, drill_share=recipe.drill_share, exclude=exclude)
         for document in tokenizer(documents, add_special_tokens=False)["input_ids"]:
             ids += [tokenizer.bos_token_id, *document, tokenizer.eos_token_id]
         chunk += 1
@@ -178,10 +182,14 @@ def pretrain(
     recipe: ModelRecipe,
     tokenizer: PreTrainedTokenizerFast,
     levels: tuple[tuple[int, int, int], ...] = TestbedConfig.levels,
+    exclude: frozenset[str] = frozenset(),
     *,
     progress: bool = True,
 ) -> LlamaForCausalLM:
-    """A fresh Llama of the recipe's shape, trained once over a corpus of stories at these `levels`."""
+    """A fresh Llama of the recipe's shape, trained once over a corpus of stories at these `levels`.
+
+    Problems whose question is in `exclude` (the test questions) stay out of the corpus.
+    """
     torch.manual_seed(recipe.seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -198,7 +206,7 @@ def pretrain(
         pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config)
-    blocks = _corpus_blocks(recipe, tokenizer, levels)
+    blocks = _corpus_blocks(recipe, tokenizer, levels, exclude)
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(recipe.seed))
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -230,19 +238,28 @@ def pretrain(
 def _build(folder: Path, recipe: ModelRecipe, config: TestbedConfig, key: str, progress: bool) -> None:
     """Write a complete testbed (model, tokenizer, data, recipe.json) into `folder`."""
     started = time.perf_counter()
+    train, test = make_train_set(config), make_test_set(config)
+    held_out = frozenset(r["question"] for r in test)
     tokenizer_texts = make_corpus(recipe.tokenizer_documents, seed=recipe.seed * 1000 + 999, levels=config.levels)
     # The tokenizer also sees questions and answers, so their words are whole tokens; the model
     # itself never trains on that format before fine-tuning.
     tokenizer_texts += [r["question"] + "\n" + r["answer"] for r in make_train_set(
         TestbedConfig(train_size=1000, seed=recipe.seed + 10_000, levels=config.levels, level_weights=config.level_weights))]
     tokenizer = train_tokenizer(tokenizer_texts, recipe.vocab_size, recipe.max_length)
-    model = pretrain(recipe, tokenizer, config.levels, progress=progress)
+    model = pretrain(recipe, tokenizer, config.levels, held_out, progress=progress)
     model_dir = folder / "model"
-    # transformers v5 always saves weights as safetensors (model.safetensors).
-    model.save_pretrained(model_dir)
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:  # transformers shows its own bar while writing the weights
+        hf_logging.disable_progress_bar()
+    try:
+        # transformers v5 always saves weights as safetensors (model.safetensors).
+        model.save_pretrained(model_dir)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(model_dir)
-    write_jsonl(make_train_set(config), folder / "train.jsonl")
-    write_jsonl(make_test_set(config), folder / "test.jsonl")
+    write_jsonl(train, folder / "train.jsonl")
+    write_jsonl(test, folder / "test.jsonl")
     info = {
         "key": key,
         "build_version": BUILD_VERSION,
@@ -273,8 +290,11 @@ def build_testbed(
     paths = TestbedPaths(final, final / "model", final / "train.jsonl", final / "test.jsonl")
     if final.is_dir() and not force:
         return paths
-    root.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{key}.building-", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{key}.building-", dir=root))
+    except OSError as exc:
+        raise QTuneError(f"cannot write the testbed cache in {root} ({exc.strerror}); pass another folder or set QTUNE_CACHE") from None
     try:
         if progress:
             print(f"building the qtune testbed in {final}", file=sys.stderr)
@@ -289,10 +309,8 @@ def build_testbed(
     return paths
 
 
-def load_testbed_model(paths: TestbedPaths):
+def load_testbed_model(paths: TestbedPaths) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     """The model and tokenizer of a built testbed, loaded through the Auto classes."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     return AutoModelForCausalLM.from_pretrained(paths.model_dir), AutoTokenizer.from_pretrained(paths.model_dir)
 
 

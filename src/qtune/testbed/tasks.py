@@ -66,7 +66,7 @@ class TestbedConfig:
     redundant_share: float = 0.2
     noise_kinds: tuple[str, ...] = NOISE_KINDS
     redundant_kinds: tuple[str, ...] = REDUNDANT_KINDS
-    levels: tuple[tuple[int, int, int], ...] = ((2, 10, 30), (3, 15, 60), (4, 20, 99))
+    levels: tuple[tuple[int, int, int], ...] = ((2, 10, 30), (3, 12, 45), (4, 15, 60))
     level_weights: tuple[float, ...] = (0.3, 0.4, 0.3)
     seed: int = 0
 
@@ -513,7 +513,10 @@ def _near_duplicate(rng: random.Random, kind: str, plan: _Plan, cast: dict[str, 
                 return _render(_Plan(plan.family, clauses, plan.max_value), cast), kind
             except _Invalid:
                 continue
-    return _render(plan, _entities(rng)), "renamed"
+    other = _entities(rng)
+    while other["Name"] == cast["Name"]:
+        other = _entities(rng)
+    return _render(plan, other), "renamed"
 
 
 def make_train_set(config: TestbedConfig = TestbedConfig()) -> list[dict]:
@@ -598,6 +601,7 @@ def make_corpus(
     seed: int = 0,
     levels: tuple[tuple[int, int, int], ...] = TestbedConfig.levels,
     drill_share: float = 0.5,
+    exclude: frozenset[str] | set[str] = frozenset(),
 ) -> list[str]:
     """Pretraining documents: arithmetic drills and narratives, never in question/answer form.
 
@@ -605,13 +609,21 @@ def make_corpus(
     need ("12 + 7 = 19", or annotated as in the answers: "12 + 7 = <<12+7=19>>19"); the others are
     stories of the problems' kind told as statements, each event followed by its annotated
     calculation. The question sentence, the `#### N` line and the chat template are left out:
-    they are what fine-tuning has to teach.
+    they are what fine-tuning has to teach. Problems whose question is in `exclude` (the held-out
+    test questions) are never used, so no test problem's solution is seen in pretraining.
     """
     rng = random.Random(f"qtune-testbed-corpus-{seed}")
+
+    def problem() -> Problem:
+        while True:
+            found = _new_problem(rng, rng.choice(levels))[2]
+            if found.question not in exclude:
+                return found
+
     documents = []
     for _ in range(n_documents):
         if rng.random() < drill_share:
-            equations = [e for _ in range(4) for e in _new_problem(rng, rng.choice(levels))[2].equations]
+            equations = [e for _ in range(4) for e in problem().equations]
             rng.shuffle(equations)
             if rng.random() < 0.5:
                 lines = [f"{a} {op} {b} = {r}" for a, op, b, r in equations]
@@ -619,7 +631,7 @@ def make_corpus(
                 lines = [f"{a} {op} {b} = <<{a}{op}{b}={r}>>{r}" for a, op, b, r in equations]
             documents.append("\n".join(lines))
         else:
-            stories = [_new_problem(rng, rng.choice(levels))[2] for _ in range(rng.randint(1, 3))]
+            stories = [problem() for _ in range(rng.randint(1, 3))]
             documents.append("\n".join(" ".join(p.narrative) for p in stories))
     return documents
 
