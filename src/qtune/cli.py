@@ -3,28 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from .config import EvalRunConfig, ScoreConfig, TrainConfig, add_arguments, build_config
 from .errors import QTuneError
-
-
-def _score(ns: argparse.Namespace) -> None:
-    from .workflows import run_score
-
-    run_score(build_config(ScoreConfig, ns, ns.config))
-
-
-def _train(ns: argparse.Namespace) -> None:
-    from .train import run_train
-
-    run_train(build_config(TrainConfig, ns, ns.config))
-
-
-def _eval(ns: argparse.Namespace) -> None:
-    from .workflows import run_eval
-
-    run_eval(build_config(EvalRunConfig, ns, ns.config))
 
 
 def _methods(ns: argparse.Namespace) -> None:
@@ -48,30 +31,36 @@ def _testbed_build(ns: argparse.Namespace) -> None:
     print(f"model: {paths.model_dir}\ntrain: {paths.train_path}\ntest:  {paths.test_path}")
 
 
+def _add_config_command(commands, name: str, cls: type, runner: str, help: str, description: str) -> None:
+    """A subcommand whose flags are the fields of config dataclass `cls` (also readable from a
+    YAML file with --config); `runner` ("module:function") is imported only when it runs."""
+    parser = commands.add_parser(name, help=help, description=description)
+    parser.add_argument("--config", help="YAML file with any of the options below (flags override it).")
+    add_arguments(parser, cls)
+
+    def run(ns: argparse.Namespace) -> None:
+        module, function = runner.split(":")
+        getattr(importlib.import_module(f"qtune.{module}"), function)(build_config(cls, ns, ns.config))
+
+    parser.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qtune", description="Data-efficient SFT with Q-Tuning.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    score = commands.add_parser("score", help="Place every sample of a dataset on the Error-Uncertainty plane.",
-                                description="Score a dataset with a causal LM: per-sample PPL and entropy, "
-                                            "quadrants, summary table and EU-plane plot.")
-    score.add_argument("--config", help="YAML file with any of the options below (flags override it).")
-    add_arguments(score, ScoreConfig)
-    score.set_defaults(func=_score)
-
-    train = commands.add_parser("train", help="Fine-tune a model with a pruning method (Q-Tuning by default).",
-                                description="SFT with dynamic sample and token pruning. Options can also come "
-                                            "from a YAML file (--config); flags override it.")
-    train.add_argument("--config", help="YAML file with any of the options below (flags override it).")
-    add_arguments(train, TrainConfig)
-    train.set_defaults(func=_train)
-
-    evaluate = commands.add_parser("eval", help="Exact match (GSM8K answers) and held-out perplexity of a model.",
-                                   description="Greedy generation with both lm-evaluation-harness answer "
-                                               "extractors (strict '#### N' and flexible last number).")
-    evaluate.add_argument("--config", help="YAML file with any of the options below (flags override it).")
-    add_arguments(evaluate, EvalRunConfig)
-    evaluate.set_defaults(func=_eval)
+    _add_config_command(commands, "score", ScoreConfig, "workflows:run_score",
+                        help="Place every sample of a dataset on the Error-Uncertainty plane.",
+                        description="Score a dataset with a causal LM: per-sample PPL and entropy, "
+                                    "quadrants, summary table and EU-plane plot.")
+    _add_config_command(commands, "train", TrainConfig, "train:run_train",
+                        help="Fine-tune a model with a pruning method (Q-Tuning by default).",
+                        description="SFT with dynamic sample and token pruning. Options can also come "
+                                    "from a YAML file (--config); flags override it.")
+    _add_config_command(commands, "eval", EvalRunConfig, "workflows:run_eval",
+                        help="Exact match (GSM8K answers) and held-out perplexity of a model.",
+                        description="Greedy generation with both lm-evaluation-harness answer "
+                                    "extractors (strict '#### N' and flexible last number).")
 
     methods = commands.add_parser("methods", help="List the registered pruning methods.")
     methods.set_defaults(func=_methods)
