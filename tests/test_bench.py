@@ -174,6 +174,27 @@ def test_summary_has_mean_and_sample_std_over_seeds_and_marks_the_best_of_each_b
     assert float(qrow["exact_match_strict_std"]) == pytest.approx(0.1)
 
 
+def test_comparison_gives_differences_in_pooled_std_and_a_verdict_per_budget():
+    def seeds(method, r_sample, r_token, values, wall):
+        return [result(method, r_sample, r_token, s, v, wall_seconds=wall) for s, v in enumerate(values)]
+
+    rows = (seeds("full", 1.0, 1.0, [0.70, 0.72, 0.74], 10.0)
+            + seeds("qtuning", 0.25, 0.7, [0.4, 0.5, 0.6], 5.0) + seeds("random", 0.25, 0.7, [0.30, 0.32, 0.34], 2.0)
+            + seeds("qtuning", 0.5, 0.5, [0.45, 0.50, 0.55], 8.0) + seeds("random", 0.5, 0.5, [0.45, 0.47, 0.49], 4.0)
+            + seeds("qtuning", 0.125, 0.5, [0.2], 4.0) + seeds("random", 0.125, 0.5, [0.1], 1.0))
+    headers, table = bench.comparison_rows(summarize_results(rows), "exact_match_strict")
+    assert headers[2:5] == ["vs random (pp)", "in std", "verdict"]
+    by_cell = {(r[0], r[1]): r[2:] for r in table}
+    # +18 pp; pooled std sqrt((10^2 + 2^2) / 2) = 7.21 pp -> 2.50; against full -22 pp -> -3.05
+    assert by_cell["qtuning", "0.25x0.7"] == ["+18.0", "+2.50", "win", "-22.0", "-3.05", "loss", "0.50x"]
+    # +3 pp; pooled std sqrt((5^2 + 2^2) / 2) = 3.81 pp -> 0.79: inside one std, a tie
+    assert by_cell["qtuning", "0.5x0.5"][:3] == ["+3.0", "+0.79", "tie"]
+    assert by_cell["random", "0.5x0.5"][:3] == ["-", "-", "-"] and by_cell["random", "0.5x0.5"][5] == "loss"
+    assert by_cell["qtuning", "0.125x0.5"][:3] == ["+10.0", "-", "one seed"]
+    assert ("full", "full data") not in by_cell
+    assert bench.comparison_rows(summarize_results(seeds("full", 1.0, 1.0, [0.7], 1.0)), "exact_match_strict") is None
+
+
 def test_report_only_rebuilds_tables_and_html_from_results_jsonl(tmp_path):
     (tmp_path / "bench.json").write_text(json.dumps({"model": "m", "data": "d"}))
     audit = {"clean": {"seen": 8, "kept": 2, "dropped_share": 0.75}, "noise": {"seen": 4, "kept": 0,
@@ -183,6 +204,7 @@ def test_report_only_rebuilds_tables_and_html_from_results_jsonl(tmp_path):
     run_bench(BenchConfig(out=str(tmp_path), report_only=True, plots=False))
     markdown = (tmp_path / "results.md").read_text()
     assert "**50.0 ± 10.0**" in markdown and "dropped noise %" in markdown and "100.0 ± 0.0" in markdown
+    assert "## Wins, ties and losses" in markdown
     page = parse_page(tmp_path / "report.html")
     best = [v for tag, name, v in page.attrs if tag == "td" and name == "class"]
     assert best == ["best"] and "table" in page.tags
@@ -248,7 +270,8 @@ def test_bench_runs_the_grid_resumes_and_reruns_an_interrupted_cell(tiny_bench_i
     cfg.plots = False  # a report option: it does not change the cells, and saves time here
     run_bench(cfg)
     assert count_training == []
-    assert "done earlier" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "[1/2] full seed=0 ... done earlier" in printed and "[2/2] qtuning" in printed
     assert {p: p.stat().st_mtime_ns for p in finished} == finished
 
     # A cell folder without result.json (killed mid-cell) is cleaned and run again, and only it.
@@ -269,6 +292,14 @@ def test_bench_runs_the_grid_resumes_and_reruns_an_interrupted_cell(tiny_bench_i
     assert count_training == []
     with pytest.raises(QTuneError, match="other settings"):
         run_bench(bench_config(tiny_bench_inputs, out, methods="qtuning", max_new_tokens=9))
+    # A run made before an option existed counts as made with its default.
+    settings = json.loads((out / "bench.json").read_text())
+    del settings["triage_start"]
+    (out / "bench.json").write_text(json.dumps(settings))
+    run_bench(bench_config(tiny_bench_inputs, out, methods="qtuning", plots=False))
+    assert count_training == []
+    with pytest.raises(QTuneError, match=r"triage_start \(0.0 before, 0.2 now\)"):
+        run_bench(bench_config(tiny_bench_inputs, out, methods="qtuning", triage_start=0.2))
 
 
 def test_a_failing_cell_is_reported_and_the_others_still_run(tiny_bench_inputs, tmp_path, monkeypatch, capsys):

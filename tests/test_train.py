@@ -119,6 +119,21 @@ def test_qtuning_triages_over_the_whole_step_and_prunes_only_q2():
     assert decision.stats["kept"] == 2 and decision.stats["q2"] >= 1 and decision.stats["q4"] >= 1
 
 
+def test_qtuning_selects_at_random_before_triage_start():
+    cfg = TrainConfig(model="m", data="d", out="o", r_sample=0.25, r_token=0.5, seed=3, triage_start=0.3)
+    method = build_method("qtuning", cfg)
+    assert [method.needs_scores_at(step, 10) for step in range(5)] == [False, False, False, True, True]
+    batches = [make_batch([12] * 8, seed=0), make_batch([10] * 8, seed=1)]
+    before = method.select(batches, None, step=2)
+    random_draw = build_method("random", cfg).select(batches, None, step=2)
+    assert before.stats == {"samples": 16, "kept": 4, "before_triage": True}  # same budget, no quadrants
+    assert all(torch.equal(a.rows, b.rows) and torch.equal(a.label_mask, b.label_mask)
+               for a, b in zip(before.selections, random_draw.selections))
+    assert build_method("qtuning", TrainConfig(model="m", data="d", out="o")).needs_scores_at(0, 10)
+    with pytest.raises(QTuneError, match="triage_start must be in"):
+        build_method("qtuning", TrainConfig(model="m", data="d", out="o", triage_start=1.0))
+
+
 # --- packing and loss ----------------------------------------------------------------------------
 
 
@@ -191,6 +206,14 @@ def test_qtuning_run_writes_model_log_and_summary(tiny_run_inputs, tmp_path):
     assert any(not torch.equal(trained[k], original[k]) for k in original)
     assert reloaded.config.vocab_size == AutoModelForCausalLM.from_pretrained(tiny_run_inputs[0]).config.vocab_size
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 3
+
+
+def test_triage_start_skips_the_scoring_pass_of_the_first_steps(tiny_run_inputs, tmp_path):
+    run_train(train_config(tiny_run_inputs, tmp_path / "run", method="qtuning", max_steps=4, triage_start=0.5))
+    rows = read_step_log(tmp_path / "run" / "steps.jsonl")
+    assert [r.get("before_triage", False) for r in rows] == [True, True, False, False]
+    assert all("q2" not in r and r["kept"] == 2 for r in rows[:2])
+    assert all(r["q1"] + r["q2"] + r["q3"] + r["q4"] + r["middle"] == 8 for r in rows[2:])
 
 
 def test_full_run_trains_every_response_token(tiny_run_inputs, tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
 import statistics
@@ -198,6 +199,9 @@ def _check_settings(out: Path, settings: dict) -> None:
     path = out / SETTINGS_FILE
     if path.exists():
         old = json.loads(path.read_text(encoding="utf-8"))
+        # An option added to qtune after that run was made behaved as its default there.
+        defaults = {f.name: f.default for f in dataclasses.fields(BenchConfig)}
+        old = {**{k: defaults.get(k) for k in settings}, **old}
         changed = [f"{k} ({old.get(k)!r} before, {settings.get(k)!r} now)" for k in sorted(set(old) | set(settings))
                    if old.get(k) != settings.get(k)]
         if changed:
@@ -401,15 +405,15 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
     _check_settings(out, settings)
     sync_results(out)
     metric = f"exact_match_{cfg.metric}"
-    pending = []
+    pending, done = [], 0
     for cell in cells:
         row = _finished(out, cell)
         if row is None:
             pending.append(cell)
         else:
-            print(f"[{len(cells) - len(pending)}/{len(cells)}] {cell.label} ... done earlier: "
-                  f"acc {100 * row[metric]:.1f}%", flush=True)
-    progress = _Progress(out, len(cells) - len(pending), len(cells), metric)
+            done += 1
+            print(f"[{done}/{len(cells)}] {cell.label} ... done earlier: acc {100 * row[metric]:.1f}%", flush=True)
+    progress = _Progress(out, done, len(cells), metric)
     if cfg.jobs == 1:
         for cell in pending:
             print(progress.start(cell), end=" ", flush=True)
@@ -606,6 +610,50 @@ def audit_rows(rows: list[dict], stats: list[GroupStats]) -> tuple[list[str], li
     return ["method", "r_sample x r_token"] + [f"dropped {c} %" for c in categories], table
 
 
+#: The baseline every other pruning method is compared with at its own budget.
+RANDOM = "random"
+
+COMPARISON_NOTE = (
+    "Difference of mean accuracy in percentage points, and the same difference in units of the pooled "
+    "standard deviation sqrt((s1^2 + s2^2) / 2) of the two groups over seeds. Verdict: win or loss when the "
+    "difference exceeds one pooled standard deviation, tie otherwise (a reading aid with few seeds, not a "
+    "significance test). Wall = mean wall time (scoring + training) relative to full data.")
+
+
+def _versus(g: GroupStats, other: GroupStats | None, metric: str) -> list[str]:
+    """Δ (pp), Δ in pooled standard deviations and the verdict of `g` against `other`."""
+    if other is None or g.mean[metric] is None or other.mean[metric] is None:
+        return ["-", "-", "-"]
+    delta = 100 * (g.mean[metric] - other.mean[metric])
+    if g.std[metric] is None or other.std[metric] is None:
+        return [f"{delta:+.1f}", "-", "one seed"]
+    pooled = 100 * math.sqrt((g.std[metric] ** 2 + other.std[metric] ** 2) / 2)
+    if pooled == 0:
+        return [f"{delta:+.1f}", "-", "tie" if delta == 0 else ("win" if delta > 0 else "loss")]
+    units = delta / pooled
+    return [f"{delta:+.1f}", f"{units:+.2f}", "tie" if abs(units) <= 1 else ("win" if units > 0 else "loss")]
+
+
+def comparison_rows(stats: list[GroupStats], metric: str) -> tuple[list[str], list[list[str]]] | None:
+    """Every pruned (method, budget) against random pruning at the same budget and against full
+    data: accuracy difference, in pooled standard deviations, verdict; and the wall-time ratio.
+    None when only full data was run."""
+    full = next((g for g in stats if g.method == FULL), None)
+    randoms = {(g.r_sample, g.r_token): g for g in stats if g.method == RANDOM}
+    table = []
+    for g in stats:
+        if g.method == FULL:
+            continue
+        baseline = randoms.get((g.r_sample, g.r_token)) if g.method != RANDOM else None
+        wall = ("-" if full is None or not full.mean["wall_seconds"] or g.mean["wall_seconds"] is None
+                else f"{g.mean['wall_seconds'] / full.mean['wall_seconds']:.2f}x")
+        table.append([g.method, g.budget_label] + _versus(g, baseline, metric) + _versus(g, full, metric) + [wall])
+    if not table:
+        return None
+    return (["method", "r_sample x r_token", "vs random (pp)", "in std", "verdict", "vs full (pp)", "in std",
+             "verdict", "wall vs full"], table)
+
+
 # --------------------------------------------------------------------------------------------- reports
 
 
@@ -622,6 +670,9 @@ def write_reports(out: Path, cfg: BenchConfig) -> dict[str, Path]:
     stats = summarize_results(rows, metric)
     written = {}
     markdown = "# Benchmark results\n\n" + markdown_results(stats, metric) + "\n"
+    comparison = comparison_rows(stats, metric)
+    if comparison is not None:
+        markdown += "\n## Wins, ties and losses\n\n" + COMPARISON_NOTE + "\n\n" + format_table(*comparison) + "\n"
     audit = audit_rows(rows, stats)
     if audit is not None:
         markdown += "\n## Pruning audit (dropped share per category)\n\n" + format_table(*audit) + "\n"
@@ -644,7 +695,7 @@ def write_reports(out: Path, cfg: BenchConfig) -> dict[str, Path]:
                 examples = token_examples(base, settings, rows, cfg.examples)
     written.update(plots)
     written["html"] = out / "report.html"
-    _write_html(written["html"], settings, rows, stats, metric, audit, plots, examples, eu_note)
+    _write_html(written["html"], settings, rows, stats, metric, comparison, audit, plots, examples, eu_note)
     print(f"reports: {out / 'results.md'}, {out / 'results.csv'}, {out / 'report.html'}", flush=True)
     return written
 
@@ -827,7 +878,7 @@ def _token_texts(tokenizer, input_ids: list[int], positions: list[int]) -> list[
 
 
 def _write_html(path: Path, settings: dict, rows: list[dict], stats: list[GroupStats], metric: str,
-                audit, plots: dict[str, Path], examples, eu_note: str) -> None:
+                comparison, audit, plots: dict[str, Path], examples, eu_note: str) -> None:
     from . import html_report as H
 
     headers, table_rows, bold = results_table(stats, metric)
@@ -841,6 +892,8 @@ def _write_html(path: Path, settings: dict, rows: list[dict], stats: list[GroupS
             "of response tokens trained on; loss tokens % is the measured share. Wall time = scoring + training "
             "(evaluation excluded)."), H.table(headers, table_rows, bold=bold)),
     ]
+    if comparison is not None:
+        sections.append(H.section("Wins, ties and losses", H.paragraph(COMPARISON_NOTE), H.table(*comparison)))
     figures = [H.image(plots[name], caption) for name, caption in (
         ("accuracy_vs_budget", "Accuracy against the nominal budget (log scale); error bars: standard deviation "
                                "over seeds; dashed line: full data."),

@@ -137,7 +137,7 @@ def build_config(cls: type, namespace: argparse.Namespace | None = None, yaml_pa
 
 @dataclass
 class TokenPruningConfig:
-    """How Q-Tuning scores and prunes tokens (shared by `qtune train` and `qtune bench`)."""
+    """How Q-Tuning triages samples and prunes tokens (shared by `qtune train` and `qtune bench`)."""
 
     lam: float = option(0.5, "Weight of the neighbours in the token score s_i (lambda).")
     neighbor: str = option("sum", "Neighbour term: sum of both neighbours (paper, authors' code) or their mean.",
@@ -148,6 +148,9 @@ class TokenPruningConfig:
                                choices=["sample", "batch"])
     reference: bool = option(False, "Reproduce the authors' code: strict comparisons, tolerance stop, top-up "
                                     "only, pooled token budget, entropy over attended positions.")
+    triage_start: float = option(0.0, "Fraction of the optimizer steps that pass before triage starts; until "
+                                      "then qtuning keeps samples and tokens at random at the same r_sample and "
+                                      "r_token (same budget, no scoring pass). The paper triages from step 0.")
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Pruning methods: what a training step keeps of its batch. One registry serves the CLI, the
 config files and the benchmarks.
 
-A method sees every micro-batch of one optimizer step (and, when `needs_scores`, their
+A method sees every micro-batch of one optimizer step (and, when `needs_scores_at` the step, their
 `BatchScores` from a no-grad pass with the current weights) and returns, per micro-batch, the rows
 to train on and the label mask (True = the token keeps its loss). Deciding over the whole step is
 what makes Stage 1's quantiles "per global batch" under gradient accumulation.
@@ -51,13 +51,18 @@ def keep_count(ratio: float, n: int) -> int:
 
 
 class PruningMethod:
-    """Base class. `needs_scores` says whether the trainer runs the no-grad scoring pass."""
+    """Base class. `needs_scores` (or `needs_scores_at`, for a method that scores only some steps) says
+    whether the trainer runs the no-grad scoring pass."""
 
     name = "base"
     needs_scores = False
 
     def __init__(self, config):
         self.config = config
+
+    def needs_scores_at(self, step: int, total_steps: int) -> bool:
+        """Whether the trainer runs the scoring pass before `select` at this step."""
+        return self.needs_scores
 
     def select(self, batches: list[dict], scores: list[BatchScores] | None, step: int) -> StepSelection:
         raise NotImplementedError
@@ -125,7 +130,20 @@ class QTuning(PruningMethod):
 
     needs_scores = True
 
+    def __init__(self, config):
+        super().__init__(config)
+        if not 0.0 <= config.triage_start < 1.0:
+            raise QTuneError(f"triage_start must be in [0, 1); got {config.triage_start!r}")
+        self._before_triage = RandomPruning(config)
+
+    def needs_scores_at(self, step, total_steps):
+        return step >= int(self.config.triage_start * total_steps)
+
     def select(self, batches, scores, step):
+        if scores is None:  # a step before `triage_start`: random selection at the same budget
+            decision = self._before_triage.select(batches, None, step)
+            decision.stats["before_triage"] = True
+            return decision
         cfg = self.config
         sizes = [b["labels"].shape[0] for b in batches]
         decision = triage(torch.cat([s.ppl for s in scores]), torch.cat([s.ent for s in scores]),

@@ -62,11 +62,7 @@ def plot_eu_plane(
     ax.set_title(title)
     ax.legend(fontsize=6, markerscale=1.5, loc="best", ncol=2 if categories is not None else 1)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 METHOD_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
@@ -80,6 +76,16 @@ def _save_figure(fig, path: str | Path) -> Path:
         fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path
+
+
+def _finish_line_plot(fig, ax, path: str | Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Labels, legend and grid shared by the accuracy plots, then save."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save_figure(fig, path)
 
 
 def plot_accuracy_vs_budget(
@@ -109,12 +115,7 @@ def plot_accuracy_vs_budget(
         ax.set_xticks(budgets)
         ax.set_xticklabels([f"{b:.3g}" for b in budgets], rotation=45)
         ax.minorticks_off()
-    ax.set_xlabel("nominal budget r_sample x r_token (log scale)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return _save_figure(fig, path)
+    return _finish_line_plot(fig, ax, path, "nominal budget r_sample x r_token (log scale)", ylabel, title)
 
 
 def plot_accuracy_vs_time(
@@ -135,12 +136,7 @@ def plot_accuracy_vs_time(
                     ls="" if len(pts) == 1 else "-", capsize=3, label=method)
         for x, _, y, _, label in pts:
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6)
-    ax.set_xlabel("wall time per run: scoring + training (s)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return _save_figure(fig, path)
+    return _finish_line_plot(fig, ax, path, "wall time per run: scoring + training (s)", ylabel, title)
 
 
 def plot_kept_eu_plane(

@@ -134,7 +134,7 @@ class QTuneTrainer(Trainer):
         start = time.perf_counter()
         batches = [self._prepare_inputs(b) for b in batches]
         scores = None
-        if self.method.needs_scores:
+        if self.method.needs_scores_at(self.state.global_step, self.state.max_steps):
             model = self.model
             was_training = model.training
             model.eval()
