@@ -207,7 +207,7 @@ def test_report_only_rebuilds_tables_and_html_from_results_jsonl(tmp_path):
     assert "## Wins, ties and losses" in markdown
     page = parse_page(tmp_path / "report.html")
     best = [v for tag, name, v in page.attrs if tag == "td" and name == "class"]
-    assert best == ["best"] and "table" in page.tags
+    assert best == ["best"] and "table" in page.tags and "Wins, ties and losses" in "".join(page.text)
     with pytest.raises(QTuneError, match="holds no bench run"):
         run_bench(BenchConfig(out=str(tmp_path / "empty"), report_only=True))
 
