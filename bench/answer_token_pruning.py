@@ -75,8 +75,8 @@ def main() -> None:
             counts[2] += int((~keep[:len(keep) - k]).sum())
             counts[3] += len(keep) - k
             q2_count[category[sid]] += 1
-        for j in range(len(batch)):
-            seen[category[scores.sample_id[batch[j]]]] += 1
+        for i in batch:
+            seen[category[scores.sample_id[i]]] += 1
 
     print(f"model {args.model}, r_sample {args.r_sample:g}, r_token {args.r_token:g}, lam {args.lam:g}, "
           f"triaged in batches of {args.batch_size}")

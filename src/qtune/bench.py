@@ -628,10 +628,8 @@ def _versus(g: GroupStats, other: GroupStats | None, metric: str) -> list[str]:
     if g.std[metric] is None or other.std[metric] is None:
         return [f"{delta:+.1f}", "-", "one seed"]
     pooled = 100 * math.sqrt((g.std[metric] ** 2 + other.std[metric] ** 2) / 2)
-    if pooled == 0:
-        return [f"{delta:+.1f}", "-", "tie" if delta == 0 else ("win" if delta > 0 else "loss")]
-    units = delta / pooled
-    return [f"{delta:+.1f}", f"{units:+.2f}", "tie" if abs(units) <= 1 else ("win" if units > 0 else "loss")]
+    verdict = "tie" if abs(delta) <= pooled else ("win" if delta > 0 else "loss")
+    return [f"{delta:+.1f}", f"{delta / pooled:+.2f}" if pooled else "-", verdict]
 
 
 def comparison_rows(stats: list[GroupStats], metric: str) -> tuple[list[str], list[list[str]]] | None:
