@@ -4,6 +4,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import random
 from html.parser import HTMLParser
 from pathlib import Path
@@ -14,8 +15,11 @@ import qtune.train
 from qtune import bench, html_report
 from qtune.bench import (BenchConfig, Cell, add_bench_parser, build_grid, markdown_results, parse_budgets,
                          parse_methods, parse_seeds, run_bench, summarize_results)
+from qtune.cli import main
 from qtune.config import build_config
 from qtune.errors import QTuneError
+from qtune.io import claim_output_dir
+from qtune.report import category_quadrant_table, markdown_text
 
 
 @pytest.fixture(scope="module")
@@ -212,6 +216,23 @@ def test_report_only_rebuilds_tables_and_html_from_results_jsonl(tmp_path):
         run_bench(BenchConfig(out=str(tmp_path / "empty"), report_only=True))
 
 
+def test_markdown_reports_escape_category_names_from_the_data(tmp_path):
+    assert markdown_text("a|b <x> `c` *d* _e_ [f] \\ & ~g\nh") == r"a\|b \<x\> \`c\` \*d\* \_e\_ \[f\] \\ \& \~g h"
+    (tmp_path / "bench.json").write_text(json.dumps({"model": "m", "data": "d"}))
+    audit = {"a|b <x>": {"seen": 8, "kept": 2, "dropped_share": 0.75},
+             "clean": {"seen": 4, "kept": 0, "dropped_share": 1.0}}
+    rows = [r | {"audit": audit} for r in HAND_ROWS]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_bench(BenchConfig(out=str(tmp_path), report_only=True, plots=False))
+    markdown = (tmp_path / "results.md").read_text()
+    table = [line for line in markdown.split("## Pruning audit")[1].splitlines() if line.startswith("|")]
+    assert "| dropped a\\|b \\<x\\> % |" in table[0] and "a|b" not in markdown
+    assert len({line.replace("\\|", "").count("|") for line in table}) == 1  # no row has an extra column
+    assert "dropped a|b <x> %" in "".join(parse_page(tmp_path / "report.html").text)  # HTML escapes by itself
+    summary = category_quadrant_table(["a|b <x>", "clean"], [1, 2])  # qtune score's summary.md
+    assert "| a\\|b \\<x\\> |" in summary and "a|b" not in summary
+
+
 def test_html_report_embeds_images_and_strikes_pruned_tokens(tmp_path):
     from qtune.plotting import plot_accuracy_vs_budget
 
@@ -329,3 +350,33 @@ def test_parallel_jobs_run_every_cell(tiny_bench_inputs, tmp_path, capsys):
         "full-seed0", "qtuning-r0.5x0.5-seed0"]
     progress = capsys.readouterr().out
     assert "[1/2]" in progress and "[2/2]" in progress
+
+
+def test_an_invalid_option_fails_the_bench_before_any_cell_runs(tiny_bench_inputs, tmp_path, count_training, capsys):
+    out = tmp_path / "bench"
+    base = ["bench", "--out", str(out), "--model", str(tiny_bench_inputs / "model"),
+            "--data", str(tiny_bench_inputs / "train.jsonl"), "--eval-data", str(tiny_bench_inputs / "test.jsonl"),
+            "--methods", "full,random", "--budgets", "0.5x0.5", "--max-steps", "1", "--no-plots"]
+    for flags, message in ((["--lr", "-1"], "--lr must be greater than 0; got -1.0"),
+                           (["--batch-size", "0"], "--batch-size must be at least 1; got 0"),
+                           (["--epochs", "0", "--max-steps", "-1"],
+                            "--epochs must be greater than 0 unless max_steps is at least 1; got 0.0"),
+                           (["--methods", "full,nope"], "--methods: unknown method(s) nope; available: full, qtuning, "
+                                                        "random")):
+        assert main(base + flags) == 2
+        assert capsys.readouterr().err == f"error: {message}\n"
+        assert not out.exists()
+    # A value that only the cells' own configs check (here a seed) fails once, before the first cell.
+    assert main(base + ["--seeds", "0,-1"]) == 2
+    assert capsys.readouterr().err == "error: cell full-seed-1: seed must be in [0, 4294967295]; got -1\n"
+    assert count_training == [] and not (out / "cells").exists()
+
+
+def test_a_second_bench_on_the_same_folder_is_refused(tiny_bench_inputs, tmp_path, count_training, capsys):
+    out = tmp_path / "bench"
+    with claim_output_dir(out, "qtune bench"):  # a first bench, still running
+        with pytest.raises(QTuneError, match=f"is in use by process {os.getpid()} qtune bench"):
+            run_bench(bench_config(tiny_bench_inputs, out, methods="full"))
+        with pytest.raises(QTuneError, match=f"is in use by process {os.getpid()} qtune bench"):
+            run_bench(BenchConfig(out=str(out), report_only=True))
+    assert count_training == [] and not (out / "cells").exists()

@@ -1,13 +1,16 @@
 """The `qtune` command: `score` end to end, and one-line errors for bad input."""
 
 import json
+import os
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+import qtune.workflows
 from qtune.cli import main
+from qtune.io import claim_output_dir
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +94,44 @@ def test_methods_lists_the_registry(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert "qtuning" in out and "random" in out and "full" in out
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """Fails the test if score or eval loads a tokenizer or a model."""
+    def fail(*args, **kwargs):
+        pytest.fail("loaded a tokenizer or a model before checking --out")
+
+    monkeypatch.setattr(qtune.workflows, "load_tokenizer", fail)
+    monkeypatch.setattr(qtune.workflows, "load_model", fail)
+
+
+@pytest.mark.parametrize("command", ["score", "eval"])
+def test_an_unusable_out_fails_before_anything_loads(scored_inputs, tmp_path, capsys, nothing_loads, command):
+    base = [command, "--model", str(scored_inputs / "model"), "--data", str(scored_inputs / "data.jsonl")]
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    assert main(base + ["--out", str(blocker / "out")]) == 2
+    assert capsys.readouterr().err == f"error: cannot create the output folder {str(blocker / 'out')!r}: Not a directory\n"
+    assert main(base + ["--out", str(blocker)]) == 2
+    assert capsys.readouterr().err == f"error: output folder {str(blocker)!r} exists and is not a folder\n"
+    busy = tmp_path / "busy"
+    with claim_output_dir(busy, "qtune score"):  # another command still writing there
+        assert main(base + ["--out", str(busy)]) == 2
+    assert f"error: output folder {str(busy)!r} is in use by process {os.getpid()} qtune score" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
+@pytest.mark.parametrize("command", ["score", "eval"])
+def test_a_read_only_out_fails_before_anything_loads(scored_inputs, tmp_path, capsys, nothing_loads, command):
+    base = [command, "--model", str(scored_inputs / "model"), "--data", str(scored_inputs / "data.jsonl")]
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    try:
+        assert main(base + ["--out", str(read_only / "out")]) == 2
+        assert "cannot create the output folder" in capsys.readouterr().err
+        assert main(base + ["--out", str(read_only)]) == 2
+        assert "cannot write in the output folder" in capsys.readouterr().err
+    finally:
+        read_only.chmod(0o755)

@@ -12,17 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from qtune.chat_templates import PLAIN_ASSISTANT_PROMPT, render_prompt, render_segments
 from qtune.data import (
     FORMATS,
     IGNORE_INDEX,
-    PLAIN_ASSISTANT_PROMPT,
+    TURN_ID_STRIDE,
     Record,
     collate,
     detect_format,
     length_bucketed_batches,
     load_records,
-    render_prompt,
-    render_segments,
+    record_id_of,
     require_pad_token,
     tokenize_records,
 )
@@ -402,23 +402,44 @@ def test_plain_prompt_ends_with_the_assistant_prompt(plain_tokenizer):
     assert render_prompt([user("hi")], plain_tokenizer) == "<s>User: hi\n" + PLAIN_ASSISTANT_PROMPT
 
 
-def test_template_that_is_not_prefix_stable_is_rejected(tiny_tokenizer):
+def test_template_that_is_not_prefix_stable_splits_the_conversation_per_turn(tiny_tokenizer):
     tokenizer = copy.deepcopy(tiny_tokenizer)
     # Marks only the final assistant turn: earlier turns render differently once more follows.
     tokenizer.chat_template = (
         "{% for m in messages %}{% if loop.last and m['role'] == 'assistant' %}FINAL:{% endif %}"
         "{{ m['content'] }}{% endfor %}"
     )
-    assert render_segments([user("hi"), assistant("yo")], tokenizer) == [("hi", False), ("FINAL:yo", True)]
-    with pytest.raises(QTuneError, match="sample 3: the chat template is not prefix-stable"):
-        tokenize_records([Record(3, MULTI_TURN, {})], tokenizer)
+    # The template's own text before the answer is context, not trained.
+    assert render_segments([user("hi"), assistant("yo")], tokenizer) == [("hiFINAL:", False), ("yo", True)]
+    samples, report = tokenize_records([Record(3, MULTI_TURN, {})], tokenizer)
+    assert [s["sample_id"] for s in samples] == [3 + TURN_ID_STRIDE, 3 + 2 * TURN_ID_STRIDE]
+    assert [record_id_of(s["sample_id"]) for s in samples] == [3, 3]
+    assert [tokenizer.decode(s["input_ids"]) for s in samples] == [
+        "Be brief.2 + 3?FINAL:5", "Be brief.2 + 3?5And 4 + 4?FINAL:8"]
+    assert [[tokenizer.decode(span) for span in labelled_spans(s)] for s in samples] == [["5"], ["8"]]
+    assert (report.n_split, report.n_split_samples, report.n_out) == (1, 2, 2)
+    with pytest.raises(QTuneError, match="trains as 2 samples, one per assistant turn"):
+        render_segments(MULTI_TURN, tokenizer)
     # A closing mark that the next answer happens to repeat: every rendering is a prefix of the
     # whole, but the second answer's prompt ends before the first answer's span does.
     tokenizer.chat_template = (
         "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if not add_generation_prompt %}.{% endif %}"
     )
-    with pytest.raises(QTuneError, match="not prefix-stable"):
-        render_segments([user("u"), assistant("x"), assistant(".y")], tokenizer)
+    samples, report = tokenize_records([Record(0, [user("u"), assistant("x"), assistant(".y")], {})], tokenizer)
+    assert [[tokenizer.decode(span) for span in labelled_spans(s)] for s in samples] == [["x"], [".y"]]
+    assert report.n_split == 1
+
+
+def test_template_that_changes_the_prompt_before_an_answer_is_rejected(tiny_tokenizer):
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    # The system prompt shows only in the generation prompt: no sample can hold the answer's context.
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] != 'system' or add_generation_prompt %}{{ m['content'] }}"
+        "{% endif %}{% endfor %}"
+    )
+    with pytest.raises(QTuneError, match="sample 3: the chat template renders the conversation before assistant "
+                                         "message 2 differently in its generation prompt"):
+        tokenize_records([Record(3, MULTI_TURN, {})], tokenizer)
 
 
 def test_truncation_right_and_left(plain_tokenizer):

@@ -28,7 +28,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import OptimConfig, TokenPruningConfig, add_arguments, build_config, option
+from .config import OptimConfig, TokenPruningConfig, add_arguments, build_config, check_device, option
 from .errors import QTuneError
 
 DEFAULT_BUDGETS = "0.125x0.5,0.125x0.7,0.25x0.5,0.25x0.7,0.5x0.5,0.5x0.7"
@@ -52,11 +52,13 @@ class BenchConfig(OptimConfig, TokenPruningConfig):
                                        "(full runs once per seed, the others once per budget and seed).")
     budgets: str = option(DEFAULT_BUDGETS, "Comma-separated budgets r_sample x r_token, e.g. 0.25x0.7,0.125x0.5.")
     seeds: str = option("0,1,2", "Comma-separated training seeds.")
-    jobs: int = option(1, "Cells run at once, each in its own process with cpu_count // jobs torch threads.")
+    jobs: int = option(1, "Cells run at once, each in its own process with cpu_count // jobs torch threads.",
+                       bounds="[1, inf)")
     # Reports.
     report_only: bool = option(False, "Only rebuild the reports from OUT/results.jsonl; train nothing.")
     metric: str = option("strict", "Exact-match filter the reports rank and plot by.", choices=["strict", "flexible"])
-    examples: int = option(3, "Q2 samples shown with their pruned tokens in report.html (0: none).")
+    examples: int = option(3, "Q2 samples shown with their pruned tokens in report.html (0: none).",
+                           bounds="[0, inf)")
     plots: bool = option(True, "Draw the plots and score the training set with the base model for the EU-plane "
                                "figures and the token examples (needs matplotlib).")
     keep_models: bool = option(False, "Keep each cell's trained model in OUT/cells/<cell>/train/model "
@@ -64,18 +66,19 @@ class BenchConfig(OptimConfig, TokenPruningConfig):
     # Model and data, as in `qtune train`.
     dtype: str = option("auto", "Model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16.",
                         choices=["auto", "float32", "bfloat16"])
-    device: str = option("auto", "Device: auto, cpu, cuda, cuda:N.")
+    device: str = option("auto", "Device: auto, cpu, cuda, cuda:N.", check=check_device)
     trust_remote_code: bool = option(False, "Run code shipped with the model. Off unless you trust its source.")
     pad_token: str | None = option(None, "Token to use for padding when the tokenizer has none (e.g. its EOS).")
     format: str = option("auto", "Record format of the training data; the evaluation data's is detected.",
                          choices=["auto", "alpaca", "prompt_completion", "question_answer", "messages", "sharegpt"])
-    max_length: int = option(1024, "Maximum tokens per sample, in training and perplexity; longer ones are cut.")
-    limit: int | None = option(None, "Train on the first N training records only.")
+    max_length: int = option(1024, "Maximum tokens per sample, in training and perplexity; longer ones are cut.",
+                             bounds="[2, inf)")
+    limit: int | None = option(None, "Train on the first N training records only.", bounds="[1, inf)")
     # Evaluation, as in `qtune eval`.
-    max_new_tokens: int = option(256, "Most tokens generated per evaluation question.")
-    eval_batch_size: int = option(16, "Prompts generated at once in evaluation.")
-    eval_limit: int | None = option(None, "Evaluate on the first N evaluation records only.")
-    num_fewshot: int = option(0, "Solved training examples prepended to each evaluation prompt.")
+    max_new_tokens: int = option(256, "Most tokens generated per evaluation question.", bounds="[1, inf)")
+    eval_batch_size: int = option(16, "Prompts generated at once in evaluation.", bounds="[1, inf)")
+    eval_limit: int | None = option(None, "Evaluate on the first N evaluation records only.", bounds="[1, inf)")
+    num_fewshot: int = option(0, "Solved training examples prepended to each evaluation prompt.", bounds="[0, inf)")
     perplexity: bool = option(True, "Also compute the held-out perplexity of the reference answers.")
 
 
@@ -390,18 +393,40 @@ def sync_results(out: Path) -> list[dict]:
 
 
 def run_bench(cfg: BenchConfig) -> list[dict]:
-    """Run every unfinished cell of the grid, then write the reports. Returns all result rows."""
-    if cfg.jobs < 1:
-        raise QTuneError("--jobs must be at least 1")
-    if cfg.examples < 0:
-        raise QTuneError("--examples must be 0 or more")
+    """Run every unfinished cell of the grid, then write the reports. Returns all result rows.
+
+    OUT is claimed for the whole run (`claim_output_dir`): a second bench on it is refused. A bad
+    option fails before any cell runs: the config checked itself when it was built, the grid is
+    parsed first, and every cell's training and evaluation config is built up front."""
+    from .io import claim_output_dir
+
     out = Path(cfg.out)
-    if cfg.report_only:
-        write_reports(out, cfg)
-        return read_results(out / RESULTS_FILE)
-    cells = build_grid(parse_methods(cfg.methods), parse_budgets(cfg.budgets), parse_seeds(cfg.seeds))
+    cells = None if cfg.report_only else build_grid(parse_methods(cfg.methods), parse_budgets(cfg.budgets),
+                                                    parse_seeds(cfg.seeds))
+    with claim_output_dir(out, "qtune bench"):
+        if cells is None:
+            write_reports(out, cfg)
+        else:
+            _run_grid(cells, cfg, out)
+    return read_results(out / RESULTS_FILE)
+
+
+def _check_cell_configs(cells: list[Cell], settings: dict, out: Path) -> None:
+    """Build every cell's TrainConfig and the evaluation config (building checks them), so that
+    settings no cell can run with fail now, in one line, not in every cell after the first ones
+    have trained."""
+    for cell in cells:
+        try:
+            train_config(cell, settings, out / "cells" / cell.name / "train")
+        except QTuneError as exc:
+            raise QTuneError(f"cell {cell.name}: {exc}") from None
+    eval_config(settings, out / "model", out / "eval")  # the same for every cell, but for these paths
+
+
+def _run_grid(cells: list[Cell], cfg: BenchConfig, out: Path) -> None:
+    """Run the cells that have no result yet, then write the reports; raise if any cell failed."""
     settings = resolve_settings(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_cell_configs(cells, settings, out)
     _check_settings(out, settings)
     sync_results(out)
     metric = f"exact_match_{cfg.metric}"
@@ -425,7 +450,6 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
     if progress.failures:
         raise QTuneError(f"{len(progress.failures)} cell(s) failed: {', '.join(progress.failures)}; see their "
                          "cell.log, then run the same command again to retry them")
-    return read_results(out / RESULTS_FILE)
 
 
 class _Progress:
@@ -590,9 +614,10 @@ def csv_results(stats: list[GroupStats]) -> str:
     return buffer.getvalue()
 
 
-def audit_rows(rows: list[dict], stats: list[GroupStats]) -> tuple[list[str], list[list[str]]] | None:
+def audit_rows(rows: list[dict], stats: list[GroupStats], text=str) -> tuple[list[str], list[list[str]]] | None:
     """Per (method, budget): the share of each category's sample appearances that were not trained
-    on, averaged over seeds. None when the training data has no categories."""
+    on, averaged over seeds. None when the training data has no categories. The category names
+    come from the data: `text` writes them into the headers (`markdown_text` for Markdown)."""
     audited = [r for r in rows if r.get("audit")]
     if not audited:
         return None
@@ -607,7 +632,7 @@ def audit_rows(rows: list[dict], stats: list[GroupStats]) -> tuple[list[str], li
             mean, std = _mean_std([r["audit"][cat]["dropped_share"] for r in members if cat in r["audit"]])
             cells.append(_format_stat(mean, std, 100, 1))
         table.append([g.method, g.budget_label] + cells)
-    return ["method", "r_sample x r_token"] + [f"dropped {c} %" for c in categories], table
+    return ["method", "r_sample x r_token"] + [f"dropped {text(c)} %" for c in categories], table
 
 
 #: The baseline every other pruning method is compared with at its own budget.
@@ -658,7 +683,7 @@ def comparison_rows(stats: list[GroupStats], metric: str) -> tuple[list[str], li
 def write_reports(out: Path, cfg: BenchConfig) -> dict[str, Path]:
     """results.md, results.csv, plots/*.png and report.html from OUT/results.jsonl."""
     from .io import write_text
-    from .report import format_table
+    from .report import format_table, markdown_text
 
     settings = load_settings(out)
     rows = read_results(out / RESULTS_FILE)
@@ -671,9 +696,10 @@ def write_reports(out: Path, cfg: BenchConfig) -> dict[str, Path]:
     comparison = comparison_rows(stats, metric)
     if comparison is not None:
         markdown += "\n## Wins, ties and losses\n\n" + COMPARISON_NOTE + "\n\n" + format_table(*comparison) + "\n"
-    audit = audit_rows(rows, stats)
+    audit = audit_rows(rows, stats)  # for the HTML report, which escapes every text itself
     if audit is not None:
-        markdown += "\n## Pruning audit (dropped share per category)\n\n" + format_table(*audit) + "\n"
+        markdown += ("\n## Pruning audit (dropped share per category)\n\n"
+                     + format_table(*audit_rows(rows, stats, markdown_text)) + "\n")
     written["markdown"] = out / "results.md"
     write_text(written["markdown"], markdown)
     written["csv"] = out / "results.csv"
@@ -733,7 +759,7 @@ def base_model_scores(out: Path, settings: dict) -> dict:
         cached = json.loads(path.read_text(encoding="utf-8"))
         if cached.get("key") == key:
             return cached
-    from .data import load_records, require_pad_token, tokenize_records
+    from .data import load_records, record_id_of, require_pad_token, tokenize_records
     from .models import load_model, load_tokenizer
     from .scoring import score_dataset
 
@@ -755,7 +781,8 @@ def base_model_scores(out: Path, settings: dict) -> dict:
         "ppl": scores.ppl,
         "ent": scores.ent,
         "token_nll": scores.token_nll,
-        "category": [str(meta[s].get("category", "none")) for s in scores.sample_id] if has_categories else None,
+        "category": ([str(meta[record_id_of(s)].get("category", "none")) for s in scores.sample_id]
+                     if has_categories else None),
         "note": (f"Positions: PPL and entropy of each training sample under the base model {settings['model']} "
                  "(before any training). Colour: the share of the run's steps that showed the sample in which "
                  "the method trained on it (from its steps.jsonl). Methods that score during training "
@@ -815,7 +842,7 @@ def token_examples(base: dict, settings: dict, rows: list[dict], count: int):
     response tokens that Stage 2 would prune at the example budget, one per category in turn."""
     import torch
 
-    from .data import load_records, tokenize_records
+    from .data import load_records, record_id_of, tokenize_records
     from .html_report import TokenExample
     from .models import load_tokenizer
     from .pruning import prune_tokens, token_perplexity, triage
@@ -838,7 +865,7 @@ def token_examples(base: dict, settings: dict, rows: list[dict], count: int):
                                pad_token=settings["pad_token"])
     records, _ = load_records(settings["data"], settings["format"], limit=settings["limit"])
     by_id = {r.sample_id: r for r in records}
-    wanted = [by_id[base["sample_id"][i]] for i in chosen]
+    wanted = [by_id[record_id_of(base["sample_id"][i])] for i in chosen]
     samples = {s["sample_id"]: s for s in tokenize_records(wanted, tokenizer, max_length=settings["max_length"])[0]}
     examples = []
     for i in chosen:
@@ -849,7 +876,7 @@ def token_examples(base: dict, settings: dict, rows: list[dict], count: int):
                             neighbor=settings["neighbor"], edge=settings["edge"])[0].tolist()
         positions = [t for t, label in enumerate(sample["labels"]) if t > 0 and label != -100]
         pieces = _token_texts(tokenizer, sample["input_ids"], positions)
-        prompt = "\n".join(m["content"] for m in by_id[sid].messages if m["role"] != "assistant")
+        prompt = "\n".join(m["content"] for m in by_id[record_id_of(sid)].messages if m["role"] != "assistant")
         examples.append(TokenExample(
             sample_id=sid, category=categories[i], prompt=prompt,
             tokens=[(text, keep, float(p)) for text, keep, p in zip(pieces, mask, tokppl[0].tolist())],

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
 from .config import EvalRunConfig, ScoreConfig, TrainConfig, add_arguments, build_config
 from .errors import QTuneError
+from .io import disk_full_message
 
 
 def _methods(ns: argparse.Namespace) -> None:
@@ -92,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        print(f"error: {disk_full_message(exc.filename)}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -3,55 +3,220 @@
 Every field carries its help text in `metadata["help"]`; `add_arguments` turns a dataclass into
 argparse flags (`max_length` -> `--max-length`) and `build_config` merges defaults, an optional
 YAML file (read with `yaml.safe_load`) and the flags given on the command line, in that order.
+
+Constructing a config checks it, whoever constructs it (`build_config` for the CLI, or Python
+code): every value is converted to its field's declared type and must satisfy the field's
+`choices`, `bounds` and `check` (see `option`), then the rules between fields (`_relations`).
+The first value that fails raises `OptionError`: one line with the option, the value and what is
+allowed. The commands therefore refuse a bad option before they load any model or data.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import QTuneError
+from .errors import OptionError, QTuneError
 
 
-def option(default=None, help: str = "", *, choices=None, required: bool = False):
-    """A documented config field."""
-    meta = {"help": help, "choices": choices, "required": required}
+def option(default=None, help: str = "", *, choices=None, bounds: str | None = None, check=None,
+           required: bool = False):
+    """A documented config field.
+
+    choices: the allowed values. bounds: the interval a number must lie in, written "(0, 1]",
+    "[1, inf)", ... (a round bracket excludes its end). check: a function of the converted value
+    that returns None when the value is allowed, else the words for what is allowed (for rules
+    that choices and bounds cannot state). required: the CLI needs it, as a flag or in YAML.
+    """
+    meta = {"help": help, "choices": choices, "bounds": bounds, "check": check, "required": required}
     return field(default=default, metadata=meta)
 
 
+def _interval(bounds: str) -> tuple[float, float, bool, bool]:
+    """'(0, 1]' -> (0.0, 1.0, False, True): both ends and whether each is included."""
+    low, high = (float(end) for end in bounds[1:-1].split(","))
+    return low, high, bounds[0] == "[", bounds[-1] == "]"
+
+
+def _bounds_text(bounds: str) -> str:
+    low, high, with_low, _ = _interval(bounds)
+    if high == math.inf:
+        return f"at least {low:g}" if with_low else f"greater than {low:g}"
+    return f"in {bounds}"
+
+
+def _within(value: float, bounds: str) -> bool:
+    low, high, with_low, with_high = _interval(bounds)
+    return (low <= value if with_low else low < value) and (value <= high if with_high else value < high)
+
+
+def _field_type(hint) -> tuple[typing.Any, bool]:
+    """(declared type, whether None is allowed) of a field annotation: `int | None` -> (int, True)."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return hint, False
+
+
+def _convert(value, kind):
+    """`value` as type `kind` (bool, int, float, str or tuple[str, ...]), or ValueError(what is
+    allowed). A number may come as a string (flags, and YAML 1.1 reads 1e-3 as one); an int takes
+    a whole float (8.0) but not 8.5; a float must be finite. A bool must be a real one: a quoted
+    'no' is a non-empty string, which Python would count as true."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError("true or false (unquoted in YAML)")
+    if kind is int:
+        if number and (isinstance(value, int) or value.is_integer()):
+            return int(value)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return int(value)
+        raise ValueError("an integer")
+    if kind is float:
+        result = float(value) if number else None
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                result = float(value)
+        if result is None:
+            raise ValueError("a number")
+        if not math.isfinite(result):
+            raise ValueError("a finite number")
+        return result
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        if number:  # YAML reads `seeds: 0` as a number
+            return str(value)
+        raise ValueError("a string")
+    if typing.get_origin(kind) is tuple:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ValueError("a list of strings")
+    raise TypeError(f"config fields of type {kind} are not supported")
+
+
+def _problem(value, meta: dict) -> str | None:
+    """What is allowed, when the (converted) value breaks the field's choices, bounds or check."""
+    if meta.get("choices") and value not in meta["choices"]:
+        return "one of " + ", ".join(map(str, meta["choices"]))
+    if meta.get("bounds") and not _within(value, meta["bounds"]):
+        return _bounds_text(meta["bounds"])
+    return meta["check"](value) if meta.get("check") else None
+
+
+def _relations(cfg) -> typing.Iterator[tuple[str, str]]:
+    """The rules between fields, for whichever config has the fields: (field, what is allowed)."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    if {"epochs", "max_steps"} <= names and cfg.max_steps == -1 and not cfg.epochs > 0:
+        yield "epochs", "greater than 0 unless max_steps is at least 1"
+    if {"num_fewshot", "fewshot_data"} <= names and cfg.num_fewshot > 0 and cfg.fewshot_data is None:
+        yield "fewshot_data", "a file of solved examples (e.g. the train split) when num_fewshot is above 0"
+
+
+def check_options(cfg) -> None:
+    """Convert every field of config dataclass `cfg` in place and check it (see the module doc).
+    The error names the field as Python spells it; `build_config` renames it as the user wrote it."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        kind, optional = _field_type(hints[f.name])
+        if value is None and optional:
+            continue
+        try:
+            value = _convert(value, kind)  # the error then shows the value as given
+            problem = _problem(value, f.metadata)
+        except ValueError as exc:
+            problem = str(exc)
+        if problem:
+            raise OptionError(f.name, value, problem)
+        setattr(cfg, f.name, value)
+    for name, allowed in _relations(cfg):
+        raise OptionError(name, getattr(cfg, name), allowed)
+
+
+class Options:
+    """Base of the config dataclasses: constructing one converts and checks every field."""
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+# The `check` rules of single fields: None when the value is allowed, else what is.
+
+
+def _max_steps(value: int) -> str | None:
+    return None if value == -1 or value >= 1 else "-1 (train for the given epochs) or at least 1"
+
+
+def check_device(value: str) -> str | None:
+    """'auto' or any name `torch.device` accepts (a wrong one is otherwise a traceback at load time)."""
+    import torch
+
+    if value == "auto":
+        return None
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError):
+        return "auto or a torch device such as cpu, cuda, cuda:1, mps"
+    return None
+
+
+def _method(value: str) -> str | None:
+    from .methods import METHODS  # imported here: code may register methods before building a config
+
+    return None if value in METHODS else "a registered method: " + ", ".join(sorted(METHODS))
+
+
+def _lr_scheduler(value: str) -> str | None:
+    from transformers.trainer_utils import SchedulerType
+
+    names = [s.value for s in SchedulerType]
+    return None if value in names else "a transformers scheduler: " + ", ".join(names)
+
+
+def _stop_strings(value: tuple[str, ...]) -> str | None:
+    return "non-empty strings (an empty one would end every generation at once)" if "" in value else None
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(Options):
     model: str = option(help="Local folder or hub id of a causal language model.", required=True)
     dtype: str = option("auto", "Model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.",
                         choices=["auto", "float32", "bfloat16", "float16"])
-    device: str = option("auto", "Device: auto, cpu, cuda, cuda:N.")
+    device: str = option("auto", "Device: auto, cpu, cuda, cuda:N.", check=check_device)
     trust_remote_code: bool = option(False, "Run code shipped with the model. Off unless you trust its source.")
     pad_token: str | None = option(None, "Token to use for padding when the tokenizer has none (e.g. its EOS).")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Options):
     data: str = option(help="Dataset file (.jsonl, .json, .parquet, .csv) or a saved `datasets` folder.",
                        required=True)
     format: str = option("auto", "Record format; auto detects it from the first record.",
                          choices=["auto", "alpaca", "prompt_completion", "question_answer", "messages", "sharegpt"])
-    max_length: int = option(1024, "Maximum tokens per sample; longer samples are truncated.")
+    max_length: int = option(1024, "Maximum tokens per sample; longer samples are truncated.", bounds="[2, inf)")
     truncation_side: str = option("right", "Which end a too-long sample loses.", choices=["right", "left"])
     skip_invalid: bool = option(False, "Skip malformed records (and report them) instead of stopping.")
-    limit: int | None = option(None, "Use only the first N records.")
+    limit: int | None = option(None, "Use only the first N records.", bounds="[1, inf)")
 
 
 @dataclass
 class ScoreConfig(DataConfig, ModelConfig):
     out: str = option(help="Output folder for scores.parquet, summary and plot.", required=True)
-    batch_size: int = option(8, "Samples per scoring batch (batches are bucketed by length).")
-    r_sample: float = option(0.25, "Sample keep ratio used to place samples in quadrants.")
+    batch_size: int = option(8, "Samples per scoring batch (batches are bucketed by length).", bounds="[1, inf)")
+    r_sample: float = option(0.25, "Sample keep ratio used to place samples in quadrants.", bounds="(0, 1]")
     per_token: bool = option(False, "Also write per-token NLL and entropy arrays.")
     plot: bool = option(True, "Write the EU-plane plot (needs matplotlib: pip install qtune[plots]).")
-    chunk_tokens: int = option(128, "Positions whose float32 log-probabilities are computed at once.")
+    chunk_tokens: int = option(128, "Positions whose float32 log-probabilities are computed at once.",
+                               bounds="[1, inf)")
 
 
 #: Strings that end a generation by default (besides EOS and the chat template's end of turn).
@@ -59,16 +224,19 @@ DEFAULT_STOP = ("Question:", "</s>", "<|im_end|>")
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Options):
     """Generation settings of `qtune.evaluate.evaluate_exact_match`."""
 
-    max_new_tokens: int = option(256, "Most tokens generated per sample.")
-    batch_size: int = option(16, "Prompts generated at once (batches group prompts of similar length).")
-    num_fewshot: int = option(0, "Solved examples prepended to each prompt as earlier turns.")
+    max_new_tokens: int = option(256, "Most tokens generated per sample.", bounds="[1, inf)")
+    batch_size: int = option(16, "Prompts generated at once (batches group prompts of similar length).",
+                             bounds="[1, inf)")
+    num_fewshot: int = option(0, "Solved examples prepended to each prompt as earlier turns.", bounds="[0, inf)")
     fewshot_seed: int = option(1234, "Seed of the few-shot example draw.")
-    stop: tuple[str, ...] = option(DEFAULT_STOP, "Strings that end a generation (the EOS always does).")
-    limit: int | None = option(None, "Evaluate only the first N records.")
-    device: str = option("auto", "auto (wherever the model is), cpu, cuda, cuda:N (the model is moved there).")
+    stop: tuple[str, ...] = option(DEFAULT_STOP, "Strings that end a generation (the EOS always does).",
+                                    check=_stop_strings)
+    limit: int | None = option(None, "Evaluate only the first N records.", bounds="[1, inf)")
+    device: str = option("auto", "auto (wherever the model is), cpu, cuda, cuda:N (the model is moved there).",
+                          check=check_device)
 
 
 @dataclass
@@ -78,24 +246,30 @@ class EvalRunConfig(EvalConfig, DataConfig, ModelConfig):
     perplexity: bool = option(True, "Also compute held-out perplexity of the reference answers.")
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one flag per field of dataclass `cls`; flags not given stay absent from the namespace."""
+    """Add one flag per field of dataclass `cls`; flags not given stay absent from the namespace.
+
+    Values stay strings here: the config converts and checks them as it does YAML values, so a
+    bad flag gets the same one-line error (argparse would print its usage first)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        hint = hints[f.name]
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        kind = args[0] if args else hint
-        flag = "--" + f.name.replace("_", "-")
-        text = f.metadata.get("help", "")
-        if f.default is not dataclasses.MISSING and f.default is not None:
-            text += f" (default: {f.default})"
+        kind, _ = _field_type(hints[f.name])
+        notes = [f"default: {f.default}"] if f.default is not dataclasses.MISSING and f.default is not None else []
+        if f.metadata.get("bounds"):
+            notes.append(_bounds_text(f.metadata["bounds"]))
+        text = f.metadata.get("help", "") + (f" ({'; '.join(notes)})" if notes else "")
         common = dict(dest=f.name, help=text, default=argparse.SUPPRESS)
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **common)
         elif typing.get_origin(kind) is tuple:
-            parser.add_argument(flag, nargs="*", type=str, **common)
+            parser.add_argument(_flag(f.name), nargs="*", **common)
         else:
-            parser.add_argument(flag, type=kind, choices=f.metadata.get("choices"), **common)
+            choices = f.metadata.get("choices")
+            parser.add_argument(_flag(f.name), metavar="{" + ",".join(map(str, choices)) + "}" if choices else None, **common)
 
 
 def load_yaml(path: str | Path, cls: type) -> dict:
@@ -119,27 +293,30 @@ def load_yaml(path: str | Path, cls: type) -> dict:
 
 
 def build_config(cls: type, namespace: argparse.Namespace | None = None, yaml_path: str | None = None):
-    """Defaults < YAML file < command-line flags; required fields must be set by one of them."""
+    """Defaults < YAML file < command-line flags; required fields must be set by one of them.
+
+    The values are checked as the dataclass checks them (`check_options`); an error names the
+    option as the user wrote it: `--batch-size`, or `batch_size in run.yaml`."""
     values = load_yaml(yaml_path, cls) if yaml_path else {}
+    labels = {name: f"{name} in {yaml_path}" for name in values}
     if namespace is not None:
-        values.update({f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if hasattr(namespace, f.name)})
+        flags = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if hasattr(namespace, f.name)}
+        values.update(flags)
+        labels.update({name: _flag(name) for name in flags})
     missing = [f.name for f in dataclasses.fields(cls) if f.metadata.get("required") and values.get(f.name) is None]
     if missing:
-        raise QTuneError("missing required option(s): " + ", ".join("--" + m.replace("_", "-") for m in missing))
-    for f in dataclasses.fields(cls):
-        choices = f.metadata.get("choices")
-        if choices and f.name in values and values[f.name] not in choices:
-            raise QTuneError(f"--{f.name.replace('_', '-')} must be one of {', '.join(map(str, choices))}")
-    tuples = {f.name for f in dataclasses.fields(cls) if typing.get_origin(typing.get_type_hints(cls)[f.name]) is tuple}
-    values.update({k: tuple(v) for k, v in values.items() if k in tuples and v is not None})
-    return cls(**values)
+        raise QTuneError("missing required option(s): " + ", ".join(map(_flag, missing)))
+    try:
+        return cls(**values)
+    except OptionError as exc:
+        raise exc.named(labels.get(exc.name, _flag(exc.name))) from None
 
 
 @dataclass
-class TokenPruningConfig:
+class TokenPruningConfig(Options):
     """How Q-Tuning triages samples and prunes tokens (shared by `qtune train` and `qtune bench`)."""
 
-    lam: float = option(0.5, "Weight of the neighbours in the token score s_i (lambda).")
+    lam: float = option(0.5, "Weight of the neighbours in the token score s_i (lambda).", bounds="[0, 1]")
     neighbor: str = option("sum", "Neighbour term: sum of both neighbours (paper, authors' code) or their mean.",
                            choices=["sum", "mean"])
     edge: str = option("zero", "A missing neighbour at either end of the response counts 0, or as the token itself.",
@@ -150,44 +327,57 @@ class TokenPruningConfig:
                                     "only, pooled token budget, entropy over attended positions.")
     triage_start: float = option(0.0, "Fraction of the optimizer steps that pass before triage starts; until "
                                       "then qtuning keeps samples and tokens at random at the same r_sample and "
-                                      "r_token (same budget, no scoring pass). The paper triages from step 0.")
+                                      "r_token (same budget, no scoring pass). The paper triages from step 0.",
+                                      bounds="[0, 1)")
 
 
 @dataclass
 class PruningConfig(TokenPruningConfig):
-    method: str = option("qtuning", "Pruning method (see `qtune methods`): full, random, qtuning, ...")
-    r_sample: float = option(0.25, "Fraction of each step's samples that are trained on.")
-    r_token: float = option(0.7, "Fraction of response tokens kept in token-pruned (Q2) samples.")
+    method: str = option("qtuning", "Pruning method (see `qtune methods`): full, random, qtuning, ...",
+                          check=_method)
+    r_sample: float = option(0.25, "Fraction of each step's samples that are trained on.", bounds="(0, 1]")
+    r_token: float = option(0.7, "Fraction of response tokens kept in token-pruned (Q2) samples.", bounds="(0, 1]")
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Options):
     """Optimisation and adapters (shared by `qtune train` and `qtune bench`)."""
 
     epochs: float = option(1.0, "Training epochs over the full dataset (every sample is scored each epoch).")
-    max_steps: int = option(-1, "Stop after this many optimizer steps (overrides --epochs when > 0).")
-    batch_size: int = option(8, "Samples per micro-batch, before pruning.")
-    grad_accum: int = option(1, "Micro-batches per optimizer step; triage sees all of them together.")
-    lr: float = option(1e-4, "Peak learning rate.")
-    lr_scheduler: str = option("cosine", "Learning-rate schedule (any transformers scheduler name).")
-    warmup_ratio: float = option(0.0, "Fraction of the steps used for linear warm-up.")
-    weight_decay: float = option(0.0, "AdamW weight decay.")
-    max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables).")
-    lora_r: int = option(0, "LoRA rank; 0 trains all weights (full fine-tuning).")
-    lora_alpha: int = option(16, "LoRA alpha.")
-    lora_dropout: float = option(0.0, "LoRA dropout.")
+    max_steps: int = option(-1, "Stop after this many optimizer steps (overrides --epochs when > 0).",
+                             check=_max_steps)
+    batch_size: int = option(8, "Samples per micro-batch, before pruning.", bounds="[1, inf)")
+    grad_accum: int = option(1, "Micro-batches per optimizer step; triage sees all of them together.",
+                              bounds="[1, inf)")
+    lr: float = option(1e-4, "Peak learning rate.", bounds="(0, inf)")
+    lr_scheduler: str = option("cosine", "Learning-rate schedule (any transformers scheduler name).",
+                                check=_lr_scheduler)
+    warmup_ratio: float = option(0.0, "Fraction of the steps used for linear warm-up.", bounds="[0, 1)")
+    weight_decay: float = option(0.0, "AdamW weight decay.", bounds="[0, inf)")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables).", bounds="[0, inf)")
+    lora_r: int = option(0, "LoRA rank; 0 trains all weights (full fine-tuning).", bounds="[0, inf)")
+    lora_alpha: int = option(16, "LoRA alpha.", bounds="(0, inf)")
+    lora_dropout: float = option(0.0, "LoRA dropout.", bounds="[0, 1)")
     lora_target: str = option("all-linear", "Modules that get LoRA adapters (comma-separated names or all-linear).")
-    chunk_tokens: int = option(128, "Positions whose float32 log-probabilities are computed at once when scoring.")
+    chunk_tokens: int = option(128, "Positions whose float32 log-probabilities are computed at once when scoring.",
+                                bounds="[1, inf)")
 
 
 @dataclass
 class TrainConfig(OptimConfig, PruningConfig, DataConfig, ModelConfig):
     out: str = option(help="Output folder: checkpoints, step log, final model in OUT/model.", required=True)
-    seed: int = option(0, "Seed for data order, initialisation of adapters and random baselines.")
+    seed: int = option(0, "Seed for data order, initialisation of adapters and random baselines.",
+                        bounds="[0, 4294967295]")
     merge_lora: bool = option(False, "Merge LoRA adapters into the base weights when saving the final model.")
-    save_steps: int = option(200, "Save a checkpoint every N optimizer steps.")
-    save_total_limit: int = option(2, "Checkpoints kept on disk (oldest deleted first).")
-    logging_steps: int = option(10, "Average and report the loss every N steps.")
+    save_steps: int = option(200, "Save a checkpoint every N optimizer steps.", bounds="[1, inf)")
+    save_total_limit: int = option(2, "Checkpoints kept on disk (oldest deleted first).", bounds="[1, inf)")
+    logging_steps: int = option(10, "Average and report the loss every N steps.", bounds="[1, inf)")
     report_to: str = option("none", "Where transformers reports metrics: none, tensorboard, wandb, ...")
-    resume: bool = option(False, "Resume from the last checkpoint in --out.")
+    resume: bool = option(False, "Resume from the last complete checkpoint in --out.")
     progress: bool = option(True, "Show a progress bar.")
+    nonfinite: str = option("stop", "A step whose loss, gradient norm or scores are NaN or inf: stop the run with "
+                                     "an error (no model saved, checkpoints kept), or skip the step (no weight "
+                                     "update) and count it.", choices=["stop", "skip"])
+    allow_config_change: str | None = option(None, "With --resume: comma-separated options that may differ from "
+                                                   "the run's recorded ones (epochs, max_steps, dtype, device, "
+                                                   "max_grad_norm, nonfinite, chunk_tokens, merge_lora).")

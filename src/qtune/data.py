@@ -2,10 +2,11 @@
 
 Pipeline: `load_records` reads a file (JSONL, JSON, Parquet, CSV or a `datasets` folder) and
 normalises every row of one of `FORMATS` into a list of system/user/assistant messages;
-`tokenize_records` renders each conversation into text segments (`render_segments`, with the
-tokenizer's chat template or the plain template below), tokenises them and puts labels on the
-assistant turns only; `length_bucketed_batches` and `collate` turn the samples into padded batches.
-Every sample keeps the `sample_id` of its source row through all of it. See docs/data.md.
+`tokenize_records` renders each conversation into one or more samples of text segments
+(`qtune.chat_templates`: the tokenizer's chat template or the plain template), tokenises them and
+puts labels on the assistant turns only; `length_bucketed_batches` and `collate` turn the samples
+into padded batches. Every sample keeps a `sample_id` that leads back to its source row through all
+of it (`record_id_of`). See docs/data.md.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .chat_templates import RenderedSample, render_samples
 from .errors import DataError, QTuneError
 
 FORMATS = ("alpaca", "prompt_completion", "question_answer", "messages", "sharegpt")
@@ -36,16 +38,12 @@ FORMAT_FIELDS = {
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
-# The plain template, used when the tokenizer has no chat template. BOS (if the tokenizer has one)
-# comes first; an assistant turn is its prompt (no loss) then its content and EOS (loss);
-# the separator follows an assistant turn when another message comes after it.
-PLAIN_SYSTEM = "{content}\n\n"
-PLAIN_USER = "User: {content}\n"
-PLAIN_ASSISTANT_PROMPT = "Assistant: "
-PLAIN_ASSISTANT = "{content}{eos}"
-PLAIN_TURN_SEPARATOR = "\n"
-
 IGNORE_INDEX = -100
+
+# The sample of the k-th assistant turn (k >= 1) of a conversation split per turn gets the id
+# record sample_id + k * TURN_ID_STRIDE: unique among samples, the same on every run, and the
+# record's id is its remainder. Samples of unsplit conversations keep the record's id.
+TURN_ID_STRIDE = 1_000_000_000
 
 # With shuffling, batches are formed inside windows of this many batches of randomly drawn
 # samples: big enough to find similar lengths, small enough that membership changes per seed.
@@ -98,13 +96,24 @@ class TokenizeReport:
     n_out: int = 0
     n_truncated: int = 0  # samples longer than max_length (cut, whether kept or then excluded)
     excluded_ids: list[int] = field(default_factory=list)  # sample_ids left with no response token
-    n_empty: int = 0  # of the excluded, those whose assistant turns were all empty
+    n_empty: int = 0  # of the excluded, those whose trained assistant turns were all empty
     max_length: int | None = None
     truncation_side: str = "right"
+    n_split: int = 0  # conversations split into one sample per assistant turn (template not prefix-stable)
+    n_split_samples: int = 0  # the samples those conversations gave, before exclusion
 
     def summary(self) -> str:
-        """One line: kept, truncated and excluded counts, with the first excluded sample ids."""
+        """One line: kept, truncated and excluded counts, with the first excluded sample ids, and
+        the conversations split per assistant turn."""
         text = f"tokenized {self.n_in} samples: {self.n_out} kept"
+        if self.n_split:
+            n_samples = self.n_in - self.n_split + self.n_split_samples
+            conversations = "conversation" if self.n_split == 1 else "conversations"
+            text = (
+                f"tokenized {self.n_in} records into {n_samples} samples ({self.n_split} {conversations} split "
+                f"into {self.n_split_samples} samples, one per assistant turn, because the chat template renders "
+                f"earlier turns differently once a later turn follows): {self.n_out} kept"
+            )
         if self.n_truncated:
             text += f", {self.n_truncated} truncated to {self.max_length} tokens ({self.truncation_side} side)"
         if self.excluded_ids:
@@ -477,108 +486,6 @@ def _check_text(messages: list[dict], metadata: dict) -> None:
             pending.extend(value)
 
 
-# ----------------------------------------------------------------------------- rendering
-
-
-def has_chat_template(tokenizer) -> bool:
-    """Whether `render_segments` uses the tokenizer's chat template (else the plain template)."""
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def render_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
-    """The conversation as consecutive text pieces, each flagged True when it gets loss.
-
-    The trainable pieces are the assistant turns (with the template's end-of-turn text);
-    concatenated, the pieces are exactly the rendered conversation.
-    """
-    if has_chat_template(tokenizer):
-        return _template_segments(messages, tokenizer)
-    return _plain_segments(messages, tokenizer)
-
-
-def render_prompt(messages: list[dict], tokenizer) -> str:
-    """The text a model continues to generate the next assistant turn.
-
-    `messages` is the conversation before that turn (it must not end with an assistant
-    message). The text already holds BOS where the template puts one: tokenise it with
-    add_special_tokens=False.
-    """
-    if messages and messages[-1]["role"] == "assistant":
-        raise QTuneError(
-            "render_prompt: the conversation already ends with an assistant turn; pass the messages before it"
-        )
-    if has_chat_template(tokenizer):
-        return _apply_template(tokenizer, messages, add_generation_prompt=True)
-    text = "".join(piece for piece, _ in _plain_segments(messages, tokenizer))
-    return text + PLAIN_ASSISTANT_PROMPT
-
-
-def _append(segments: list[tuple[str, bool]], text: str, trainable: bool) -> None:
-    # Neighbouring pieces with the same flag are merged: fewer pieces tokenise closer to the whole text.
-    if not text:
-        return
-    if segments and segments[-1][1] == trainable:
-        segments[-1] = (segments[-1][0] + text, trainable)
-    else:
-        segments.append((text, trainable))
-
-
-def _apply_template(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    import jinja2
-
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except jinja2.TemplateError as exc:
-        raise QTuneError(f"the tokenizer's chat template failed: {exc}") from exc
-
-
-def _template_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
-    # The i-th assistant turn is what full(messages[:i+1]) adds to prompt(messages[:i]); this
-    # works only when rendering a prefix of the conversation gives a prefix of the text.
-    full = _apply_template(tokenizer, messages, add_generation_prompt=False)
-    segments: list[tuple[str, bool]] = []
-    done = 0
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = _apply_template(tokenizer, messages[:index], add_generation_prompt=True)
-        upto = _apply_template(tokenizer, messages[: index + 1], add_generation_prompt=False)
-        if not (upto.startswith(prompt) and full.startswith(upto) and len(prompt) >= done):
-            raise QTuneError(
-                f"the chat template is not prefix-stable: rendering the conversation up to assistant message "
-                f"{index} does not give a prefix of the whole conversation, so the trainable spans cannot be "
-                "found; use a template that renders earlier turns the same whatever follows them"
-            )
-        _append(segments, full[done : len(prompt)], False)
-        _append(segments, full[len(prompt) : len(upto)], True)
-        done = len(upto)
-    _append(segments, full[done:], False)
-    return segments
-
-
-def _plain_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
-    eos = tokenizer.eos_token
-    if not eos:
-        raise QTuneError(
-            "the tokenizer has neither a chat template nor an EOS token; the plain template needs EOS to end answers"
-        )
-    segments: list[tuple[str, bool]] = []
-    if tokenizer.bos_token:
-        _append(segments, tokenizer.bos_token, False)
-    for index, message in enumerate(messages):
-        if index > 0 and messages[index - 1]["role"] == "assistant":
-            _append(segments, PLAIN_TURN_SEPARATOR, False)
-        role, content = message["role"], message["content"]
-        if role == "system":
-            _append(segments, PLAIN_SYSTEM.format(content=content), False)
-        elif role == "user":
-            _append(segments, PLAIN_USER.format(content=content), False)
-        else:
-            _append(segments, PLAIN_ASSISTANT_PROMPT, False)
-            _append(segments, PLAIN_ASSISTANT.format(content=content, eos=eos), True)
-    return segments
-
-
 # ----------------------------------------------------------------------------- tokenisation
 
 
@@ -588,9 +495,11 @@ def tokenize_records(
     """Tokenise records into samples with labels on the assistant turns only.
 
     Each sample is {"sample_id", "input_ids", "attention_mask", "labels"} (labels IGNORE_INDEX
-    where there is no loss). Samples longer than `max_length` lose their end ("right") or their
-    beginning ("left"). A sample left with no trainable token, or whose assistant turns are all
-    empty, is excluded and listed in the report.
+    where there is no loss). A record gives one sample, or one per assistant turn when the chat
+    template does not render it prefix-stably (`render_samples`; ids: TURN_ID_STRIDE). Samples
+    longer than `max_length` lose their end ("right") or their beginning ("left"). A sample left
+    with no trainable token, or whose trained assistant turns are all empty, is excluded and listed
+    in the report.
     """
     if max_length < 1:
         raise QTuneError(f"max_length must be at least 1, got {max_length}")
@@ -600,13 +509,13 @@ def tokenize_records(
     samples = []
     for start in range(0, len(records), _TOKENIZE_CHUNK):
         chunk = records[start : start + _TOKENIZE_CHUNK]
-        rendered = [_render_record(record, tokenizer) for record in chunk]
-        texts = [text for segments in rendered for text, _ in segments]
+        rendered = [(record, sample) for record in chunk for sample in _render_record(record, tokenizer, report)]
+        texts = [text for _, sample in rendered for text, _ in sample.segments]
         token_ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
-        for record, segments in zip(chunk, rendered):
+        for record, sample in rendered:
             input_ids: list[int] = []
             labels: list[int] = []
-            for _, trainable in segments:
+            for _, trainable in sample.segments:
                 ids = list(next(token_ids))
                 input_ids += ids
                 labels += ids if trainable else [IGNORE_INDEX] * len(ids)
@@ -614,13 +523,16 @@ def tokenize_records(
                 report.n_truncated += 1
                 cut = slice(0, max_length) if truncation_side == "right" else slice(len(input_ids) - max_length, None)
                 input_ids, labels = input_ids[cut], labels[cut]
-            empty = all(not m["content"].strip() for m in record.messages if m["role"] == "assistant")
+            sample_id = record.sample_id + sample.turn * TURN_ID_STRIDE
+            answers = [m["content"] for m in record.messages if m["role"] == "assistant"]
+            trained = answers if sample.turn == 0 else [answers[sample.turn - 1]]
+            empty = all(not answer.strip() for answer in trained)
             if empty or labels.count(IGNORE_INDEX) == len(labels):
-                report.excluded_ids.append(record.sample_id)
+                report.excluded_ids.append(sample_id)
                 report.n_empty += empty
                 continue
             samples.append({
-                "sample_id": record.sample_id,
+                "sample_id": sample_id,
                 "input_ids": input_ids,
                 "attention_mask": [1] * len(input_ids),
                 "labels": labels,
@@ -629,11 +541,27 @@ def tokenize_records(
     return samples, report
 
 
-def _render_record(record: Record, tokenizer) -> list[tuple[str, bool]]:
+def record_id_of(sample_id: int) -> int:
+    """The sample_id of the record a sample came from (the sample's own id unless its
+    conversation was split per assistant turn)."""
+    return sample_id % TURN_ID_STRIDE
+
+
+def _render_record(record: Record, tokenizer, report: TokenizeReport) -> list[RenderedSample]:
+    """The record's samples; a split conversation is counted in the report."""
     try:
-        return render_segments(record.messages, tokenizer)
+        rendered = render_samples(record.messages, tokenizer)
     except QTuneError as exc:
         raise QTuneError(f"sample {record.sample_id}: {exc}") from exc
+    if len(rendered) > 1:
+        if not 0 <= record.sample_id < TURN_ID_STRIDE:
+            raise QTuneError(
+                f"sample {record.sample_id}: a conversation split per assistant turn needs a sample_id "
+                f"in [0, {TURN_ID_STRIDE}) to number its samples"
+            )
+        report.n_split += 1
+        report.n_split_samples += len(rendered)
+    return rendered
 
 
 def require_pad_token(tokenizer) -> int:

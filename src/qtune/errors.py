@@ -19,3 +19,18 @@ class DataError(QTuneError):
         self.location = location
         self.reason = reason
         super().__init__(f"{self.path}, {location}: {reason}")
+
+
+class OptionError(QTuneError):
+    """An option value that is not allowed: "<option> must be <allowed>; got <value>".
+
+    `name` is the config field; `label` is how the message names it, as the user wrote it
+    (`--batch-size`, `batch_size in run.yaml`), the field name when not given."""
+
+    def __init__(self, name: str, value, allowed: str, label: str | None = None):
+        self.name, self.value, self.allowed = name, value, allowed
+        super().__init__(f"{label or name} must be {allowed}; got {value!r}")
+
+    def named(self, label: str) -> OptionError:
+        """The same error, naming the option as `label`."""
+        return OptionError(self.name, self.value, self.allowed, label)

@@ -1,13 +1,27 @@
-"""Atomic file output: a reader never sees a half-written file, a crash leaves the old one."""
+"""File output that never loses or corrupts a run's folder.
+
+- `atomic_path` / `write_*`: a reader never sees a half-written file; a crash leaves the old one.
+- `claim_output_dir`: every command that writes a folder first creates it, proves it can write
+  there, and holds an exclusive lock on it, so a second process on the same folder is refused
+  before it loads anything ("in use by process N") instead of interleaving its files.
+- `disk_full_message`: the one-line wording of ENOSPC, shared by every writer and the CLI.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from .errors import QTuneError
+
+#: The lock file inside a claimed output folder. It holds the owner's process id while the lock is held.
+LOCK_FILE = ".qtune.lock"
 
 
 @contextlib.contextmanager
@@ -38,3 +52,61 @@ def write_jsonl(path: str | os.PathLike, rows) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def disk_full_message(path: str | os.PathLike | None = None) -> str:
+    where = f" while writing {path}" if path else ""
+    return (f"no space left on the device{where}; free some space (or choose another --out) and run the "
+            "same command again (with --resume for train)")
+
+
+def _owner(lock_path: Path) -> str:
+    try:
+        return lock_path.read_text(encoding="utf-8").strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+@contextlib.contextmanager
+def claim_output_dir(path: str | os.PathLike, command: str = "qtune") -> Iterator[Path]:
+    """Create `path` if needed, check that files can be written there, and hold an exclusive
+    lock on it for the duration of the `with` block.
+
+    Raises `QTuneError` before any work starts when the folder cannot be created or written
+    (read-only, not a folder, disk full) or when another live process holds it. The lock is an
+    advisory `flock` on `path/.qtune.lock`: the kernel releases it when the holder exits, even
+    after SIGKILL, so a stale lock file never blocks a later run. Claiming a folder that is
+    already claimed fails even inside the same process; claims on nested folders (a bench's
+    folder and its cells' folders) are independent.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise QTuneError(f"output folder {str(path)!r} exists and is not a folder") from None
+    except OSError as exc:
+        raise QTuneError(f"cannot create the output folder {str(path)!r}: {exc.strerror}") from None
+    if not path.is_dir():
+        raise QTuneError(f"output folder {str(path)!r} exists and is not a folder")
+    lock_path = path / LOCK_FILE
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise QTuneError(f"cannot write in the output folder {str(path)!r}: {exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise QTuneError(f"output folder {str(path)!r} is in use by process {_owner(lock_path)} "
+                             f"(another qtune command); wait for it to finish or choose another --out") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {command}\n".encode())
+            os.fsync(fd)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise QTuneError(disk_full_message(lock_path)) from None
+            raise QTuneError(f"cannot write in the output folder {str(path)!r}: {exc.strerror}") from None
+        yield path
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

@@ -131,9 +131,7 @@ class QTuning(PruningMethod):
     needs_scores = True
 
     def __init__(self, config):
-        super().__init__(config)
-        if not 0.0 <= config.triage_start < 1.0:
-            raise QTuneError(f"triage_start must be in [0, 1); got {config.triage_start!r}")
+        super().__init__(config)  # TrainConfig has checked triage_start, in [0, 1)
         self._before_triage = RandomPruning(config)
 
     def needs_scores_at(self, step, total_steps):

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from .errors import QTuneError
 
@@ -81,9 +82,26 @@ def load_model(
             trust_remote_code=trust_remote_code,
             use_safetensors=True,
         )
+    except SafetensorError as exc:
+        raise QTuneError(f"the weights of {name_or_path!r} are unreadable (a truncated or corrupt .safetensors "
+                         f"file, e.g. from an interrupted copy or save): {_first_line(exc)}") from exc
     except (OSError, ValueError) as exc:
         raise QTuneError(f"could not load a model from {name_or_path!r}: {_first_line(exc)}") from exc
     return model.to(dev).eval()
+
+
+def check_vocabulary(model, tokenizer, name_or_path: str) -> None:
+    """Refuse a tokenizer that can produce ids the model's embedding has no row for.
+
+    Without this check the first such id fails deep inside the forward pass with
+    `IndexError: index out of range in self`. A larger embedding than the tokenizer is fine
+    (many models pad the vocabulary to a multiple of 64 or 128).
+    """
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise QTuneError(f"the tokenizer of {name_or_path!r} has {len(tokenizer)} tokens but the model's embedding "
+                         f"only {rows} rows: they do not belong together (resize the embedding with "
+                         f"model.resize_token_embeddings(len(tokenizer)) and save the model, or use the matching tokenizer)")
 
 
 def _first_line(exc: Exception) -> str:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Sequence
+
+from .data import record_id_of
 
 QUADRANT_ORDER = (1, 2, 3, 4, 0)
 QUADRANT_LABELS = {1: "Q1 noise", 2: "Q2 misconception", 3: "Q3 redundant", 4: "Q4 calibration", 0: "middle"}
@@ -22,6 +25,17 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence], align_first_l
 
     sep = "|" + "|".join(("-" * (w + 2)) if i == 0 else ("-" * (w + 1) + ":") for i, w in enumerate(widths)) + "|"
     return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+
+
+#: Characters that GitHub-flavoured Markdown can read as markup inside a table cell.
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|&~])")
+
+
+def markdown_text(text: str) -> str:
+    """`text` as literal Markdown: markup characters backslash-escaped, line breaks as spaces, so
+    that a value from the data (a category name) can neither end its table cell nor format
+    anything. For data-derived text only; the tables' own words are written as they are."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).splitlines()))
 
 
 def _cell(value) -> str:
@@ -55,7 +69,8 @@ def category_quadrant_table(categories: Sequence[str], quadrant: Sequence[int]) 
     rows = []
     for cat in sorted(by_cat):
         total = sum(by_cat[cat].values())
-        rows.append([cat, total] + [f"{100 * by_cat[cat].get(q, 0) / total:.1f}%" for q in QUADRANT_ORDER])
+        rows.append([markdown_text(cat), total]
+                    + [f"{100 * by_cat[cat].get(q, 0) / total:.1f}%" for q in QUADRANT_ORDER])
     return format_table(["category", "n"] + [QUADRANT_LABELS[q] for q in QUADRANT_ORDER], rows)
 
 
@@ -64,8 +79,8 @@ def pruning_audit(step_rows: Sequence[dict], category_of: dict[int, str]) -> dic
     often they were trained on (an epoch shows each sample once), from a run's step log."""
     seen, kept = Counter(), Counter()
     for row in step_rows:
-        seen.update(category_of[i] for i in row["sample_ids"])
-        kept.update(category_of[i] for i in row["kept_ids"])
+        seen.update(category_of[record_id_of(i)] for i in row["sample_ids"])
+        kept.update(category_of[record_id_of(i)] for i in row["kept_ids"])
     return {cat: {"seen": seen[cat], "kept": kept[cat], "dropped_share": 1 - kept[cat] / seen[cat]}
             for cat in sorted(seen)}
 
@@ -74,6 +89,7 @@ def audit_table(audits: dict[str, dict[str, dict]]) -> str:
     """Rows: categories; columns: the dropped share under each run (e.g. qtuning vs random)."""
     runs = list(audits)
     cats = sorted({c for a in audits.values() for c in a})
-    rows = [[cat] + [f"{100 * audits[r][cat]['dropped_share']:.1f}%" if cat in audits[r] else "-" for r in runs]
+    rows = [[markdown_text(cat)] + [f"{100 * audits[r][cat]['dropped_share']:.1f}%" if cat in audits[r] else "-"
+                                    for r in runs]
             for cat in cats]
     return format_table(["category"] + [f"dropped by {r}" for r in runs], rows)

@@ -12,7 +12,12 @@ One optimizer step, as `QTuneTrainer` runs it:
    sums token cross-entropies and divides by the kept-token count of the whole step, so the loss
    is the mean over kept tokens however the step is split into micro-batches.
 
-Everything else (optimizer, schedule, checkpoints, resume, logging integrations) is the Trainer's.
+Once the gradients are in, the step's loss and gradient norm are read together (the step's one
+host sync); a non-finite value stops the run before the optimizer moves (`nonfinite="stop"`) or
+drops the step's gradients (`"skip"`). Non-finite scores count the same.
+
+Everything else (optimizer, schedule, checkpoints, resume, logging integrations) is the Trainer's;
+checkpoints are written through `qtune.checkpoints`, so that each one is complete or absent.
 """
 
 from __future__ import annotations
@@ -30,14 +35,14 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
 
+from . import checkpoints
 from .config import TrainConfig
 from .data import collate, require_pad_token
 from .errors import QTuneError
-from .io import write_json, write_text
-from .methods import PruningMethod, Selection, build_method
-from .models import load_model, load_tokenizer, resolve_device, resolve_dtype
+from .io import claim_output_dir, write_json, write_text
+from .methods import PruningMethod, Selection, StepSelection, build_method
+from .models import check_vocabulary, load_model, load_tokenizer, resolve_device, resolve_dtype
 from .scoring import IGNORE_INDEX, accepts_logits_to_keep, score_batch
 
 STEP_LOG = "steps.jsonl"
@@ -110,24 +115,62 @@ def _count_loss_tokens(batches: list[dict]) -> int:
     return sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
 
 
+def _nonfinite_scores(scores: list | None) -> str | None:
+    """What is wrong with the scoring pass's per-sample PPL and entropy, or None when every value is
+    finite. A healthy model cannot produce NaN or inf here: it is the model that has diverged."""
+    if scores is None:
+        return None
+    finite = torch.cat([s.ppl.isfinite() & s.ent.isfinite() for s in scores])
+    if bool(finite.all()):
+        return None
+    return f"the scoring pass gave a non-finite PPL or entropy for {int((~finite).sum())} of {finite.numel()} samples"
+
+
+def _keep_nothing(batches: list[dict]) -> StepSelection:
+    """A step that trains no sample (a skipped step)."""
+    selections = [Selection(torch.zeros(0, dtype=torch.long), torch.zeros_like(b["labels"], dtype=torch.bool))
+                  for b in batches]
+    return StepSelection(selections, {"samples": sum(b["labels"].shape[0] for b in batches), "kept": 0})
+
+
+def divergence_message(step: int, what: str, lr: float, bf16: bool, last_checkpoint: Path | None) -> str:
+    """The one-line error of a run stopped at a non-finite step: where, what, what was kept, and
+    what to try."""
+    kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved"
+    precision = " or train in float32 (--dtype float32)," if bf16 else ""
+    return (f"training diverged at step {step} ({what}); stopped before updating the weights, no model saved, "
+            f"{kept}. Start again with a lower --lr (now {lr:g}),{precision} or pass --nonfinite skip to skip "
+            "such steps")
+
+
 class QTuneTrainer(Trainer):
     """A `transformers.Trainer` whose steps train only what a `PruningMethod` keeps."""
 
     def __init__(self, *args, method: PruningMethod, pad_token_id: int, entropy_over: str = "response",
-                 chunk_tokens: int = 128, step_log: str | Path | None = None, **kwargs):
+                 chunk_tokens: int = 128, step_log: str | Path | None = None, nonfinite: str = "stop",
+                 keep_checkpoints: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.method = method
         self.pad_token_id = pad_token_id
         self.entropy_over = entropy_over
         self.chunk_tokens = chunk_tokens
         self.step_log = Path(step_log) if step_log else Path(self.args.output_dir) / STEP_LOG
+        self.nonfinite = nonfinite
+        self.keep_checkpoints = keep_checkpoints
         self.step_record: dict = {}
+        self._step_loss = torch.zeros(())
         self._since_log: list[dict] = []
+        self._staging: Path | None = None
         # compute_loss divides by the step's kept-token count: already scaled for accumulation.
         self.loss_is_scaled_for_ga = True
         self.add_callback(_StepRecorder(self))
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
+        if self.state.global_step >= self.state.max_steps:
+            # A run resumed from its last step: the Trainer checks max_steps only after a step, so
+            # it would train one more.
+            self.control.should_training_stop = True
+            return [], None
         batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         if not batches:
             return batches, None
@@ -142,7 +185,12 @@ class QTuneTrainer(Trainer):
                                   entropy_over=self.entropy_over, chunk_tokens=self.chunk_tokens)
                       for b in batches]
             model.train(was_training)
-        decision = self.method.select(batches, scores, self.state.global_step)
+        bad_scores = _nonfinite_scores(scores)
+        if bad_scores:
+            self._nonfinite_step(bad_scores)
+            decision = _keep_nothing(batches)
+        else:
+            decision = self.method.select(batches, scores, self.state.global_step)
         packed = pack_kept(batches, decision.selections, self.pad_token_id)
         kept_tokens = _count_loss_tokens(packed)
         response_tokens = _count_loss_tokens(batches)
@@ -156,17 +204,60 @@ class QTuneTrainer(Trainer):
             "scoring_seconds": time.perf_counter() - start,
             "sample_ids": torch.cat([b["sample_id"] for b in batches]).tolist(),
             "kept_ids": torch.cat([b["sample_id"] for b in packed]).tolist(),
-            "loss": 0.0,
+            "skipped": bad_scores is not None,
             "_selected_at": time.perf_counter(),
         }
+        self._step_loss = torch.zeros((), device=self.args.device)
         return packed, torch.tensor(max(kept_tokens, 1), device=device)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if inputs["input_ids"].shape[0] == 0:  # every kept row went to another micro-batch
             return torch.zeros((), device=self.args.device)
         loss = super().training_step(model, inputs, num_items_in_batch)
-        self.step_record["loss"] += float(loss)
+        self._step_loss += loss  # stays on the device until the step's one sync in _get_grad_norm
         return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The Trainer's gradient norm, computed after the backward passes and before the optimizer
+        step: the one place where the step's loss and norm are read (one host sync per step), and
+        where a non-finite step is stopped, or skipped by dropping its gradients (AdamW leaves a
+        parameter without a gradient untouched, its moments included)."""
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        norm = torch.as_tensor(grad_norm, dtype=torch.float32, device=self._step_loss.device)
+        loss, norm = torch.stack([self._step_loss.float(), norm]).tolist()
+        self.step_record.update(loss=loss, grad_norm=norm)
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            self._nonfinite_step(f"loss {loss:.4g}, gradient norm {norm:.4g}")
+            model.zero_grad(set_to_none=True)
+            self.step_record["skipped"] = True
+        return grad_norm
+
+    def _nonfinite_step(self, what: str) -> None:
+        """Stop the run at a non-finite step (nonfinite="stop"), or report that it is skipped."""
+        from .workflows import log
+
+        step = self.state.global_step + 1
+        if self.nonfinite == "stop":
+            complete, _ = checkpoints.scan(Path(self.args.output_dir))
+            raise QTuneError(divergence_message(step, what, self.args.learning_rate, self.args.bf16,
+                                                complete[-1] if complete else None))
+        log(f"step {step} skipped: {what} (--nonfinite skip)")
+
+    def _save_checkpoint(self, model, trial):
+        """The Trainer's checkpoint, staged so that `checkpoint-N` appears complete or not at all;
+        then the oldest complete checkpoints beyond `keep_checkpoints` are deleted."""
+        out = Path(self.args.output_dir)
+        with checkpoints.staged_checkpoint(out, self.state.global_step) as staging:
+            self._staging = staging
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._staging = None
+        checkpoints.rotate(out, self.keep_checkpoints)
+
+    def _get_output_dir(self, trial):
+        # The Trainer saves a checkpoint under this folder: the staging one while _save_checkpoint runs.
+        return str(self._staging) if self._staging else super()._get_output_dir(trial)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Sum of token cross-entropies over kept labels / kept tokens of the whole step.
@@ -280,8 +371,9 @@ def _save_final_model(trainer: QTuneTrainer, tokenizer, cfg: TrainConfig, out: P
     model = trainer.model
     if cfg.lora_r > 0 and cfg.merge_lora:
         model = model.merge_and_unload()
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    with checkpoints.discard_on_failure(tmp, final):
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -289,14 +381,17 @@ def _save_final_model(trainer: QTuneTrainer, tokenizer, cfg: TrainConfig, out: P
 
 
 def summarize_run(rows: list[dict], cfg: TrainConfig) -> dict:
-    """Budget and wall-time summary of a run, from its step log."""
+    """Budget and wall-time summary of a run, from its step log. The final loss is that of the
+    last step that was not skipped."""
     nominal = 1.0 if cfg.method == "full" else cfg.r_sample * cfg.r_token
     response = sum(r["response_tokens"] for r in rows)
     scoring = sum(r["scoring_seconds"] for r in rows)
     training = sum(r["training_seconds"] for r in rows)
+    trained = [r for r in rows if not r.get("skipped")]
     return {
         "method": cfg.method,
         "steps": len(rows),
+        "skipped_steps": len(rows) - len(trained),
         "nominal_budget": nominal,
         "kept_sample_fraction": sum(r["kept"] for r in rows) / max(sum(r["samples"] for r in rows), 1),
         "loss_token_fraction": sum(r["kept_tokens"] for r in rows) / max(response, 1),
@@ -304,27 +399,64 @@ def summarize_run(rows: list[dict], cfg: TrainConfig) -> dict:
         "scoring_seconds": scoring,
         "training_seconds": training,
         "wall_seconds": scoring + training,
-        "final_loss": rows[-1]["loss"] if rows else math.nan,
+        "final_loss": trained[-1]["loss"] if trained else math.nan,
     }
 
 
+def _config_record(cfg: TrainConfig) -> dict:
+    """The options of a run as its run_config.json holds them (JSON types: tuples become lists)."""
+    return json.loads(json.dumps(asdict(cfg)))
+
+
+def _prepare_folder(cfg: TrainConfig, out: Path) -> Path | None:
+    """Check the claimed OUT for this run and return the checkpoint to resume from (None for a new
+    run). Refuses a new run over checkpoints, a resume without a complete checkpoint, and a resume
+    whose options differ from the recorded ones beyond --allow-config-change. On resume, incomplete
+    checkpoints are reported and deleted, and the step log is cut back to the checkpoint."""
+    from .workflows import log
+
+    allowed = checkpoints.allowed_changes(cfg.allow_config_change)
+    checkpoints.discard_staging(out)
+    complete, incomplete = checkpoints.scan(out)
+    step_log = out / STEP_LOG
+    config = _config_record(cfg)
+    if not cfg.resume:
+        if complete or incomplete:
+            raise QTuneError(f"{out} already holds checkpoints; pass --resume to continue, or choose another --out")
+        step_log.unlink(missing_ok=True)
+        checkpoints.save_run_config(out, config)
+        return None
+    if not complete:
+        found = f" (only incomplete ones: {', '.join(p.name for p in incomplete)})" if incomplete else ""
+        raise QTuneError(f"--resume: no checkpoint in {out} to resume from{found}")
+    checkpoints.check_run_config(out, config, allowed)
+    last = complete[-1]
+    if incomplete:
+        log(f"--resume: skipping incomplete checkpoint(s) {', '.join(p.name for p in incomplete)} (cut short by a "
+            f"crash or a full disk; deleted), resuming from {last.name}")
+        for folder in incomplete:
+            checkpoints.remove_checkpoint(folder)
+    _truncate_step_log(step_log, checkpoints.checkpoint_step(last))
+    checkpoints.save_run_config(out, config)
+    return last
+
+
 def run_train(cfg: TrainConfig) -> dict:
-    """Train a model with `cfg` and write OUT/model, OUT/steps.jsonl and OUT/summary.json."""
+    """Train a model with `cfg` and write OUT/model, OUT/steps.jsonl and OUT/summary.json.
+
+    OUT is claimed first (`qtune.io.claim_output_dir`): a second process on the same folder is
+    refused before anything is loaded or touched."""
+    with claim_output_dir(cfg.out, "qtune train"):
+        return _train(cfg, Path(cfg.out))
+
+
+def _train(cfg: TrainConfig, out: Path) -> dict:
+    """run_train's work, in its claimed folder."""
     from .workflows import load_samples, log
 
-    out = Path(cfg.out)
     method = build_method(cfg.method, cfg)
-    last_checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
-    if cfg.resume and last_checkpoint is None:
-        raise QTuneError(f"--resume: no checkpoint in {out} to resume from")
-    if not cfg.resume and last_checkpoint is not None:
-        raise QTuneError(f"{out} already holds checkpoints; pass --resume to continue, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    resume_from = _prepare_folder(cfg, out)
     step_log = out / STEP_LOG
-    if cfg.resume:
-        _truncate_step_log(step_log, int(Path(last_checkpoint).name.split("-")[-1]))
-    elif step_log.exists():
-        step_log.unlink()
 
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code, pad_token=cfg.pad_token)
     pad_id = require_pad_token(tokenizer)
@@ -335,6 +467,7 @@ def run_train(cfg: TrainConfig) -> dict:
         raise QTuneError("float16 training is not supported; use bfloat16 or float32")
     # Weights stay float32; bfloat16 means mixed precision (autocast), as in transformers.
     model = load_model(cfg.model, dtype="float32", device=str(device), trust_remote_code=cfg.trust_remote_code)
+    check_vocabulary(model, tokenizer, cfg.model)
     if cfg.lora_r > 0:
         model = _apply_lora(model, cfg)
 
@@ -355,7 +488,7 @@ def run_train(cfg: TrainConfig) -> dict:
         use_cpu=device.type == "cpu",
         save_strategy="steps",
         save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
+        save_total_limit=None,  # QTuneTrainer deletes old checkpoints itself, counting complete ones only
         logging_steps=cfg.logging_steps,
         report_to=[] if cfg.report_to == "none" else [cfg.report_to],
         train_sampling_strategy="group_by_length",
@@ -374,6 +507,8 @@ def run_train(cfg: TrainConfig) -> dict:
         entropy_over="attended" if cfg.reference else "response",
         chunk_tokens=cfg.chunk_tokens,
         step_log=step_log,
+        nonfinite=cfg.nonfinite,
+        keep_checkpoints=cfg.save_total_limit,
     )
     if cfg.progress:
         trainer.remove_callback(PrinterCallback)
@@ -381,7 +516,7 @@ def run_train(cfg: TrainConfig) -> dict:
     log(f"training {cfg.model} with method {cfg.method} on {len(samples)} samples ({device}, "
         f"{'bf16 mixed' if mixed_bf16 else 'fp32'}{', LoRA r=%d' % cfg.lora_r if cfg.lora_r else ''})")
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=last_checkpoint if cfg.resume else None)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     final = _save_final_model(trainer, tokenizer, cfg, out)
 
     summary = summarize_run(read_step_log(step_log), cfg)
@@ -392,6 +527,9 @@ def run_train(cfg: TrainConfig) -> dict:
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {device}, torch {torch.__version__}",
     })
     write_json(out / "summary.json", summary)
+    if summary["skipped_steps"]:
+        log(f"{summary['skipped_steps']} of {summary['steps']} steps skipped (non-finite loss, gradient norm or "
+            "scores); see 'skipped' in steps.jsonl")
     log(f"nominal budget {summary['nominal_budget']:.3f} (r_sample x r_token); response tokens that received "
         f"loss: {100 * summary['loss_token_fraction']:.1f}%; samples trained: "
         f"{100 * summary['kept_sample_fraction']:.1f}%")

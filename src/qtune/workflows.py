@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 
 from .config import EvalConfig, EvalRunConfig, ScoreConfig
-from .data import load_records, require_pad_token, tokenize_records
+from .data import load_records, record_id_of, require_pad_token, tokenize_records
 from .errors import QTuneError
-from .io import atomic_path, write_json, write_text
-from .models import load_model, load_tokenizer
+from .io import atomic_path, claim_output_dir, write_json, write_text
+from .models import check_vocabulary, load_model, load_tokenizer
 from .pruning import triage
 from .report import QUADRANT_LABELS, category_quadrant_table, format_table, score_summary
 from .scoring import score_dataset
@@ -32,7 +32,7 @@ def load_samples(cfg, tokenizer):
     samples, tok_report = tokenize_records(
         records, tokenizer, max_length=cfg.max_length, truncation_side=cfg.truncation_side
     )
-    if tok_report.excluded_ids or tok_report.n_truncated:
+    if tok_report.excluded_ids or tok_report.n_truncated or tok_report.n_split:
         log(tok_report.summary())
     if not samples:
         raise QTuneError(f"{cfg.data}: no usable sample (every record was skipped or had no response token)")
@@ -41,11 +41,17 @@ def load_samples(cfg, tokenizer):
 
 def run_score(cfg: ScoreConfig) -> dict:
     """Score every sample of a dataset on the EU plane and write scores, summary and plot."""
-    out = Path(cfg.out)
+    with claim_output_dir(cfg.out, "qtune score"):  # a bad or busy --out fails before anything loads
+        return _score(cfg, Path(cfg.out))
+
+
+def _score(cfg: ScoreConfig, out: Path) -> dict:
+    """run_score's work, in its claimed folder."""
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code, pad_token=cfg.pad_token)
     pad_id = require_pad_token(tokenizer)
     records, samples = load_samples(cfg, tokenizer)
     model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    check_vocabulary(model, tokenizer, cfg.model)
     log(f"scoring {len(samples)} samples with {cfg.model} on {model.device} ({model.dtype})")
     scores = score_dataset(
         model, samples, pad_token_id=pad_id, batch_size=cfg.batch_size,
@@ -55,8 +61,8 @@ def run_score(cfg: ScoreConfig) -> dict:
     quadrant = decision.quadrant.tolist()
     kept = set(decision.keep.tolist())
     meta = {r.sample_id: r.metadata for r in records}
-    categories = [str(meta[s].get("category")) for s in scores.sample_id] if any(
-        "category" in meta[s] for s in scores.sample_id) else None
+    records_of = [meta[record_id_of(s)] for s in scores.sample_id]  # a conversation split per turn shares its record
+    categories = [str(m.get("category")) for m in records_of] if any("category" in m for m in records_of) else None
 
     columns = {
         "sample_id": scores.sample_id,
@@ -66,7 +72,7 @@ def run_score(cfg: ScoreConfig) -> dict:
         "quadrant": quadrant,
         "quadrant_name": [QUADRANT_LABELS[q] for q in quadrant],
         "kept": [i in kept for i in range(len(quadrant))],
-        "metadata": [json.dumps(meta[s], sort_keys=True) for s in scores.sample_id],
+        "metadata": [json.dumps(m, sort_keys=True) for m in records_of],
     }
     if categories is not None:
         columns["category"] = categories
@@ -123,6 +129,12 @@ def corpus_perplexity(model, samples: list[dict], pad_token_id: int, batch_size:
 
 def run_eval(cfg: EvalRunConfig) -> dict:
     """Generation-based exact match (and held-out perplexity) of a model on a dataset."""
+    with claim_output_dir(cfg.out, "qtune eval"):  # a bad or busy --out fails before anything loads
+        return _evaluate(cfg)
+
+
+def _evaluate(cfg: EvalRunConfig) -> dict:
+    """run_eval's work, in its claimed folder."""
     from dataclasses import fields
 
     from .evaluate import evaluate_exact_match, write_eval_outputs
@@ -133,6 +145,7 @@ def run_eval(cfg: EvalRunConfig) -> dict:
         log(report.summary())
     fewshot = load_records(cfg.fewshot_data, cfg.format)[0] if cfg.fewshot_data else None
     model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    check_vocabulary(model, tokenizer, cfg.model)
     generation = EvalConfig(**{f.name: getattr(cfg, f.name) for f in fields(EvalConfig)})
     metrics, predictions = evaluate_exact_match(model, tokenizer, records, generation, fewshot_records=fewshot)
     if cfg.perplexity:
