@@ -11,7 +11,11 @@ model and tokenizer like any Hugging Face checkpoint, beside the default train/t
     <cache>/<key>/test.jsonl    make_test_set(config)
     <cache>/<key>/recipe.json   the recipe and data config the key was computed from
 
-The key is a hash of the recipe and the data config, so a second call reuses the folder. The cache
+Two presets exist (`PRESETS`): "data-starved" (the default: `tasks`, a model far from knowing the
+task) and "saturated" (`saturated`, a model that already solves the problems in another layout; it
+also writes `dev.jsonl`). The key is a hash of the recipe and the data config (and, for the saturated
+preset, the preset name, the generator's sha256 and SATURATED_BUILD_VERSION), so a second call
+reuses the folder. The cache
 root is `cache_dir`, else `$QTUNE_CACHE`, else `~/.cache/qtune/testbed`. Folders are built under a
 temporary name and renamed when complete, so an interrupted build never leaves a half-written cache.
 """
@@ -27,6 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,10 +43,15 @@ from transformers.utils import logging as hf_logging
 
 from qtune.errors import QTuneError
 
+from qtune.testbed import saturated
+from qtune.testbed.saturated import SaturatedConfig
 from qtune.testbed.tasks import TestbedConfig, make_corpus, make_test_set, make_train_set, write_jsonl
 
 # Bump when the code that turns a recipe into a model or data changes, so old caches are not reused.
 BUILD_VERSION = 1
+# The same for the saturated preset's build code (its tokenizer, its packing); its data generator is
+# covered by the generator's sha256. Kept apart so that data-starved keys never change with it.
+SATURATED_BUILD_VERSION = 2
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -105,8 +115,44 @@ class ModelRecipe:
 
 
 @dataclass(frozen=True)
+class Preset:
+    """A named testbed recipe.
+
+    Fields:
+        name: the name `build_testbed(preset=...)` takes.
+        recipe: the base model's default recipe.
+        config: the data's default config (`TestbedConfig` or `SaturatedConfig`, which also picks
+            the generator).
+        description: one line for listings.
+    """
+
+    name: str
+    recipe: ModelRecipe
+    config: TestbedConfig | SaturatedConfig
+    description: str
+
+
+# The saturated preset is in progress (docs/testbed.md): its recipe is not calibrated yet, so it
+# is not the default.
+PRESETS = {
+    "data-starved": Preset("data-starved", ModelRecipe(), TestbedConfig(),
+                           "a 0.96 M Llama far from knowing the task; SFT teaches format and arithmetic"),
+    "saturated": Preset(
+        "saturated",
+        ModelRecipe(vocab_size=1024, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384,
+                    block_size=512, batch_size=8, steps=900, lr=3e-3, warmup_steps=50, drill_share=0.5,
+                    tokenizer_documents=3000),
+        SaturatedConfig(),
+        "a model pretrained to solve the problems in a textbook layout; SFT mostly teaches the GSM8K format",
+    ),
+}
+DEFAULT_PRESET = "data-starved"
+
+
+@dataclass(frozen=True)
 class TestbedPaths:
-    """Where a built testbed lies: its folder, the model folder and the two JSONL files."""
+    """Where a built testbed lies: its folder, the model folder and the JSONL files (`dev_path` is
+    None for presets without a dev split)."""
 
     __test__ = False  # a dataclass named Test*, not a pytest class
 
@@ -114,6 +160,7 @@ class TestbedPaths:
     model_dir: Path
     train_path: Path
     test_path: Path
+    dev_path: Path | None = None
 
 
 def default_cache_root() -> Path:
@@ -121,18 +168,32 @@ def default_cache_root() -> Path:
     return Path(os.environ.get("QTUNE_CACHE") or Path.home() / ".cache" / "qtune" / "testbed")
 
 
-def cache_key(recipe: ModelRecipe, config: TestbedConfig) -> str:
-    """A short hash of the recipe, the data config and the build code version."""
+def cache_key(recipe: ModelRecipe, config: TestbedConfig | SaturatedConfig) -> str:
+    """A short hash of the recipe, the data config and the build code version.
+
+    The data-starved spec is unchanged since BUILD_VERSION 1, so its existing caches stay valid; a
+    saturated config adds the preset name, the generator's sha256 and SATURATED_BUILD_VERSION.
+    """
     spec = {"build_version": BUILD_VERSION, "recipe": dataclasses.asdict(recipe), "data": dataclasses.asdict(config)}
+    if isinstance(config, SaturatedConfig):
+        spec |= {"preset": "saturated", "generator_sha256": saturated.GENERATOR_SHA256,
+                 "saturated_build_version": SATURATED_BUILD_VERSION}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, max_length: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on `texts`, with digits split one by one and the chat template."""
+def train_tokenizer(texts: list[str], vocab_size: int, max_length: int, *, whole_numbers: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `texts`, with the chat template.
+
+    Digits are split one by one, or with `whole_numbers` a number is a word like the others (the
+    byte-level split: with its leading space, if any), so a number seen often enough in `texts`
+    becomes one token: " 19" after a word or "=", "19" right after "<<", "=" or a line start. Keeping
+    the space on the number matters for copying: if every number followed the same space token, the
+    token before a number would never tell which number of the question comes next.
+    """
     tokenizer = Tokenizer(models.BPE(unk_token=UNK))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = byte_level if whole_numbers else pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), byte_level])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -154,21 +215,39 @@ def train_tokenizer(texts: list[str], vocab_size: int, max_length: int) -> PreTr
     )
 
 
-def _corpus_blocks(recipe: ModelRecipe, tokenizer: PreTrainedTokenizerFast, levels: tuple[tuple[int, int, int], ...],
-                   exclude: frozenset[str]) -> torch.Tensor:
-    """Pretraining text packed into (steps * batch_size, block_size) token blocks.
+def _corpus_blocks(recipe: ModelRecipe, tokenizer: PreTrainedTokenizerFast, corpus: Callable[[int], list[str]],
+                   whole_documents: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pretraining text as (steps * batch_size, block_size) blocks of token ids and of labels.
 
-    Documents are generated in chunks until there are enough tokens; each is wrapped in bos/eos.
+    `corpus(seed)` gives 500 documents; chunks with seeds recipe.seed * 1000 + 0, 1, ... are drawn
+    until there are enough blocks. Each document is wrapped in bos/eos. The documents run on from
+    block to block (labels = ids), or with `whole_documents` each block holds only whole documents,
+    padded at the end (label -100, id 0, which no earlier position attends to), so that a solution
+    is never seen without its problem; documents longer than a block are left out.
     """
-    needed = recipe.steps * recipe.batch_size * recipe.block_size
+    n_blocks = recipe.steps * recipe.batch_size
+    blocks: list[list[int]] = []
     ids: list[int] = []
     chunk = 0
-    while len(ids) < needed:
-        documents = make_corpus(500, seed=recipe.seed * 1000 + chunk, levels=levels, drill_share=recipe.drill_share, exclude=exclude)
-        for document in tokenizer(documents, add_special_tokens=False)["input_ids"]:
-            ids += [tokenizer.bos_token_id, *document, tokenizer.eos_token_id]
+    while len(blocks) < n_blocks:
+        documents = corpus(recipe.seed * 1000 + chunk)
+        encoded = tokenizer(documents, add_special_tokens=False)["input_ids"]
+        if whole_documents and all(len(document) + 2 > recipe.block_size for document in encoded):
+            raise QTuneError(f"block_size {recipe.block_size} is shorter than every pretraining document")
+        for document in encoded:
+            wrapped = [tokenizer.bos_token_id, *document, tokenizer.eos_token_id]
+            if whole_documents and len(ids) + len(wrapped) > recipe.block_size:
+                if len(wrapped) > recipe.block_size:
+                    continue
+                blocks.append(ids + [-100] * (recipe.block_size - len(ids)))
+                ids = []
+            ids += wrapped
+            while len(ids) >= recipe.block_size:
+                blocks.append(ids[:recipe.block_size])
+                ids = ids[recipe.block_size:]
         chunk += 1
-    return torch.tensor(ids[:needed]).view(-1, recipe.block_size)
+    labels = torch.tensor(blocks[:n_blocks])
+    return labels.clamp(min=0), labels
 
 
 def _lr_factor(step: int, recipe: ModelRecipe) -> float:
@@ -185,11 +264,19 @@ def pretrain(
     exclude: frozenset[str] = frozenset(),
     *,
     progress: bool = True,
+    corpus: Callable[[int], list[str]] | None = None,
+    whole_documents: bool = False,
 ) -> LlamaForCausalLM:
     """A fresh Llama of the recipe's shape, trained once over a corpus of stories at these `levels`.
 
-    Problems whose question is in `exclude` (the test questions) stay out of the corpus.
+    Problems whose question is in `exclude` (the test questions) stay out of the corpus. `corpus`,
+    when given, replaces that corpus: `corpus(seed)` returns 500 documents; `whole_documents` packs
+    only whole documents into each block (see `_corpus_blocks`).
     """
+    if corpus is None:
+        def corpus(seed: int) -> list[str]:
+            return make_corpus(500, seed=seed, levels=levels, drill_share=recipe.drill_share, exclude=exclude)
+
     torch.manual_seed(recipe.seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -206,7 +293,7 @@ def pretrain(
         pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config)
-    blocks = _corpus_blocks(recipe, tokenizer, levels, exclude)
+    blocks, labels = _corpus_blocks(recipe, tokenizer, corpus, whole_documents)
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(recipe.seed))
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -219,8 +306,8 @@ def pretrain(
     smoothed = None
     bar = tqdm(range(recipe.steps), desc="pretraining", disable=not progress, file=sys.stderr)
     for step in bar:
-        batch = blocks[order[step * recipe.batch_size:(step + 1) * recipe.batch_size]]
-        loss = model(input_ids=batch, labels=batch).loss
+        rows = order[step * recipe.batch_size:(step + 1) * recipe.batch_size]
+        loss = model(input_ids=blocks[rows], labels=labels[rows]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -235,18 +322,41 @@ def pretrain(
     return model
 
 
-def _build(folder: Path, recipe: ModelRecipe, config: TestbedConfig, key: str, progress: bool) -> None:
+def _build(folder: Path, recipe: ModelRecipe, config: TestbedConfig | SaturatedConfig, key: str, progress: bool) -> None:
     """Write a complete testbed (model, tokenizer, data, recipe.json) into `folder`."""
     started = time.perf_counter()
-    train, test = make_train_set(config), make_test_set(config)
-    held_out = frozenset(r["question"] for r in test)
-    tokenizer_texts = make_corpus(recipe.tokenizer_documents, seed=recipe.seed * 1000 + 999, levels=config.levels)
-    # The tokenizer also sees questions and answers, so their words are whole tokens; the model
-    # itself never trains on that format before fine-tuning.
-    tokenizer_texts += [r["question"] + "\n" + r["answer"] for r in make_train_set(
-        TestbedConfig(train_size=1000, seed=recipe.seed + 10_000, levels=config.levels, level_weights=config.level_weights))]
-    tokenizer = train_tokenizer(tokenizer_texts, recipe.vocab_size, recipe.max_length)
-    model = pretrain(recipe, tokenizer, config.levels, held_out, progress=progress)
+    if isinstance(config, SaturatedConfig):
+        train, dev, test = saturated.make_splits(config)
+        splits = {"train": train, "dev": dev, "test": test}
+        every_question = frozenset(r["question"] for split in splits.values() for r in split)
+        tokenizer_texts = saturated.make_textbook_corpus(recipe.tokenizer_documents, recipe.seed * 1000 + 999, config,
+                                                         drill_share=recipe.drill_share)
+        # The tokenizer also sees the GSM8K layout, so its words are whole tokens, and every number
+        # up to 99 often enough to become one token, with and without its leading space (tested);
+        # the model never trains on this text.
+        tokenizer_texts += [r["question"] + "\n" + r["answer"] for r in saturated.make_splits(
+            dataclasses.replace(config, train_size=1000, dev_size=0, test_size=0, seed=recipe.seed + 10_000))[0]]
+        tokenizer_texts += [" ".join(map(str, range(100))), "\n".join(map(str, range(100)))] * 20
+        tokenizer = train_tokenizer(tokenizer_texts, recipe.vocab_size, recipe.max_length, whole_numbers=True)
+
+        def corpus(seed: int) -> list[str]:
+            return saturated.make_textbook_corpus(500, seed, config, drill_share=recipe.drill_share, exclude=every_question)
+
+        model = pretrain(recipe, tokenizer, progress=progress, corpus=corpus, whole_documents=True)
+        extra = {"preset": "saturated", "generator_sha256": saturated.GENERATOR_SHA256,
+                 "saturated_build_version": SATURATED_BUILD_VERSION}
+    else:
+        train, test = make_train_set(config), make_test_set(config)
+        splits = {"train": train, "test": test}
+        held_out = frozenset(r["question"] for r in test)
+        tokenizer_texts = make_corpus(recipe.tokenizer_documents, seed=recipe.seed * 1000 + 999, levels=config.levels)
+        # The tokenizer also sees questions and answers, so their words are whole tokens; the model
+        # itself never trains on that format before fine-tuning.
+        tokenizer_texts += [r["question"] + "\n" + r["answer"] for r in make_train_set(
+            TestbedConfig(train_size=1000, seed=recipe.seed + 10_000, levels=config.levels, level_weights=config.level_weights))]
+        tokenizer = train_tokenizer(tokenizer_texts, recipe.vocab_size, recipe.max_length)
+        model = pretrain(recipe, tokenizer, config.levels, held_out, progress=progress)
+        extra = {}
     model_dir = folder / "model"
     bars = hf_logging.is_progress_bar_enabled()
     if not progress:  # transformers shows its own bar while writing the weights
@@ -258,10 +368,11 @@ def _build(folder: Path, recipe: ModelRecipe, config: TestbedConfig, key: str, p
         if bars:
             hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(model_dir)
-    write_jsonl(train, folder / "train.jsonl")
-    write_jsonl(test, folder / "test.jsonl")
+    for name, records in splits.items():
+        write_jsonl(records, folder / f"{name}.jsonl")
     info = {
         "key": key,
+        **extra,
         "build_version": BUILD_VERSION,
         "recipe": dataclasses.asdict(recipe),
         "data": dataclasses.asdict(config),
@@ -276,18 +387,28 @@ def build_testbed(
     *,
     force: bool = False,
     progress: bool = True,
-    recipe: ModelRecipe = ModelRecipe(),
-    config: TestbedConfig = TestbedConfig(),
+    preset: str = DEFAULT_PRESET,
+    recipe: ModelRecipe | None = None,
+    config: TestbedConfig | SaturatedConfig | None = None,
 ) -> TestbedPaths:
     """Build the testbed (or reuse the cached one) and return where it lies.
 
-    `cache_dir` defaults to `default_cache_root()`. `force=True` rebuilds even when a cached
-    testbed with the same key exists, and replaces it once the new one is complete.
+    `preset` names an entry of `PRESETS`; `recipe` and `config` replace its defaults (the config's
+    type must match the preset). `cache_dir` defaults to `default_cache_root()`. `force=True`
+    rebuilds even when a cached testbed with the same key exists, and replaces it once the new one
+    is complete.
     """
+    if preset not in PRESETS:
+        raise QTuneError(f"unknown testbed preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    recipe = PRESETS[preset].recipe if recipe is None else recipe
+    config = PRESETS[preset].config if config is None else config
+    if type(config) is not type(PRESETS[preset].config):
+        raise QTuneError(f"the {preset} preset takes a {type(PRESETS[preset].config).__name__}, not a {type(config).__name__}")
     root = Path(cache_dir) if cache_dir is not None else default_cache_root()
     key = cache_key(recipe, config)
     final = root / key
-    paths = TestbedPaths(final, final / "model", final / "train.jsonl", final / "test.jsonl")
+    dev = final / "dev.jsonl" if isinstance(config, SaturatedConfig) else None
+    paths = TestbedPaths(final, final / "model", final / "train.jsonl", final / "test.jsonl", dev)
     if final.is_dir() and not force:
         return paths
     try:
@@ -315,6 +436,6 @@ def load_testbed_model(paths: TestbedPaths) -> tuple[LlamaForCausalLM, PreTraine
 
 
 __all__ = [
-    "BUILD_VERSION", "CHAT_TEMPLATE", "ModelRecipe", "TestbedPaths", "build_testbed", "default_cache_root",
+    "BUILD_VERSION", "CHAT_TEMPLATE", "DEFAULT_PRESET", "PRESETS", "ModelRecipe", "Preset", "TestbedPaths", "build_testbed", "default_cache_root",
     "load_testbed_model", "pretrain", "cache_key", "train_tokenizer",
 ]
