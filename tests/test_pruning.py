@@ -16,6 +16,7 @@ import torch
 from qtune.errors import QTuneError
 from qtune.pruning import (
     QUADRANT_NAMES,
+    QUADRANT_ORDER,
     PruningInputError,
     TriageResult,
     prune_tokens,
@@ -403,7 +404,7 @@ def test_triage_output_types_and_counts():
         "kept": 5,
         "fallback": int(result.fallback.sum()),
     }
-    assert set(QUADRANT_NAMES) == {0, 1, 2, 3, 4}
+    assert set(QUADRANT_NAMES) == {0, 1, 2, 3, 4} and sorted(QUADRANT_ORDER) == sorted(QUADRANT_NAMES)
     with pytest.raises(AttributeError):
         result.level = 0.3  # frozen
 

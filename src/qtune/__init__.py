@@ -9,6 +9,7 @@ The two stages of Q-Tuning are pure functions on tensors, usable in any training
 `qtune.score_batch` computes the scores they need with a gradient-free pass of a model.
 """
 
+from . import methods  # noqa: F401  (registers the built-in pruning methods; see config.METHOD_NAMES)
 from .errors import DataError, QTuneError
 from .pruning import TriageResult, prune_tokens, token_perplexity, token_scores, triage
 from .scoring import BatchScores, score_batch

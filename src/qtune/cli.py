@@ -21,7 +21,7 @@ def _methods(ns: argparse.Namespace) -> None:
 
 
 def _demo(ns: argparse.Namespace) -> None:
-    from .workflows import run_demo
+    from .demo import run_demo
 
     run_demo(ns.out)
 
@@ -29,8 +29,9 @@ def _demo(ns: argparse.Namespace) -> None:
 def _testbed_build(ns: argparse.Namespace) -> None:
     from .testbed import build_testbed
 
-    paths = build_testbed(ns.cache_dir, force=ns.force)
-    print(f"model: {paths.model_dir}\ntrain: {paths.train_path}\ntest:  {paths.test_path}")
+    paths = build_testbed(ns.cache_dir, force=ns.force, preset=ns.preset)
+    dev = f"\ndev:   {paths.dev_path}" if paths.dev_path else ""
+    print(f"model: {paths.model_dir}\ntrain: {paths.train_path}{dev}\ntest:  {paths.test_path}")
 
 
 def _add_config_command(commands, name: str, cls: type, runner: str, help: str, description: str) -> None:
@@ -80,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     build = testbed_cmds.add_parser("build", help="Build (or reuse from the cache) the testbed model and data.")
     build.add_argument("--cache-dir", default=None, help="Cache root (default: $QTUNE_CACHE or ~/.cache/qtune).")
     build.add_argument("--force", action="store_true", help="Rebuild even if the cache has it.")
+    # The names are checked by build_testbed: importing the testbed here would load transformers for --help.
+    build.add_argument("--preset", default="data-starved",
+                       help="data-starved (default: a base model far from knowing the task) or saturated (a base "
+                            "model with a strong prior; in progress, see docs/testbed.md).")
     build.set_defaults(func=_testbed_build)
     return parser
 

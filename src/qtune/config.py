@@ -169,10 +169,14 @@ def check_device(value: str) -> str | None:
     return None
 
 
-def _method(value: str) -> str | None:
-    from .methods import METHODS  # imported here: code may register methods before building a config
+#: Names of the registered pruning methods. `qtune.methods.register` adds each one: the methods
+#: import their config classes from this module, so this module cannot import them (one-way
+#: dependencies). `import qtune` (run before any of its modules) registers the built-in ones.
+METHOD_NAMES: set[str] = set()
 
-    return None if value in METHODS else "a registered method: " + ", ".join(sorted(METHODS))
+
+def _method(value: str) -> str | None:
+    return None if value in METHOD_NAMES else "a registered method: " + ", ".join(sorted(METHOD_NAMES))
 
 
 def _lr_scheduler(value: str) -> str | None:
@@ -313,6 +317,21 @@ def build_config(cls: type, namespace: argparse.Namespace | None = None, yaml_pa
 
 
 @dataclass
+class FullConfig(Options):
+    """Options of the `full` method: none (every sample, every response token)."""
+
+
+@dataclass
+class RandomConfig(Options):
+    """Options of the `random` method: the budget, and the seed of its draws."""
+
+    r_sample: float = option(0.25, "Fraction of each step's samples that are trained on.", bounds="(0, 1]")
+    r_token: float = option(0.7, "Fraction of response tokens kept in token-pruned (Q2) samples.", bounds="(0, 1]")
+    seed: int = option(0, "Seed for data order, initialisation of adapters and random baselines.",
+                       bounds="[0, 4294967295]")
+
+
+@dataclass
 class TokenPruningConfig(Options):
     """How Q-Tuning triages samples and prunes tokens (shared by `qtune train` and `qtune bench`)."""
 
@@ -332,11 +351,21 @@ class TokenPruningConfig(Options):
 
 
 @dataclass
-class PruningConfig(TokenPruningConfig):
+class QTuningConfig(TokenPruningConfig, RandomConfig):
+    """Options of the `qtuning` method: the budget, Stage 1 and 2 choices, and (for the random steps
+    before `triage_start`) the seed."""
+
+
+@dataclass
+class PruningConfig(QTuningConfig):
+    """The method and how the training step applies it. TrainConfig composes every method's
+    options (so that each reaches the CLI and YAML); a method reads only its own config class."""
+
     method: str = option("qtuning", "Pruning method (see `qtune methods`): full, random, qtuning, ...",
                           check=_method)
-    r_sample: float = option(0.25, "Fraction of each step's samples that are trained on.", bounds="(0, 1]")
-    r_token: float = option(0.7, "Fraction of response tokens kept in token-pruned (Q2) samples.", bounds="(0, 1]")
+    triage_scope: str = option("global", "Under several processes, the method decides over the global batch of "
+                                         "the step (every process's samples, gathered) or over each process's "
+                                         "own share.", choices=["global", "local"])
 
 
 @dataclass
@@ -363,11 +392,29 @@ class OptimConfig(Options):
                                 bounds="[1, inf)")
 
 
+def _json_file(value: str) -> str | None:
+    return None if Path(value).is_file() else "an existing config file (JSON)"
+
+
 @dataclass
-class TrainConfig(OptimConfig, PruningConfig, DataConfig, ModelConfig):
+class ParallelConfig(Options):
+    """Options passed unchanged to transformers' `TrainingArguments` for large and multi-GPU runs
+    (launched with torchrun or accelerate launch; see docs/training.md, Multi-process)."""
+
+    gradient_checkpointing: bool = option(False, "Recompute activations during the backward pass: less memory, "
+                                                 "about a third more compute.")
+    ddp_find_unused_parameters: bool | None = option(None, "DDP: look for parameters without a gradient at every "
+                                                           "step (some models need it; slower). Default: "
+                                                           "transformers' choice.")
+    fsdp: str | None = option(None, "FSDP mode, as TrainingArguments.fsdp, e.g. 'full_shard auto_wrap'.")
+    fsdp_config: str | None = option(None, "FSDP config file, as TrainingArguments.fsdp_config.", check=_json_file)
+    deepspeed: str | None = option(None, "DeepSpeed config file (e.g. ZeRO-2 or ZeRO-3), as "
+                                         "TrainingArguments.deepspeed.", check=_json_file)
+
+
+@dataclass
+class TrainConfig(ParallelConfig, OptimConfig, PruningConfig, DataConfig, ModelConfig):
     out: str = option(help="Output folder: checkpoints, step log, final model in OUT/model.", required=True)
-    seed: int = option(0, "Seed for data order, initialisation of adapters and random baselines.",
-                        bounds="[0, 4294967295]")
     merge_lora: bool = option(False, "Merge LoRA adapters into the base weights when saving the final model.")
     save_steps: int = option(200, "Save a checkpoint every N optimizer steps.", bounds="[1, inf)")
     save_total_limit: int = option(2, "Checkpoints kept on disk (oldest deleted first).", bounds="[1, inf)")

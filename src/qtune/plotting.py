@@ -8,7 +8,7 @@ from typing import Sequence
 
 from .errors import QTuneError
 from .io import atomic_path
-from .report import QUADRANT_LABELS, QUADRANT_ORDER
+from .pruning import QUADRANT_NAMES, QUADRANT_ORDER
 
 QUADRANT_COLORS = {1: "#d62728", 2: "#ff7f0e", 3: "#7f7f7f", 4: "#1f77b4", 0: "#bcbd22"}
 CATEGORY_MARKERS = ("o", "x", "^", "s", "D", "v", "P")
@@ -50,7 +50,7 @@ def plot_eu_plane(
             idx = [i for i, (qq, cc) in enumerate(zip(quadrant, cats)) if qq == q and cc == cat]
             if not idx:
                 continue
-            label = QUADRANT_LABELS[q] if categories is None else f"{QUADRANT_LABELS[q]} / {cat}"
+            label = QUADRANT_NAMES[q] if categories is None else f"{QUADRANT_NAMES[q]} / {cat}"
             ax.scatter([log_ppl[i] for i in idx], [ent[i] for i in idx], s=9, alpha=0.6,
                        c=QUADRANT_COLORS[q], marker=marker, label=label, linewidths=0.6)
     for key in ("ppl_lo", "ppl_hi"):

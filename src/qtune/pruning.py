@@ -23,13 +23,16 @@ import torch
 
 from qtune.errors import QTuneError
 
+#: The names of the quadrant labels of `TriageResult.quadrant`, in every table, plot and file.
 QUADRANT_NAMES = {
-    1: "Q1 harmful noise",
+    1: "Q1 noise",
     2: "Q2 misconception",
     3: "Q3 redundant",
     4: "Q4 calibration",
     0: "middle",
 }
+#: The order in which tables and plot legends list the quadrants.
+QUADRANT_ORDER = (1, 2, 3, 4, 0)
 
 NEIGHBOR_MODES = ("sum", "mean")
 EDGE_MODES = ("zero", "replicate")
@@ -182,7 +185,7 @@ def _token_inputs(tokppl, response_mask) -> tuple[torch.Tensor, torch.Tensor]:
 # Shared helpers
 
 
-def _keep_count(ratio: float, n: int) -> int:
+def keep_count(ratio: float, n: int) -> int:
     """max(1, floor(ratio * n)) for n >= 1, tolerant to floating-point error (see _FLOOR_SLACK)."""
     return max(1, math.floor(ratio * n + _FLOOR_SLACK))
 
@@ -342,7 +345,7 @@ def triage(
         # Top up only, never trim; round() is Python's, half to even, as in the authors' code.
         target = max(partition.kept_count, min(n, max(1, round(r_sample * n))))
     else:
-        target = _keep_count(r_sample, n)
+        target = keep_count(r_sample, n)
         partition = _search_smallest_level(partition_at, target, max_iter)
 
     # Priority: Q2 + Q4 members first, then larger supp, then lower index. Members beyond the
@@ -483,7 +486,7 @@ def prune_tokens(
         # as triage, without a device-to-host copy of the row lengths.
         length = tokppl.shape[1]
         count_for_length = torch.tensor(
-            [_keep_count(r_token, n) for n in range(length + 1)], device=tokppl.device
+            [keep_count(r_token, n) for n in range(length + 1)], device=tokppl.device
         )
         n_keep = count_for_length[response_mask.sum(dim=1)]
         keeps_its_loss = _rank(scores, dim=1) < n_keep[:, None]

@@ -7,9 +7,7 @@ from collections import Counter
 from typing import Sequence
 
 from .data import record_id_of
-
-QUADRANT_ORDER = (1, 2, 3, 4, 0)
-QUADRANT_LABELS = {1: "Q1 noise", 2: "Q2 misconception", 3: "Q3 redundant", 4: "Q4 calibration", 0: "middle"}
+from .pruning import QUADRANT_NAMES, QUADRANT_ORDER
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence], align_first_left: bool = True) -> str:
@@ -56,7 +54,7 @@ def score_summary(ppl: Sequence[float], ent: Sequence[float], quadrant: Sequence
                              [quantile_rows("PPL", ppl), quantile_rows("entropy", ent)])
     counts = Counter(quadrant)
     n = len(quadrant)
-    quad_rows = [[QUADRANT_LABELS[q], counts.get(q, 0), f"{100 * counts.get(q, 0) / n:.1f}%"] for q in QUADRANT_ORDER]
+    quad_rows = [[QUADRANT_NAMES[q], counts.get(q, 0), f"{100 * counts.get(q, 0) / n:.1f}%"] for q in QUADRANT_ORDER]
     quads = format_table([f"quadrant (r_sample={r_sample:g})", "samples", "share"], quad_rows)
     return f"{n} samples\n\n{quantiles}\n\n{quads}"
 
@@ -71,7 +69,7 @@ def category_quadrant_table(categories: Sequence[str], quadrant: Sequence[int]) 
         total = sum(by_cat[cat].values())
         rows.append([markdown_text(cat), total]
                     + [f"{100 * by_cat[cat].get(q, 0) / total:.1f}%" for q in QUADRANT_ORDER])
-    return format_table(["category", "n"] + [QUADRANT_LABELS[q] for q in QUADRANT_ORDER], rows)
+    return format_table(["category", "n"] + [QUADRANT_NAMES[q] for q in QUADRANT_ORDER], rows)
 
 
 def pruning_audit(step_rows: Sequence[dict], category_of: dict[int, str]) -> dict[str, dict]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100
+from .data import IGNORE_INDEX, collate, length_bucketed_batches
 
 #: Default number of positions whose float32 log-probabilities exist at one time.
 DEFAULT_CHUNK_TOKENS = 128
@@ -73,10 +73,17 @@ def gold_nll_and_entropy(
     return nll, entropy
 
 
+def response_positions(labels: torch.Tensor) -> torch.Tensor:
+    """bool [B, L]: the positions that receive loss, those with a label except the first (it has
+    no prediction). The one definition of a response token, for scoring, methods and the step."""
+    mask = labels != IGNORE_INDEX
+    mask[:, :1] = False  # a slice, so that an empty batch (width 0) works too
+    return mask
+
+
 def _masks(labels: torch.Tensor, entropy_mask: torch.Tensor | None):
     """Response positions (they get loss) and the positions whose statistics are needed."""
-    response_mask = labels != IGNORE_INDEX
-    response_mask[:, 0] = False  # the first token has no prediction
+    response_mask = response_positions(labels)
     if entropy_mask is None:
         entropy_mask = response_mask
     else:
@@ -214,8 +221,6 @@ def score_dataset(
 ) -> DatasetScores:
     """Score tokenized samples (dicts from `qtune.data.tokenize_records`) in length-bucketed batches."""
     from tqdm.auto import tqdm
-
-    from .data import collate, length_bucketed_batches
 
     device = next(model.parameters()).device
     batches = length_bucketed_batches([len(s["input_ids"]) for s in samples], batch_size)

@@ -1,27 +1,28 @@
-"""SFT with dynamic pruning, on top of `transformers.Trainer`.
+"""SFT with dynamic pruning, on top of `transformers.Trainer`: a thin front end of `qtune.step`.
 
 One optimizer step, as `QTuneTrainer` runs it:
 
-1. `get_batch_samples` takes the step's micro-batches from the data loader;
-2. if the method needs them, a no-grad pass with the current weights scores every sample
-   (`qtune.scoring.score_batch`);
-3. the method (`qtune.methods`) decides which rows train and which response tokens keep their loss;
-4. the kept rows are physically cut out of the batch (`pack_kept`): dropped samples cost no
-   forward or backward, and each row is trimmed after its last loss position;
-5. the Trainer's own loop runs forward and backward on the packed micro-batches; `compute_loss`
-   sums token cross-entropies and divides by the kept-token count of the whole step, so the loss
-   is the mean over kept tokens however the step is split into micro-batches.
+1. `get_batch_samples` takes this process's micro-batches of the step from the data loader and
+   hands them to `qtune.step`: scoring pass if the method needs it, gathering over processes
+   (`triage_scope`), the method's decision, this process's kept rows packed (`plan_step`); it
+   returns the packed micro-batches and the step's kept-token count over every process;
+2. the Trainer's own loop runs forward and backward on each packed micro-batch (`training_step`,
+   `compute_loss` = `qtune.step.micro_batch_loss`), with its accumulation, mixed precision and
+   DDP/FSDP/DeepSpeed handling. No micro-batch is empty, so no process skips a backward.
 
-Once the gradients are in, the step's loss and gradient norm are read together (the step's one
-host sync); a non-finite value stops the run before the optimizer moves (`nonfinite="stop"`) or
-drops the step's gradients (`"skip"`). Non-finite scores count the same.
+Once the gradients are in, the step's loss (summed over processes) and gradient norm are read
+together (the step's one host sync); a non-finite value stops the run before the optimizer moves
+(`nonfinite="stop"`) or drops the step's gradients (`"skip"`). Non-finite scores count the same.
 
 Everything else (optimizer, schedule, checkpoints, resume, logging integrations) is the Trainer's;
-checkpoints are written through `qtune.checkpoints`, so that each one is complete or absent.
+checkpoints are written through `qtune.checkpoints`, so that each one is complete or absent, and
+hold the method's state (`METHOD_STATE`). Only the main process writes files: step log, run
+config, checkpoints' own files, summary and model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -32,20 +33,27 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from . import checkpoints
 from .config import TrainConfig
+from .console import log
 from .data import collate, require_pad_token
 from .errors import QTuneError
 from .io import claim_output_dir, write_json, write_text
-from .methods import PruningMethod, Selection, StepSelection, build_method
+from .methods import Method, build_method
 from .models import check_vocabulary, load_model, load_tokenizer, resolve_device, resolve_dtype
-from .scoring import IGNORE_INDEX, accepts_logits_to_keep, score_batch
+from .samples import load_samples
+from .scoring import score_batch
+from .step import gather, loss_token_count, micro_batch_loss, pack_kept, plan_step, reduce_sum, score_step, world
+
+__all__ = ["QTuneTrainer", "pack_kept", "read_step_log", "run_train", "summarize_run"]
 
 STEP_LOG = "steps.jsonl"
+#: The method's state in a checkpoint: {"states": [one state_dict per process]}.
+METHOD_STATE = "qtune-method-state.json"
 
 
 class SampleDataset(torch.utils.data.Dataset):
@@ -61,78 +69,6 @@ class SampleDataset(torch.utils.data.Dataset):
         return self.samples[i]
 
 
-def _take_row(batch: dict, row: int, label_mask: torch.Tensor) -> dict | None:
-    """One row of a right-padded batch with pruned labels, cut after its last loss position
-    (later positions cannot influence the loss of a causal model). None if no token is left."""
-    labels = batch["labels"][row].masked_fill(~label_mask[row], IGNORE_INDEX)
-    positions = (labels != IGNORE_INDEX).nonzero()
-    if positions.numel() == 0:
-        return None
-    end = int(positions[-1]) + 1
-    return {
-        "input_ids": batch["input_ids"][row, :end],
-        "attention_mask": batch["attention_mask"][row, :end],
-        "labels": labels[:end],
-        "sample_id": batch["sample_id"][row],
-    }
-
-
-def pack_kept(batches: list[dict], selections: list[Selection], pad_token_id: int) -> list[dict]:
-    """Cut the kept rows out of the step's micro-batches and spread them evenly over the same
-    number of micro-batches (the Trainer's accumulation bookkeeping counts them); a micro-batch
-    may be empty when fewer rows than micro-batches are kept."""
-    rows = []
-    for batch, selection in zip(batches, selections):
-        for r in selection.rows.tolist():
-            row = _take_row(batch, r, selection.label_mask)
-            if row is not None:
-                rows.append(row)
-    n_parts = len(batches)
-    bounds = [round(i * len(rows) / n_parts) for i in range(n_parts + 1)]
-    packed = []
-    for start, end in zip(bounds, bounds[1:]):
-        group = rows[start:end]
-        length = max((len(r["input_ids"]) for r in group), default=0)
-        device = batches[0]["input_ids"].device
-
-        def stack(key, fill):
-            out = torch.full((len(group), length), fill, dtype=torch.long, device=device)
-            for i, r in enumerate(group):
-                out[i, : len(r[key])] = r[key]
-            return out
-
-        packed.append({
-            "input_ids": stack("input_ids", pad_token_id),
-            "attention_mask": stack("attention_mask", 0),
-            "labels": stack("labels", IGNORE_INDEX),
-            "sample_id": torch.stack([r["sample_id"] for r in group]) if group else
-            torch.zeros(0, dtype=torch.long, device=device),
-        })
-    return packed
-
-
-def _count_loss_tokens(batches: list[dict]) -> int:
-    return sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-
-
-def _nonfinite_scores(scores: list | None) -> str | None:
-    """What is wrong with the scoring pass's per-sample PPL and entropy, or None when every value is
-    finite. A healthy model cannot produce NaN or inf here: it is the model that has diverged."""
-    if scores is None:
-        return None
-    finite = torch.cat([s.ppl.isfinite() & s.ent.isfinite() for s in scores])
-    if bool(finite.all()):
-        return None
-    return f"the scoring pass gave a non-finite PPL or entropy for {int((~finite).sum())} of {finite.numel()} samples"
-
-
-def _keep_nothing(batches: list[dict]) -> StepSelection:
-    """A step that trains no sample (a skipped step)."""
-    selections = [Selection(torch.zeros(0, dtype=torch.long), torch.zeros_like(b["labels"], dtype=torch.bool))
-                  for b in batches]
-    return StepSelection(selections, {"samples": sum(b["labels"].shape[0] for b in batches), "kept": 0})
-
-
 def divergence_message(step: int, what: str, lr: float, bf16: bool, last_checkpoint: Path | None) -> str:
     """The one-line error of a run stopped at a non-finite step: where, what, what was kept, and
     what to try."""
@@ -144,15 +80,15 @@ def divergence_message(step: int, what: str, lr: float, bf16: bool, last_checkpo
 
 
 class QTuneTrainer(Trainer):
-    """A `transformers.Trainer` whose steps train only what a `PruningMethod` keeps."""
+    """A `transformers.Trainer` whose steps train only what a pruning `Method` keeps."""
 
-    def __init__(self, *args, method: PruningMethod, pad_token_id: int, entropy_over: str = "response",
+    def __init__(self, *args, method: Method, pad_token_id: int, triage_scope: str = "global",
                  chunk_tokens: int = 128, step_log: str | Path | None = None, nonfinite: str = "stop",
                  keep_checkpoints: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.method = method
         self.pad_token_id = pad_token_id
-        self.entropy_over = entropy_over
+        self.triage_scope = triage_scope
         self.chunk_tokens = chunk_tokens
         self.step_log = Path(step_log) if step_log else Path(self.args.output_dir) / STEP_LOG
         self.nonfinite = nonfinite
@@ -165,6 +101,17 @@ class QTuneTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
         self.add_callback(_StepRecorder(self))
 
+    def _get_train_sampler(self, train_dataset=None):
+        """Length-grouped order over the global batch of a step (micro-batch x accumulation x
+        processes), seeded as the Trainer seeds it: the order of the samples then depends only on
+        the global batch, so N processes with G micro-batches each see the same steps as one
+        process with N x G micro-batches."""
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        size = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        return LengthGroupedSampler(size, dataset=dataset, model_input_name="input_ids")
+
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         if self.state.global_step >= self.state.max_steps:
             # A run resumed from its last step: the Trainer checks max_steps only after a step, so
@@ -176,43 +123,25 @@ class QTuneTrainer(Trainer):
             return batches, None
         start = time.perf_counter()
         batches = [self._prepare_inputs(b) for b in batches]
+        step = self.state.global_step
         scores = None
-        if self.method.needs_scores_at(self.state.global_step, self.state.max_steps):
-            model = self.model
-            was_training = model.training
-            model.eval()
-            scores = [score_batch(model, b["input_ids"], b["attention_mask"], b["labels"],
-                                  entropy_over=self.entropy_over, chunk_tokens=self.chunk_tokens)
-                      for b in batches]
-            model.train(was_training)
-        bad_scores = _nonfinite_scores(scores)
-        if bad_scores:
-            self._nonfinite_step(bad_scores)
-            decision = _keep_nothing(batches)
-        else:
-            decision = self.method.select(batches, scores, self.state.global_step)
-        packed = pack_kept(batches, decision.selections, self.pad_token_id)
-        kept_tokens = _count_loss_tokens(packed)
-        response_tokens = _count_loss_tokens(batches)
+        if self.method.needs_scores_at(step, self.state.max_steps):
+            # score_batch is read here, not bound at import, so that a test can replace it.
+            scores = score_step(self.model, batches, self.method, chunk_tokens=self.chunk_tokens, score=score_batch)
+        plan = plan_step(batches, scores, self.method, step, pad_token_id=self.pad_token_id,
+                         triage_scope=self.triage_scope)
+        if plan.nonfinite:
+            self._nonfinite_step(plan.nonfinite)
         self.step_record = {
-            **decision.stats,
-            "kept": sum(b["input_ids"].shape[0] for b in packed),
-            "response_tokens": response_tokens,
-            "kept_tokens": kept_tokens,
-            "input_tokens": sum(int(b["attention_mask"].sum()) for b in batches),
-            "trained_input_tokens": sum(int(b["attention_mask"].sum()) for b in packed),
+            **plan.record,
             "scoring_seconds": time.perf_counter() - start,
-            "sample_ids": torch.cat([b["sample_id"] for b in batches]).tolist(),
-            "kept_ids": torch.cat([b["sample_id"] for b in packed]).tolist(),
-            "skipped": bad_scores is not None,
+            "skipped": plan.nonfinite is not None,
             "_selected_at": time.perf_counter(),
         }
         self._step_loss = torch.zeros((), device=self.args.device)
-        return packed, torch.tensor(max(kept_tokens, 1), device=device)
+        return plan.micro_batches, torch.tensor(plan.loss_tokens, device=device)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if inputs["input_ids"].shape[0] == 0:  # every kept row went to another micro-batch
-            return torch.zeros((), device=self.args.device)
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._step_loss += loss  # stays on the device until the step's one sync in _get_grad_norm
         return loss
@@ -224,62 +153,73 @@ class QTuneTrainer(Trainer):
         parameter without a gradient untouched, its moments included)."""
         grad_norm = super()._get_grad_norm(model, grad_norm)
         norm = torch.as_tensor(grad_norm, dtype=torch.float32, device=self._step_loss.device)
-        loss, norm = torch.stack([self._step_loss.float(), norm]).tolist()
+        # Each process's loss is scaled by the world size (the gradient reduction averages).
+        step_loss = reduce_sum(self._step_loss.float()) / self.args.world_size
+        loss, norm = torch.stack([step_loss, norm]).tolist()
         self.step_record.update(loss=loss, grad_norm=norm)
         if not (math.isfinite(loss) and math.isfinite(norm)):
             self._nonfinite_step(f"loss {loss:.4g}, gradient norm {norm:.4g}")
-            model.zero_grad(set_to_none=True)
             self.step_record["skipped"] = True
+        if self.step_record.get("skipped"):
+            model.zero_grad(set_to_none=True)
         return grad_norm
 
     def _nonfinite_step(self, what: str) -> None:
-        """Stop the run at a non-finite step (nonfinite="stop"), or report that it is skipped."""
-        from .workflows import log
-
+        """Stop the run at a non-finite step (nonfinite="stop"), or report that it is skipped.
+        Every process reaches the same verdict: the loss, norm and scores are global."""
         step = self.state.global_step + 1
         if self.nonfinite == "stop":
             complete, _ = checkpoints.scan(Path(self.args.output_dir))
             raise QTuneError(divergence_message(step, what, self.args.learning_rate, self.args.bf16,
                                                 complete[-1] if complete else None))
-        log(f"step {step} skipped: {what} (--nonfinite skip)")
+        if self.args.should_save:
+            log(f"step {step} skipped: {what} (--nonfinite skip)")
 
     def _save_checkpoint(self, model, trial):
-        """The Trainer's checkpoint, staged so that `checkpoint-N` appears complete or not at all;
-        then the oldest complete checkpoints beyond `keep_checkpoints` are deleted."""
+        """The Trainer's checkpoint plus the method's state, staged so that `checkpoint-N` appears
+        complete or not at all; then the oldest complete checkpoints beyond `keep_checkpoints` are
+        deleted. The main process stages, seals and rotates; every process writes its own files
+        (the Trainer's per-process RNG states) between two barriers."""
         out = Path(self.args.output_dir)
-        with checkpoints.staged_checkpoint(out, self.state.global_step) as staging:
+        main = self.args.should_save
+        states = gather(self.method.state_dict())
+        staged = (checkpoints.staged_checkpoint(out, self.state.global_step) if main
+                  else contextlib.nullcontext(out / checkpoints.STAGING))
+        with staged as staging:
+            self.accelerator.wait_for_everyone()  # the staging folder exists before anyone writes
             self._staging = staging
             try:
                 super()._save_checkpoint(model, trial)
+                if main:
+                    write_json(staging / f"checkpoint-{self.state.global_step}" / METHOD_STATE, {"states": states})
             finally:
                 self._staging = None
-        checkpoints.rotate(out, self.keep_checkpoints)
+            self.accelerator.wait_for_everyone()  # every file is written before the main process seals
+        if main:
+            checkpoints.rotate(out, self.keep_checkpoints)
+
+    def load_method_state(self, checkpoint: Path) -> None:
+        """Restore this process's method state from `checkpoint`. Nothing to restore for a
+        method without state (or a checkpoint without the file), whatever the number of processes."""
+        path = Path(checkpoint) / METHOD_STATE
+        states = json.loads(path.read_text(encoding="utf-8"))["states"] if path.exists() else []
+        if any(states):
+            if len(states) != self.args.world_size:
+                raise QTuneError(f"--resume: {checkpoint} was saved by {len(states)} process(es); resume it with "
+                                 f"as many, not {self.args.world_size}")
+            self.method.load_state_dict(states[self.args.process_index])
 
     def _get_output_dir(self, trial):
         # The Trainer saves a checkpoint under this folder: the staging one while _save_checkpoint runs.
         return str(self._staging) if self._staging else super()._get_output_dir(trial)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Sum of token cross-entropies over kept labels / kept tokens of the whole step.
-
-        Logits are asked for only at positions that predict a kept label (prompt, padding and
-        pruned tokens cost no vocabulary projection), and taken in float32.
-        """
-        labels = inputs["labels"]
-        targets_mask = labels[:, 1:] != IGNORE_INDEX
-        targets = labels[:, 1:][targets_mask]
-        model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
-        if accepts_logits_to_keep(self.accelerator.unwrap_model(model)):
-            predicting = torch.zeros_like(labels, dtype=torch.bool)
-            predicting[:, :-1] = targets_mask
-            outputs = model(**model_inputs, logits_to_keep=predicting)
-            logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])
-        else:
-            outputs = model(**model_inputs)
-            logits = outputs.logits[:, :-1][targets_mask]
-        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
-        loss = loss / (num_items_in_batch if num_items_in_batch is not None else max(targets.numel(), 1))
-        return (loss, outputs) if return_outputs else loss
+        """This process's share of the mean loss over the step's kept tokens (`qtune.step`);
+        without `num_items_in_batch`, the mean over this micro-batch's kept tokens."""
+        if num_items_in_batch is None:
+            num_items_in_batch = max(loss_token_count([inputs]), 1)
+        return micro_batch_loss(model, inputs, num_items_in_batch, world()[1],
+                                unwrapped=self.accelerator.unwrap_model(model), return_outputs=return_outputs)
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         """Add the pruning statistics since the last log to the Trainer's logs (tensorboard, ...)."""
@@ -364,7 +304,7 @@ def _apply_lora(model, cfg: TrainConfig):
     return get_peft_model(model, lora)
 
 
-def _save_final_model(trainer: QTuneTrainer, tokenizer, cfg: TrainConfig, out: Path) -> Path:
+def _save_final_model(trainer: QTuneTrainer, tokenizer, cfg: TrainConfig, out: Path) -> None:
     """Write OUT/model atomically: build it beside, then swap it in."""
     final, tmp = out / "model", out / ".model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -377,22 +317,20 @@ def _save_final_model(trainer: QTuneTrainer, tokenizer, cfg: TrainConfig, out: P
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    return final
 
 
-def summarize_run(rows: list[dict], cfg: TrainConfig) -> dict:
-    """Budget and wall-time summary of a run, from its step log. The final loss is that of the
-    last step that was not skipped."""
-    nominal = 1.0 if cfg.method == "full" else cfg.r_sample * cfg.r_token
+def summarize_run(rows: list[dict], method: Method) -> dict:
+    """Budget and wall-time summary of a run, from its step log; the nominal budget is the
+    method's. The final loss is that of the last step that was not skipped."""
     response = sum(r["response_tokens"] for r in rows)
     scoring = sum(r["scoring_seconds"] for r in rows)
     training = sum(r["training_seconds"] for r in rows)
     trained = [r for r in rows if not r.get("skipped")]
     return {
-        "method": cfg.method,
+        "method": method.name,
         "steps": len(rows),
         "skipped_steps": len(rows) - len(trained),
-        "nominal_budget": nominal,
+        "nominal_budget": method.nominal_budget,
         "kept_sample_fraction": sum(r["kept"] for r in rows) / max(sum(r["samples"] for r in rows), 1),
         "loss_token_fraction": sum(r["kept_tokens"] for r in rows) / max(response, 1),
         "fallback_samples": sum(r.get("fallback", 0) for r in rows),
@@ -413,7 +351,6 @@ def _prepare_folder(cfg: TrainConfig, out: Path) -> Path | None:
     run). Refuses a new run over checkpoints, a resume without a complete checkpoint, and a resume
     whose options differ from the recorded ones beyond --allow-config-change. On resume, incomplete
     checkpoints are reported and deleted, and the step log is cut back to the checkpoint."""
-    from .workflows import log
 
     allowed = checkpoints.allowed_changes(cfg.allow_config_change)
     checkpoints.discard_staging(out)
@@ -441,37 +378,15 @@ def _prepare_folder(cfg: TrainConfig, out: Path) -> Path | None:
     return last
 
 
-def run_train(cfg: TrainConfig) -> dict:
-    """Train a model with `cfg` and write OUT/model, OUT/steps.jsonl and OUT/summary.json.
-
-    OUT is claimed first (`qtune.io.claim_output_dir`): a second process on the same folder is
-    refused before anything is loaded or touched."""
-    with claim_output_dir(cfg.out, "qtune train"):
-        return _train(cfg, Path(cfg.out))
+# transformers 5 renames `gradient_checkpointing` to `activation_checkpointing` (the old name warns).
+_CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+                  else "gradient_checkpointing")
 
 
-def _train(cfg: TrainConfig, out: Path) -> dict:
-    """run_train's work, in its claimed folder."""
-    from .workflows import load_samples, log
-
-    method = build_method(cfg.method, cfg)
-    resume_from = _prepare_folder(cfg, out)
-    step_log = out / STEP_LOG
-
-    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code, pad_token=cfg.pad_token)
-    pad_id = require_pad_token(tokenizer)
-    records, samples = load_samples(cfg, tokenizer)
-    device = resolve_device(cfg.device)
-    mixed_bf16 = resolve_dtype(cfg.dtype, device) == torch.bfloat16
-    if cfg.dtype == "float16":
-        raise QTuneError("float16 training is not supported; use bfloat16 or float32")
-    # Weights stay float32; bfloat16 means mixed precision (autocast), as in transformers.
-    model = load_model(cfg.model, dtype="float32", device=str(device), trust_remote_code=cfg.trust_remote_code)
-    check_vocabulary(model, tokenizer, cfg.model)
-    if cfg.lora_r > 0:
-        model = _apply_lora(model, cfg)
-
-    args = TrainingArguments(
+def _training_arguments(cfg: TrainConfig, out: Path, device: torch.device, mixed_bf16: bool) -> TrainingArguments:
+    """The Trainer's arguments of a run. Under torchrun or accelerate, creating them joins the
+    process group (gloo on CPU)."""
+    return TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
@@ -486,6 +401,8 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
         data_seed=cfg.seed,
         bf16=mixed_bf16,
         use_cpu=device.type == "cpu",
+        # Several CPU processes (torchrun and accelerate set WORLD_SIZE) reduce over gloo.
+        ddp_backend="gloo" if device.type == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=None,  # QTuneTrainer deletes old checkpoints itself, counting complete ones only
@@ -495,7 +412,54 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=True,  # replaced by _PruningProgress below
+        **{_CHECKPOINTING: cfg.gradient_checkpointing},
+        ddp_find_unused_parameters=cfg.ddp_find_unused_parameters,
+        fsdp=cfg.fsdp or "",
+        fsdp_config=cfg.fsdp_config,
+        deepspeed=cfg.deepspeed,
     )
+
+
+def run_train(cfg: TrainConfig) -> dict:
+    """Train a model with `cfg` and write OUT/model, OUT/steps.jsonl and OUT/summary.json.
+
+    OUT is claimed first (`qtune.io.claim_output_dir`): a second run on the same folder is
+    refused before anything is loaded or touched. Under several processes (torchrun, accelerate
+    launch) the main process claims it and prepares it before the others read it."""
+    if cfg.dtype == "float16":
+        raise QTuneError("float16 training is not supported; use bfloat16 or float32")
+    out = Path(cfg.out)
+    device = resolve_device(cfg.device)
+    args = _training_arguments(cfg, out, device, resolve_dtype(cfg.dtype, device) == torch.bfloat16)
+    main = args.should_save
+    with claim_output_dir(cfg.out, "qtune train") if main else contextlib.nullcontext():
+        with args.main_process_first(desc="preparing the output folder"):
+            resume_from = _prepare_folder(cfg, out) if main else _resume_point(cfg, out)
+        return _train(cfg, out, args, resume_from)
+
+
+def _resume_point(cfg: TrainConfig, out: Path) -> Path | None:
+    """The checkpoint to resume from, in a folder the main process has prepared."""
+    return checkpoints.scan(out)[0][-1] if cfg.resume else None
+
+
+def _train(cfg: TrainConfig, out: Path, args: TrainingArguments, resume_from: Path | None) -> dict:
+    """run_train's work, in its prepared folder."""
+
+    method = build_method(cfg.method, cfg)
+    step_log = out / STEP_LOG
+    main = args.should_save
+
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code, pad_token=cfg.pad_token)
+    pad_id = require_pad_token(tokenizer)
+    records, samples = load_samples(cfg, tokenizer)
+    # Weights stay float32 (bfloat16 means mixed precision, as in transformers), on the CPU: the
+    # Trainer moves them to this process's device.
+    model = load_model(cfg.model, dtype="float32", device="cpu", trust_remote_code=cfg.trust_remote_code)
+    check_vocabulary(model, tokenizer, cfg.model)
+    if cfg.lora_r > 0:
+        model = _apply_lora(model, cfg)
+
     trainer = QTuneTrainer(
         model=model,
         args=args,
@@ -504,33 +468,43 @@ def _train(cfg: TrainConfig, out: Path) -> dict:
         processing_class=tokenizer,
         method=method,
         pad_token_id=pad_id,
-        entropy_over="attended" if cfg.reference else "response",
+        triage_scope=cfg.triage_scope,
         chunk_tokens=cfg.chunk_tokens,
         step_log=step_log,
         nonfinite=cfg.nonfinite,
         keep_checkpoints=cfg.save_total_limit,
     )
-    if cfg.progress:
+    if cfg.progress and main:
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(_PruningProgress(trainer))
-    log(f"training {cfg.model} with method {cfg.method} on {len(samples)} samples ({device}, "
-        f"{'bf16 mixed' if mixed_bf16 else 'fp32'}{', LoRA r=%d' % cfg.lora_r if cfg.lora_r else ''})")
+    if main:
+        log(f"training {cfg.model} with method {cfg.method} on {len(samples)} samples ({args.device}"
+            f"{f' x {args.world_size} processes' if args.world_size > 1 else ''}, "
+            f"{'bf16 mixed' if args.bf16 else 'fp32'}{', LoRA r=%d' % cfg.lora_r if cfg.lora_r else ''})")
+    if resume_from:
+        trainer.load_method_state(resume_from)
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    final = _save_final_model(trainer, tokenizer, cfg, out)
+    final = out / "model"
+    if main:
+        _save_final_model(trainer, tokenizer, cfg, out)
+    trainer.accelerator.wait_for_everyone()  # the step log and the model are complete for every process
 
-    summary = summarize_run(read_step_log(step_log), cfg)
+    summary = summarize_run(read_step_log(step_log), method)
     summary.update({
         "config": asdict(cfg),
         "model_dir": str(final),
         "process_seconds": time.perf_counter() - started,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {device}, torch {torch.__version__}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {args.device} x {args.world_size}, "
+                   f"torch {torch.__version__}",
     })
+    if not main:
+        return summary
     write_json(out / "summary.json", summary)
     if summary["skipped_steps"]:
         log(f"{summary['skipped_steps']} of {summary['steps']} steps skipped (non-finite loss, gradient norm or "
             "scores); see 'skipped' in steps.jsonl")
-    log(f"nominal budget {summary['nominal_budget']:.3f} (r_sample x r_token); response tokens that received "
+    log(f"nominal budget {summary['nominal_budget']:.3f} (the method's); response tokens that received "
         f"loss: {100 * summary['loss_token_fraction']:.1f}%; samples trained: "
         f"{100 * summary['kept_sample_fraction']:.1f}%")
     log(f"wall time {summary['wall_seconds']:.1f} s = scoring {summary['scoring_seconds']:.1f} s + training "

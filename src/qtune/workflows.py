@@ -1,42 +1,23 @@
-"""The commands as Python functions: `qtune score` is `run_score(ScoreConfig(...))`."""
+"""`qtune score` and `qtune eval` as Python functions: `qtune score` is `run_score(ScoreConfig(...))`."""
 
 from __future__ import annotations
 
 import json
 import platform
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from .config import EvalConfig, EvalRunConfig, ScoreConfig
-from .data import load_records, record_id_of, require_pad_token, tokenize_records
-from .errors import QTuneError
+from .console import log
+from .data import load_records, record_id_of, require_pad_token
 from .io import atomic_path, claim_output_dir, write_json, write_text
 from .models import check_vocabulary, load_model, load_tokenizer
-from .pruning import triage
-from .report import QUADRANT_LABELS, category_quadrant_table, format_table, score_summary
+from .pruning import QUADRANT_NAMES, triage
+from .report import category_quadrant_table, format_table, score_summary
+from .samples import load_samples
 from .scoring import score_dataset
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def load_samples(cfg, tokenizer):
-    """Records -> tokenized samples, reporting anything skipped or excluded."""
-    records, load_report = load_records(cfg.data, cfg.format, skip_invalid=cfg.skip_invalid, limit=cfg.limit)
-    if load_report.skipped:
-        log(load_report.summary())
-    samples, tok_report = tokenize_records(
-        records, tokenizer, max_length=cfg.max_length, truncation_side=cfg.truncation_side
-    )
-    if tok_report.excluded_ids or tok_report.n_truncated or tok_report.n_split:
-        log(tok_report.summary())
-    if not samples:
-        raise QTuneError(f"{cfg.data}: no usable sample (every record was skipped or had no response token)")
-    return records, samples
 
 
 def run_score(cfg: ScoreConfig) -> dict:
@@ -70,7 +51,7 @@ def _score(cfg: ScoreConfig, out: Path) -> dict:
         "ppl": scores.ppl,
         "entropy": scores.ent,
         "quadrant": quadrant,
-        "quadrant_name": [QUADRANT_LABELS[q] for q in quadrant],
+        "quadrant_name": [QUADRANT_NAMES[q] for q in quadrant],
         "kept": [i in kept for i in range(len(quadrant))],
         "metadata": [json.dumps(m, sort_keys=True) for m in records_of],
     }
@@ -158,28 +139,3 @@ def _evaluate(cfg: EvalRunConfig) -> dict:
     print(format_table(["metric", "value"], rows))
     log(f"wrote {Path(cfg.out) / 'predictions.jsonl'} and {Path(cfg.out) / 'metrics.json'}")
     return metrics
-
-
-def run_demo(out: str | Path = "runs/demo") -> dict:
-    """The embedded default, on the micro testbed: build (or reuse) the tiny base model and its
-    data, place the training set on the EU plane with the base model (per ground-truth category),
-    then train full data and Q-Tuning (25% samples x 70% tokens), evaluate both on the held-out
-    set and write the comparison table and the HTML report."""
-    from .bench import BenchConfig, run_bench
-    from .testbed import SFT_SETTINGS, build_testbed
-
-    out = Path(out)
-    stages = 3
-    log(f"[1/{stages}] testbed: building or reusing the tiny base model and its data")
-    paths = build_testbed()
-    log(f"      model {paths.model_dir}\n      train {paths.train_path}\n      test  {paths.test_path}")
-    log(f"[2/{stages}] placing the training set on the EU plane with the base model")
-    score = run_score(ScoreConfig(model=str(paths.model_dir), data=str(paths.train_path), out=str(out / "score-base"),
-                                  batch_size=32))
-    log(f"[3/{stages}] training full data and Q-Tuning (25% x 70%), then evaluating both")
-    bench = BenchConfig(out=str(out / "compare"), methods="full,qtuning", budgets="0.25x0.7", seeds="0",
-                        **SFT_SETTINGS)
-    rows = run_bench(bench)
-    print((out / "compare" / "results.md").read_text(encoding="utf-8"))
-    log(f"demo done. EU plane: {out / 'score-base' / 'eu_plane.png'}; report: {out / 'compare' / 'report.html'}")
-    return {"testbed": str(paths.root), "score": score, "results": rows}

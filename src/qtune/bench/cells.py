@@ -1,0 +1,228 @@
+"""Running the cells of a bench grid.
+
+Every cell (method, r_sample, r_token, seed) trains the base model into OUT/cells/<cell>/train,
+evaluates it into OUT/cells/<cell>/eval and writes OUT/cells/<cell>/result.json atomically as its
+last act; the parent process then appends the same row to OUT/results.jsonl. A crash therefore
+loses at most the cells in progress, and a second run skips every cell that has its result.json (a
+cell folder without one is cleaned and run again). Cells run one at a time, or in worker processes
+with `--jobs`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+import traceback
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+from ..config import EvalRunConfig, TrainConfig
+from ..errors import QTuneError
+from ..io import write_json
+from .grid import BenchConfig, Cell
+from .results import append_result, check_settings, finished_row, resolve_settings, sync_results
+
+
+def train_config(cell: Cell, settings: dict, out: Path):
+    """The cell's TrainConfig: every bench option of the same name, plus the cell's own values."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in settings.items() if k in names}
+    values.update(
+        out=str(out), method=cell.method, r_sample=cell.r_sample, r_token=cell.r_token, seed=cell.seed,
+        # The bench resumes by cell, not inside a cell: no checkpoint is ever needed.
+        save_steps=10**9, save_total_limit=1, resume=False, progress=False, report_to="none",
+        merge_lora=True,  # evaluation loads plain weights
+    )
+    return TrainConfig(**values)
+
+
+def eval_config(settings: dict, model_dir: Path, out: Path):
+    return EvalRunConfig(
+        model=str(model_dir), data=settings["eval_data"], out=str(out), format="auto",
+        max_length=settings["max_length"], dtype=settings["dtype"], device=settings["device"],
+        trust_remote_code=settings["trust_remote_code"], pad_token=settings["pad_token"],
+        max_new_tokens=settings["max_new_tokens"], batch_size=settings["eval_batch_size"],
+        limit=settings["eval_limit"], num_fewshot=settings["num_fewshot"],
+        fewshot_data=settings["data"] if settings["num_fewshot"] > 0 else None,
+        perplexity=settings["perplexity"],
+    )
+
+
+def training_categories(settings: dict) -> dict[int, str] | None:
+    """sample_id -> metadata.category of the training records, or None when no record has one."""
+    from ..data import load_records
+
+    records, _ = load_records(settings["data"], settings["format"], limit=settings["limit"])
+    if not any("category" in r.metadata for r in records):
+        return None
+    return {r.sample_id: str(r.metadata.get("category", "none")) for r in records}
+
+
+def result_row(cell: Cell, summary: dict, steps: list[dict], metrics: dict, audit: dict | None,
+               seconds: float) -> dict:
+    """The cell's row of results.jsonl."""
+    return {
+        "cell": cell.name,
+        "method": cell.method,
+        "r_sample": cell.r_sample,
+        "r_token": cell.r_token,
+        "seed": cell.seed,
+        "nominal_budget": summary["nominal_budget"],
+        "exact_match_strict": metrics["exact_match_strict"],
+        "exact_match_flexible": metrics["exact_match_flexible"],
+        "perplexity": metrics.get("perplexity"),
+        "n_eval": metrics["n"],
+        "steps": summary["steps"],
+        "kept_sample_fraction": summary["kept_sample_fraction"],
+        "loss_token_fraction": summary["loss_token_fraction"],
+        "loss_tokens": sum(r["kept_tokens"] for r in steps),
+        "response_tokens": sum(r["response_tokens"] for r in steps),
+        "scoring_seconds": summary["scoring_seconds"],
+        "training_seconds": summary["training_seconds"],
+        "wall_seconds": summary["wall_seconds"],
+        "eval_seconds": metrics["seconds"],
+        "cell_seconds": seconds,
+        "final_loss": summary["final_loss"],
+        "audit": audit,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def run_cell(cell: Cell, settings: dict, out: str | Path, keep_model: bool = False) -> dict:
+    """Train and evaluate one cell in OUT/cells/<cell>/, whatever is there; return its result row.
+
+    The cell's own output (training and evaluation logs, progress bars) goes to its cell.log.
+    """
+    import gc
+
+    from ..report import pruning_audit
+    from ..train import read_step_log, run_train
+    from ..workflows import run_eval
+
+    cell_dir = Path(out) / "cells" / cell.name
+    shutil.rmtree(cell_dir, ignore_errors=True)
+    cell_dir.mkdir(parents=True)
+    started = time.perf_counter()
+    with open(cell_dir / "cell.log", "w", encoding="utf-8") as log, redirect_stdout(log), redirect_stderr(log):
+        summary = run_train(train_config(cell, settings, cell_dir / "train"))
+        for checkpoint in (cell_dir / "train").glob("checkpoint-*"):
+            shutil.rmtree(checkpoint)
+        metrics = run_eval(eval_config(settings, cell_dir / "train" / "model", cell_dir / "eval"))
+        if not keep_model:
+            shutil.rmtree(cell_dir / "train" / "model")
+        gc.collect()
+    steps = read_step_log(cell_dir / "train" / "steps.jsonl")
+    categories = training_categories(settings)
+    audit = pruning_audit(steps, categories) if categories else None
+    row = result_row(cell, summary, steps, metrics, audit, time.perf_counter() - started)
+    write_json(cell_dir / "result.json", row)
+    return row
+
+
+def _run_cell_reporting_errors(cell: Cell, settings: dict, out: str, keep_model: bool) -> tuple[dict | None, str]:
+    """run_cell for the grid: a failure is returned as a message (its traceback goes to the cell's
+    log), so that one bad cell does not stop the others, and nothing unpicklable crosses processes."""
+    try:
+        return run_cell(cell, settings, out, keep_model), ""
+    except Exception as exc:  # noqa: BLE001 -- reported per cell, the grid goes on
+        log_path = Path(out) / "cells" / cell.name / "cell.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.write(traceback.format_exc())
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return None, message
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _check_cell_configs(cells: list[Cell], settings: dict, out: Path) -> None:
+    """Build every cell's TrainConfig and the evaluation config (building checks them), so that
+    settings no cell can run with fail now, in one line, not in every cell after the first ones
+    have trained."""
+    for cell in cells:
+        try:
+            train_config(cell, settings, out / "cells" / cell.name / "train")
+        except QTuneError as exc:
+            raise QTuneError(f"cell {cell.name}: {exc}") from None
+    eval_config(settings, out / "model", out / "eval")  # the same for every cell, but for these paths
+
+
+def run_cells(cells: list[Cell], cfg: BenchConfig, out: Path) -> list[str]:
+    """Run the cells that have no result yet; return the names of those that failed."""
+    settings = resolve_settings(cfg)
+    _check_cell_configs(cells, settings, out)
+    check_settings(out, settings)
+    sync_results(out)
+    metric = f"exact_match_{cfg.metric}"
+    pending, done = [], 0
+    for cell in cells:
+        row = finished_row(out, cell)
+        if row is None:
+            pending.append(cell)
+        else:
+            done += 1
+            print(f"[{done}/{len(cells)}] {cell.label} ... done earlier: acc {100 * row[metric]:.1f}%", flush=True)
+    progress = _Progress(out, done, len(cells), metric)
+    if cfg.jobs == 1:
+        for cell in pending:
+            print(progress.start(cell), end=" ", flush=True)
+            print(progress.finish(cell, *_run_cell_reporting_errors(cell, settings, str(out), cfg.keep_models)),
+                  flush=True)
+    elif pending:
+        _run_parallel(pending, settings, out, cfg, progress)
+    return progress.failures
+
+
+class _Progress:
+    """Counts finished cells, appends their rows to results.jsonl and words the progress lines."""
+
+    def __init__(self, out: Path, done: int, total: int, metric: str):
+        self.out, self.done, self.total, self.metric = out, done, total, metric
+        self.failures: list[str] = []
+
+    def start(self, cell: Cell) -> str:
+        return f"[{self.done + 1}/{self.total}] {cell.label} ..."
+
+    def finish(self, cell: Cell, row: dict | None, error: str) -> str:
+        """Record a finished cell; the end of its progress line."""
+        self.done += 1
+        if row is None:
+            self.failures.append(cell.name)
+            return f"FAILED: {error} (see cells/{cell.name}/cell.log)"
+        append_result(self.out, row)
+        return f"acc {100 * row[self.metric]:.1f}% in {row['cell_seconds']:.0f} s"
+
+
+def _cpu_count() -> int:
+    """CPUs this process may run on (a container may allow fewer than the machine has)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _run_parallel(pending: list[Cell], settings: dict, out: Path, cfg: BenchConfig, progress: _Progress) -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    threads = max(1, _cpu_count() // cfg.jobs)
+    # spawn, not fork: the parent has torch loaded, and forking its thread pools is unsafe.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(cfg.jobs, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
+        futures = {pool.submit(_run_cell_reporting_errors, cell, settings, str(out), cfg.keep_models): cell
+                   for cell in pending}
+        try:
+            for future in as_completed(futures):
+                cell = futures[future]
+                line = progress.start(cell)
+                print(line, progress.finish(cell, *future.result()), flush=True)
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        except BrokenProcessPool:
+            raise QTuneError("a cell's process died without a Python error (out of memory? killed?); the cells "
+                             "that finished are kept: run the same command again, perhaps with fewer --jobs") from None

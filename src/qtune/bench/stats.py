@@ -1,0 +1,183 @@
+"""The statistics of a bench run's result rows: mean and standard deviation over seeds per method
+and budget, the comparison with random pruning and full data, the pruning audit per category, and
+their tables (Markdown, CSV)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+from .grid import FULL
+
+
+#: Columns aggregated over seeds: (row key, table header, scale, decimals).
+COLUMNS = (
+    ("exact_match_strict", "strict EM %", 100, 1),
+    ("exact_match_flexible", "flexible EM %", 100, 1),
+    ("perplexity", "PPL", 1, 2),
+    ("loss_tokens", "loss tokens", 1, 0),
+    ("loss_token_fraction", "loss tokens %", 100, 1),
+    ("kept_sample_fraction", "kept samples %", 100, 1),
+    ("scoring_seconds", "scoring s", 1, 1),
+    ("training_seconds", "training s", 1, 1),
+    ("wall_seconds", "wall s", 1, 1),
+)
+
+
+@dataclass
+class GroupStats:
+    """The result rows of one (method, r_sample, r_token) over its seeds."""
+
+    method: str
+    r_sample: float
+    r_token: float
+    nominal_budget: float
+    seeds: list[int]
+    mean: dict[str, float | None]
+    std: dict[str, float | None]  # sample standard deviation; None with a single seed
+    best: bool = False  # highest mean of the ranking metric among the methods of its budget
+
+    @property
+    def budget_label(self) -> str:
+        return "full data" if self.method == FULL else f"{self.r_sample:g}x{self.r_token:g}"
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def summarize_results(rows: list[dict], metric: str = "exact_match_strict") -> list[GroupStats]:
+    """Mean and standard deviation over seeds per (method, r_sample, r_token), `full` first, then
+    budgets from the largest down; `best` marks, in each budget run by two or more methods, the
+    method(s) with the highest mean `metric`."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["r_sample"], row["r_token"]), []).append(row)
+    stats = []
+    for (method, r_sample, r_token), members in groups.items():
+        members.sort(key=lambda r: r["seed"])
+        mean, std = {}, {}
+        for key, *_ in COLUMNS:
+            mean[key], std[key] = _mean_std([r[key] for r in members if r.get(key) is not None])
+        stats.append(GroupStats(method, r_sample, r_token, members[0]["nominal_budget"],
+                                [r["seed"] for r in members], mean, std))
+    stats.sort(key=lambda g: (g.method != FULL, -g.nominal_budget, -g.r_sample, g.method))
+    for key in {(g.r_sample, g.r_token) for g in stats if g.method != FULL}:
+        rivals = [g for g in stats if g.method != FULL and (g.r_sample, g.r_token) == key and g.mean[metric] is not None]
+        if len(rivals) > 1:
+            top = max(g.mean[metric] for g in rivals)
+            for g in rivals:
+                g.best = g.mean[metric] >= top - 1e-12
+    return stats
+
+
+def _format_stat(mean: float | None, std: float | None, scale: float, decimals: int) -> str:
+    if mean is None:
+        return "-"
+    text = f"{mean * scale:.{decimals}f}"
+    return text if std is None else f"{text} ± {std * scale:.{decimals}f}"
+
+
+def results_table(stats: list[GroupStats], metric: str) -> tuple[list[str], list[list[str]], set[tuple[int, int]]]:
+    """Headers, formatted rows and the (row, column) cells to emphasise (best of its budget)."""
+    headers = ["method", "budget", "r_sample x r_token", "seeds"] + [h for _, h, *_ in COLUMNS]
+    metric_column = 4 + [k for k, *_ in COLUMNS].index(metric)
+    rows, bold = [], set()
+    for i, g in enumerate(stats):
+        rows.append([g.method, f"{g.nominal_budget:.4g}", g.budget_label, str(len(g.seeds))]
+                    + [_format_stat(g.mean[k], g.std[k], scale, d) for k, _, scale, d in COLUMNS])
+        if g.best:
+            bold.add((i, metric_column))
+    return headers, rows, bold
+
+
+def markdown_results(stats: list[GroupStats], metric: str) -> str:
+    from ..report import format_table
+
+    headers, rows, bold = results_table(stats, metric)
+    rows = [[f"**{c}**" if (i, j) in bold else c for j, c in enumerate(row)] for i, row in enumerate(rows)]
+    return format_table(headers, rows)
+
+
+def csv_results(stats: list[GroupStats]) -> str:
+    """One line per (method, budget): means, standard deviations (empty with one seed), best flag."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["method", "r_sample", "r_token", "nominal_budget", "seeds", "best"]
+                    + [f"{k}_{s}" for k, *_ in COLUMNS for s in ("mean", "std")])
+    for g in stats:
+        values = []
+        for key, *_ in COLUMNS:
+            values += ["" if g.mean[key] is None else repr(g.mean[key]), "" if g.std[key] is None else repr(g.std[key])]
+        writer.writerow([g.method, g.r_sample, g.r_token, g.nominal_budget, " ".join(map(str, g.seeds)),
+                         int(g.best)] + values)
+    return buffer.getvalue()
+
+
+def audit_rows(rows: list[dict], stats: list[GroupStats], text=str) -> tuple[list[str], list[list[str]]] | None:
+    """Per (method, budget): the share of each category's sample appearances that were not trained
+    on, averaged over seeds. None when the training data has no categories. The category names
+    come from the data: `text` writes them into the headers (`markdown_text` for Markdown)."""
+    audited = [r for r in rows if r.get("audit")]
+    if not audited:
+        return None
+    categories = sorted({c for r in audited for c in r["audit"]})
+    table = []
+    for g in stats:
+        members = [r for r in audited if (r["method"], r["r_sample"], r["r_token"]) == (g.method, g.r_sample, g.r_token)]
+        if not members:
+            continue
+        cells = []
+        for cat in categories:
+            mean, std = _mean_std([r["audit"][cat]["dropped_share"] for r in members if cat in r["audit"]])
+            cells.append(_format_stat(mean, std, 100, 1))
+        table.append([g.method, g.budget_label] + cells)
+    return ["method", "r_sample x r_token"] + [f"dropped {text(c)} %" for c in categories], table
+
+
+#: The baseline every other pruning method is compared with at its own budget.
+RANDOM = "random"
+
+COMPARISON_NOTE = (
+    "Difference of mean accuracy in percentage points, and the same difference in units of the pooled "
+    "standard deviation sqrt((s1^2 + s2^2) / 2) of the two groups over seeds. Verdict: win or loss when the "
+    "difference exceeds one pooled standard deviation, tie otherwise (a reading aid with few seeds, not a "
+    "significance test). Wall = mean wall time (scoring + training) relative to full data.")
+
+
+def _versus(g: GroupStats, other: GroupStats | None, metric: str) -> list[str]:
+    """Δ (pp), Δ in pooled standard deviations and the verdict of `g` against `other`."""
+    if other is None or g.mean[metric] is None or other.mean[metric] is None:
+        return ["-", "-", "-"]
+    delta = 100 * (g.mean[metric] - other.mean[metric])
+    if g.std[metric] is None or other.std[metric] is None:
+        return [f"{delta:+.1f}", "-", "one seed"]
+    pooled = 100 * math.sqrt((g.std[metric] ** 2 + other.std[metric] ** 2) / 2)
+    verdict = "tie" if abs(delta) <= pooled else ("win" if delta > 0 else "loss")
+    return [f"{delta:+.1f}", f"{delta / pooled:+.2f}" if pooled else "-", verdict]
+
+
+def comparison_rows(stats: list[GroupStats], metric: str) -> tuple[list[str], list[list[str]]] | None:
+    """Every pruned (method, budget) against random pruning at the same budget and against full
+    data: accuracy difference, in pooled standard deviations, verdict; and the wall-time ratio.
+    None when only full data was run."""
+    full = next((g for g in stats if g.method == FULL), None)
+    randoms = {(g.r_sample, g.r_token): g for g in stats if g.method == RANDOM}
+    table = []
+    for g in stats:
+        if g.method == FULL:
+            continue
+        baseline = randoms.get((g.r_sample, g.r_token)) if g.method != RANDOM else None
+        wall = ("-" if full is None or not full.mean["wall_seconds"] or g.mean["wall_seconds"] is None
+                else f"{g.mean['wall_seconds'] / full.mean['wall_seconds']:.2f}x")
+        table.append([g.method, g.budget_label] + _versus(g, baseline, metric) + _versus(g, full, metric) + [wall])
+    if not table:
+        return None
+    return (["method", "r_sample x r_token", "vs random (pp)", "in std", "verdict", "vs full (pp)", "in std",
+             "verdict", "wall vs full"], table)

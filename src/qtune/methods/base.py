@@ -1,0 +1,164 @@
+"""The selector contract: what a pruning method is, what it decides, and the registry.
+
+A method sees the micro-batches of one optimizer step (under several processes and
+`triage_scope="global"`, those of every process, gathered in rank order), and, when it asks for
+them, their `BatchScores` from a no-grad pass with the current weights. It returns a `Decision`:
+per micro-batch the rows to train on, the label mask (True = the token keeps its loss) and
+optional loss weights; the nominal budget; statistics for the step log. The same method can be
+applied once over a whole dataset (`select_dataset`, static selection).
+
+Rules a method follows:
+- it is deterministic given its inputs, the step and its state: under global scope every process
+  runs it on the same gathered inputs and must reach the same decision;
+- it reads only its own options (`config_class`, built by `build_method` from the run's config);
+- its state (`state_dict`) is JSON-serialisable; the trainer saves it in each checkpoint and
+  restores it on `--resume`.
+
+Add a method with `@register("name")` on a subclass of `Method`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..config import METHOD_NAMES, FullConfig
+from ..errors import QTuneError
+from ..scoring import BatchScores, DatasetScores, response_positions
+
+#: The scores a method may ask the step for (`Method.needs`).
+SCORES = frozenset({"nll", "entropy"})
+
+
+@dataclass
+class Selection:
+    """What one micro-batch keeps.
+
+    rows: int64 [k], the kept rows.
+    label_mask: bool [B, L], True where a label keeps its loss (read on the kept rows only).
+    weights: optional loss weights, float [B] (one per sample) or [B, L] (one per token); the
+        loss is sum(weight x token cross-entropy) / kept tokens of the step. None means 1.
+    """
+
+    rows: torch.Tensor
+    label_mask: torch.Tensor
+    weights: torch.Tensor | None = None
+
+
+@dataclass
+class Decision:
+    """A method's decision for one optimizer step.
+
+    nominal_budget: the share of response tokens the method means to train on (r_sample x
+    r_token for Q-Tuning, 1 for full data); `measured_budget` is the share it did keep.
+    stats: per-step statistics for the step log (JSON values).
+    """
+
+    selections: list[Selection]
+    nominal_budget: float
+    stats: dict = field(default_factory=dict)
+    kept_tokens: int = 0
+    response_tokens: int = 0
+
+    @classmethod
+    def over(cls, batches: list[dict], selections: list[Selection], nominal_budget: float,
+             stats: dict) -> Decision:
+        """The decision, with its kept and response token counts taken from `batches`."""
+        kept = sum(int(s.label_mask[s.rows].sum()) for s in selections)
+        response = sum(int(response_mask_of(b).sum()) for b in batches)
+        return cls(selections, nominal_budget, stats, kept, response)
+
+    @property
+    def measured_budget(self) -> float:
+        return self.kept_tokens / max(self.response_tokens, 1)
+
+
+@dataclass
+class DatasetSelection:
+    """A static selection over a dataset: the kept `sample_ids` (ascending) and, for each, the mask
+    of its response tokens that keep their loss (in response order, as in `DatasetScores`)."""
+
+    sample_ids: list[int]
+    token_masks: dict[int, list[bool]]
+
+
+def response_mask_of(batch: dict) -> torch.Tensor:
+    """Positions that receive loss in the unpruned batch (`qtune.scoring.response_positions`)."""
+    return response_positions(batch["labels"])
+
+
+def split_rows(flags: torch.Tensor, batches: list[dict]) -> list[torch.Tensor]:
+    """A per-sample tensor over the whole step, split back into its micro-batches."""
+    return list(torch.split(flags, [b["labels"].shape[0] for b in batches]))
+
+
+class Method:
+    """Base class of the pruning methods. Subclasses set `config_class`, `needs` and `select`."""
+
+    name = "base"
+    #: The dataclass of this method's options; `build_method` fills it from the run's config.
+    config_class: type = FullConfig
+    #: The scores the step must compute before `select` (a subset of `SCORES`); empty: none.
+    needs: frozenset[str] = frozenset()
+
+    def __init__(self, config):
+        self.config = config
+
+    @property
+    def nominal_budget(self) -> float:
+        return 1.0
+
+    @property
+    def entropy_over(self) -> str:
+        """Positions the scoring pass averages entropy over: "response" or "attended"."""
+        return "response"
+
+    def needs_scores_at(self, step: int, total_steps: int) -> bool:
+        """Whether the step runs the scoring pass before `select` at this step."""
+        return bool(self.needs)
+
+    def select(self, batches: list[dict], scores: list[BatchScores] | None, step: int) -> Decision:
+        """The dynamic decision for one step (`scores` is None when no scoring pass ran)."""
+        raise NotImplementedError
+
+    def select_dataset(self, scores: DatasetScores) -> DatasetSelection:
+        """The static decision over a whole dataset, from its scores."""
+        raise NotImplementedError(f"method {self.name!r} has no static selection")
+
+    def state_dict(self) -> dict:
+        """State carried from step to step (JSON-serialisable); saved with each checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()` on --resume."""
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(name: str) -> Callable[[type[Method]], type[Method]]:
+    def add(cls: type[Method]) -> type[Method]:
+        if name in METHODS:
+            raise ValueError(f"pruning method {name!r} is already registered")
+        unknown = set(cls.needs) - SCORES
+        if unknown:
+            raise ValueError(f"pruning method {name!r} needs unknown scores {sorted(unknown)}; known: {sorted(SCORES)}")
+        cls.name = name
+        METHODS[name] = cls
+        METHOD_NAMES.add(name)
+        return cls
+
+    return add
+
+
+def build_method(name: str, config) -> Method:
+    """The method `name`, given its own options taken by name from `config` (a TrainConfig, or
+    any object with those fields)."""
+    if name not in METHODS:
+        raise QTuneError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    cls = METHODS[name]
+    options = {f.name: getattr(config, f.name) for f in dataclasses.fields(cls.config_class)}
+    return cls(cls.config_class(**options))

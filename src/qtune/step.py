@@ -1,0 +1,304 @@
+"""One training step with dynamic pruning, framework-free: plain functions on a model and the
+step's micro-batches, usable from the transformers Trainer (`qtune.train`), TRL or a plain loop.
+
+    scores   = score_step(...)        no-grad pass with the current weights, if the method asks
+    plan     = plan_step(...)         gather (triage_scope) -> decide -> own rows -> pack -> count
+    for mb in plan.micro_batches:     every process runs the same number of backward passes
+        backward(micro_batch_loss(model, mb, plan.loss_tokens, plan.world_size))
+
+Rules:
+- Under several processes (torch.distributed initialised by torchrun or accelerate; world size 1
+  is the plain path), `triage_scope="global"` gathers every process's micro-batches and scores in
+  rank order and every process runs the method on that global batch: the decisions agree because
+  methods are deterministic. `"local"`: each process decides over its own share.
+- Each process trains only its own kept rows, cut out of its micro-batches (`pack_kept`).
+- The loss is sum(weight x token cross-entropy) over the process's kept tokens divided by the
+  kept-token count of the whole step over every process, times the world size: the gradient
+  all-reduce averages over processes, so the update is that of the mean over every kept token.
+- No process skips a backward: a micro-batch left without rows gets one two-token row of weight
+  0, so that every process joins every gradient reduction (DDP, FSDP, ZeRO) with zeros.
+- The step's statistics (`StepPlan.record`) are those of every process, identical everywhere;
+  writing them is the caller's job, on the main process only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .data import IGNORE_INDEX
+from .methods import Decision, Method, Selection, response_mask_of
+from .scoring import BatchScores, accepts_logits_to_keep, score_batch
+
+TRIAGE_SCOPES = ("global", "local")
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) without torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather(obj) -> list:
+    """`obj` of every process, in rank order (a list of one without torch.distributed)."""
+    _, size = world()
+    if size == 1:
+        return [obj]
+    out = [None] * size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _to(value, device):
+    """Tensors of a batch dict or BatchScores moved to `device` (for gathering: on the CPU)."""
+    if isinstance(value, dict):
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in value.items()}
+    return BatchScores(**{k: getattr(value, k).to(device) for k in BatchScores.__dataclass_fields__})
+
+
+@dataclass
+class StepPlan:
+    """What a process trains in one step.
+
+    micro_batches: this process's packed micro-batches, as many as it was given, none empty.
+    loss_tokens: kept loss tokens of the step over every process (the loss normaliser).
+    world_size: processes that train the step.
+    decision: the method's decision, over the global batch (global scope) or this process's share.
+    record: statistics of the step over every process (see `plan_step`).
+    nonfinite: what was wrong with the scores when a score was NaN or inf (nothing is kept then).
+    """
+
+    micro_batches: list[dict]
+    loss_tokens: int
+    world_size: int
+    decision: Decision
+    record: dict
+    nonfinite: str | None = None
+
+
+@torch.no_grad()
+def score_step(model, batches: list[dict], method: Method, *, chunk_tokens: int = 128,
+               score=score_batch) -> list[BatchScores]:
+    """The method's scores for each micro-batch, from a no-grad pass in eval mode (no dropout)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return [score(model, b["input_ids"], b["attention_mask"], b["labels"], entropy_over=method.entropy_over,
+                      chunk_tokens=chunk_tokens) for b in batches]
+    finally:
+        model.train(was_training)
+
+
+def _nonfinite(bad: int, total: int) -> str | None:
+    # A healthy model cannot produce NaN or inf scores: it is the model that has diverged.
+    return f"the scoring pass gave a non-finite PPL or entropy for {bad} of {total} samples" if bad else None
+
+
+def _keep_nothing(batches: list[dict], method: Method) -> Decision:
+    """A step that trains no sample (its scores were not finite)."""
+    selections = [Selection(torch.zeros(0, dtype=torch.long), torch.zeros_like(b["labels"], dtype=torch.bool))
+                  for b in batches]
+    stats = {"samples": sum(b["labels"].shape[0] for b in batches), "kept": 0}
+    return Decision.over(batches, selections, method.nominal_budget, stats)
+
+
+def _take_row(batch: dict, row: int, selection: Selection) -> dict | None:
+    """One row of a right-padded batch with pruned labels, cut after its last loss position
+    (later positions cannot influence the loss of a causal model). None if no token is left."""
+    labels = batch["labels"][row].masked_fill(~selection.label_mask[row], IGNORE_INDEX)
+    positions = (labels != IGNORE_INDEX).nonzero()
+    if positions.numel() == 0:
+        return None
+    end = int(positions[-1]) + 1
+    out = {
+        "input_ids": batch["input_ids"][row, :end],
+        "attention_mask": batch["attention_mask"][row, :end],
+        "labels": labels[:end],
+        "sample_id": batch["sample_id"][row],
+    }
+    weights = selection.weights
+    if weights is not None:
+        weights = weights[row, :end] if weights.dim() == 2 else weights[row].expand(end)
+        out["loss_weight"] = weights.float()
+    return out
+
+
+def _stack(rows: list[dict], n_parts: int, pad_token_id: int, device) -> list[dict]:
+    """`rows` spread evenly over `n_parts` right-padded micro-batches (some empty when rows are few)."""
+    bounds = [round(i * len(rows) / n_parts) for i in range(n_parts + 1)]
+    weighted = any("loss_weight" in r for r in rows)
+    packed = []
+    for start, end in zip(bounds, bounds[1:]):
+        group = rows[start:end]
+        length = max((len(r["input_ids"]) for r in group), default=0)
+
+        def stack(key, fill, dtype=torch.long):
+            out = torch.full((len(group), length), fill, dtype=dtype, device=device)
+            for i, r in enumerate(group):
+                out[i, : len(r["input_ids"])] = r[key] if key in r else 1.0  # a row without weights weighs 1
+            return out
+
+        micro = {
+            "input_ids": stack("input_ids", pad_token_id),
+            "attention_mask": stack("attention_mask", 0),
+            "labels": stack("labels", IGNORE_INDEX),
+            "sample_id": torch.stack([r["sample_id"] for r in group]) if group else
+            torch.zeros(0, dtype=torch.long, device=device),
+        }
+        if weighted:
+            micro["loss_weight"] = stack("loss_weight", 0.0, torch.float32)
+        packed.append(micro)
+    return packed
+
+
+def pack_kept(batches: list[dict], selections: list[Selection], pad_token_id: int) -> list[dict]:
+    """Cut the kept rows out of the step's micro-batches and spread them evenly over the same
+    number of micro-batches (a training loop counts them); a micro-batch may be empty when fewer
+    rows than micro-batches are kept (`plan_step` fills it)."""
+    rows = [row for batch, selection in zip(batches, selections) for r in selection.rows.tolist()
+            if (row := _take_row(batch, r, selection)) is not None]
+    return _stack(rows, len(batches), pad_token_id, batches[0]["input_ids"].device)
+
+
+def _placeholder(batch: dict) -> dict:
+    """A two-token row of weight 0 for a micro-batch left empty: its forward and backward touch
+    every parameter a real row touches and contribute exactly zero."""
+    labels = batch["input_ids"][:1, :2].clone()
+    labels[:, 0] = IGNORE_INDEX
+    return {"input_ids": batch["input_ids"][:1, :2], "attention_mask": torch.ones_like(labels),
+            "labels": labels, "sample_id": batch["sample_id"][:1],
+            "loss_weight": torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)}
+
+
+def loss_token_count(batches: list[dict]) -> int:
+    """Labels that receive loss, over `batches`."""
+    return sum(int(response_mask_of(b).sum()) for b in batches)
+
+
+def plan_step(batches: list[dict], scores: list[BatchScores] | None, method: Method, step: int, *,
+              pad_token_id: int, triage_scope: str = "global") -> StepPlan:
+    """Decide what this process trains in this step, from its micro-batches and their scores.
+
+    Every process must call it at the same step (it gathers). The record holds, over every
+    process: samples, kept (rows), response_tokens, kept_tokens, input_tokens,
+    trained_input_tokens, sample_ids and kept_ids (in rank order), and the method's statistics
+    (global scope: the method's own; local scope: integer counts summed, other values those of
+    process 0).
+    """
+    if triage_scope not in TRIAGE_SCOPES:
+        raise ValueError(f"triage_scope must be one of {TRIAGE_SCOPES}, not {triage_scope!r}")
+    rank, size = world()
+    device = batches[0]["input_ids"].device
+    finite = None if scores is None else torch.cat([s.ppl.isfinite() & s.ent.isfinite() for s in scores])
+    bad = 0 if finite is None else int((~finite).sum())
+
+    # Gather: under global scope the method sees every process's micro-batches and scores, in
+    # rank order (through the CPU: all_gather_object pickles). Every process learns whether any
+    # score was not finite, so that all of them skip or stop together.
+    n_samples = sum(b["labels"].shape[0] for b in batches)
+    global_view = triage_scope == "global" and size > 1
+    mine = (([_to(b, "cpu") for b in batches], None if scores is None else [_to(s, "cpu") for s in scores])
+            if global_view else None)
+    shares = gather((mine, bad, n_samples, len(batches)))
+    nonfinite = _nonfinite(sum(s[1] for s in shares), sum(s[2] for s in shares))
+    if global_view:
+        seen = [b for s in shares for b in s[0][0]]
+        seen_scores = None if scores is None else [x for s in shares for x in s[0][1]]
+        own = slice(sum(s[3] for s in shares[:rank]), sum(s[3] for s in shares[: rank + 1]))
+    else:
+        seen, seen_scores, own = batches, scores, slice(0, len(batches))
+
+    # Decide, then take this process's own rows.
+    decision = _keep_nothing(seen, method) if nonfinite else method.select(seen, seen_scores, step)
+    selections = [Selection(s.rows.to(device), s.label_mask.to(device),
+                            None if s.weights is None else s.weights.to(device)) for s in decision.selections[own]]
+    packed = pack_kept(batches, selections, pad_token_id)
+
+    # Statistics and the loss normaliser, over every process.
+    local = {
+        "samples": n_samples,
+        "kept": sum(p["input_ids"].shape[0] for p in packed),
+        "response_tokens": loss_token_count(batches),
+        "kept_tokens": loss_token_count(packed),
+        "input_tokens": sum(int(b["attention_mask"].sum()) for b in batches),
+        "trained_input_tokens": sum(int(p["attention_mask"].sum()) for p in packed),
+        "sample_ids": torch.cat([b["sample_id"] for b in batches]).tolist(),
+        "kept_ids": torch.cat([p["sample_id"] for p in packed]).tolist(),
+        "stats": decision.stats,
+    }
+    everyone = gather(local)
+    record = {key: sum((r[key] for r in everyone), [] if key.endswith("_ids") else 0)
+              for key in local if key != "stats"}
+    stats = dict(everyone[0]["stats"])
+    if triage_scope == "local":
+        for key, value in stats.items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                stats[key] = sum(r["stats"][key] for r in everyone)
+    record = {**stats, **record}
+
+    packed = [p if p["input_ids"].shape[0] else _placeholder(batches[0]) for p in packed]
+    return StepPlan(packed, max(record["kept_tokens"], 1), size, decision, record, nonfinite)
+
+
+def micro_batch_loss(model, micro_batch: dict, loss_tokens, world_size: int = 1, *, unwrapped=None,
+                     return_outputs: bool = False):
+    """This process's share of the step's loss on one packed micro-batch: sum of (weighted) token
+    cross-entropies / the step's kept tokens over every process, times the world size (see the
+    module's rules). `unwrapped`: the model inside a DDP/FSDP wrapper, to see which arguments it
+    takes.
+
+    Logits are asked for only at positions that predict a kept label (prompt, padding and pruned
+    tokens cost no vocabulary projection), and taken in float32.
+    """
+    labels = micro_batch["labels"]
+    targets_mask = labels[:, 1:] != IGNORE_INDEX
+    targets = labels[:, 1:][targets_mask]
+    inputs = {"input_ids": micro_batch["input_ids"], "attention_mask": micro_batch["attention_mask"]}
+    if accepts_logits_to_keep(unwrapped if unwrapped is not None else model):
+        predicting = torch.zeros_like(labels, dtype=torch.bool)
+        predicting[:, :-1] = targets_mask
+        outputs = model(**inputs, logits_to_keep=predicting)
+        logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])
+    else:
+        outputs = model(**inputs)
+        logits = outputs.logits[:, :-1][targets_mask]
+    if "loss_weight" in micro_batch:
+        token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
+        loss = (token_loss * micro_batch["loss_weight"][:, 1:][targets_mask]).sum()
+    else:
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+    loss = loss / loss_tokens * world_size
+    return (loss, outputs) if return_outputs else loss
+
+
+def reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """`value` summed over every process (itself without torch.distributed)."""
+    if world()[1] > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+    return value
+
+
+def train_step(model, batches: list[dict], method: Method, step: int, total_steps: int, *, pad_token_id: int,
+               triage_scope: str = "global", chunk_tokens: int = 128) -> tuple[StepPlan, float]:
+    """Score, decide, and run forward and backward over this process's kept rows; returns the plan
+    and the step's loss (mean over every kept token of every process). The caller then clips,
+    steps the optimizer and zeroes the gradients. `model` may be wrapped in DDP: gradients are
+    then reduced at the last micro-batch only."""
+    unwrapped = getattr(model, "module", model)  # the no-grad pass needs no DDP wrapper
+    scores = (score_step(unwrapped, batches, method, chunk_tokens=chunk_tokens)
+              if method.needs_scores_at(step, total_steps) else None)
+    plan = plan_step(batches, scores, method, step, pad_token_id=pad_token_id, triage_scope=triage_scope)
+    total = torch.zeros((), device=batches[0]["input_ids"].device)
+    for i, micro_batch in enumerate(plan.micro_batches):
+        last = i == len(plan.micro_batches) - 1
+        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            loss = micro_batch_loss(model, micro_batch, plan.loss_tokens, plan.world_size, unwrapped=unwrapped)
+            loss.backward()
+        total += loss.detach()
+    return plan, float(reduce_sum(total)) / plan.world_size

@@ -1,0 +1,145 @@
+"""Q-Tuning for TRL users: `QTuneSFTTrainer` is `trl.SFTTrainer` with qtune's pruning step.
+
+A TRL script changes one class and sets the pruning fields in its config:
+
+    from qtune.trl_sft import QTuneSFTConfig, QTuneSFTTrainer
+
+    args = QTuneSFTConfig(output_dir="out", method="qtuning", r_sample=0.25, r_token=0.7)
+    trainer = QTuneSFTTrainer(model="Qwen/Qwen3-0.6B", args=args, train_dataset=dataset)
+    trainer.train()
+
+TRL prepares the data as usual (`messages`, prompt-completion, plain text; chat templates,
+`completion_only_loss`, `assistant_only_loss`, truncation) and its collator pads the batches.
+The positions TRL gives a label (not -100) are the response tokens that qtune scores and prunes,
+so prompt and non-assistant tokens never receive loss. The pruning hooks are `QTuneTrainer`'s,
+reached by cooperative inheritance: `QTuneTrainer` comes first in the MRO and forwards the
+constructor's arguments to `SFTTrainer`, whose own `super()` calls reach `transformers.Trainer`.
+The loss is qtune's (mean over the kept tokens of the whole step), so TRL's `loss_type="dft"`,
+label smoothing and its entropy/token-accuracy metrics do not apply to training.
+
+Samples need no `sample_id` column: each row of `train_dataset` gets its index as its id before
+TRL prepares it (a `sample_id` column of the user's is kept), so the step log names the same
+sample the same way in every epoch and on every process.
+
+Refused at construction: `packing` (a packed row mixes samples, which sample pruning cannot
+separate) and `padding_free` (its batches are one flattened row, without the per-sample rows the
+step selects from).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+import torch
+import trl
+
+from .config import PruningConfig
+from .data import require_pad_token
+from .errors import QTuneError
+from .methods import build_method
+from .train import QTuneTrainer
+
+
+def _check_pruning_fields(config) -> None:
+    """SFTConfig's own checks, then qtune's on the pruning fields (one-line OptionError)."""
+    trl.SFTConfig.__post_init__(config)
+    names = [f.name for f in dataclasses.fields(PruningConfig)]
+    checked = PruningConfig(**{name: getattr(config, name) for name in names})
+    for name in names:
+        setattr(config, name, getattr(checked, name))
+
+
+def _pruning_fields() -> list[tuple[str, type, dataclasses.Field]]:
+    """qtune's pruning options as fields for an SFTConfig subclass. A name SFTConfig already has
+    (`seed`) stays TRL's: one seed for the run. The metadata keeps only what `HfArgumentParser`
+    (TrlParser) passes to argparse; the value checks run in `_check_pruning_fields`."""
+    taken = {f.name for f in dataclasses.fields(trl.SFTConfig)}
+    hints = typing.get_type_hints(PruningConfig)
+    fields = []
+    for f in dataclasses.fields(PruningConfig):
+        if f.name in taken:
+            continue
+        metadata = {"help": f.metadata["help"]}
+        if f.metadata.get("choices"):
+            metadata["choices"] = f.metadata["choices"]
+        fields.append((f.name, hints[f.name], dataclasses.field(default=f.default, metadata=metadata)))
+    return fields
+
+
+# Built from PruningConfig so that each option is declared and documented once, in qtune.config.
+QTuneSFTConfig = dataclasses.make_dataclass(
+    "QTuneSFTConfig",
+    _pruning_fields(),
+    bases=(trl.SFTConfig,),
+    namespace={
+        "__module__": __name__,  # the Trainer pickles its args into checkpoints
+        "__doc__": "`trl.SFTConfig` plus qtune's pruning options (`qtune.config.PruningConfig`: method, "
+                   "r_sample, r_token, lam, ...), checked as qtune checks them.",
+        "__post_init__": _check_pruning_fields,
+    },
+)
+
+
+def _index_as_id(example: dict, index: int) -> dict:
+    return {"sample_id": index}
+
+
+def _with_sample_ids(dataset):
+    """The dataset with a `sample_id` column: the user's, else each row's index."""
+    if dataset is None or "sample_id" in (dataset.column_names or []):
+        return dataset
+    return dataset.map(_index_as_id, with_indices=True)
+
+
+class _CollateWithIds:
+    """The collator (TRL's or the user's) plus the batch's `sample_id` tensor, which the pruning
+    step logs and carries through packing. Evaluation datasets are not pruned and carry no ids."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, examples: list[dict]) -> dict:
+        if "sample_id" not in examples[0]:
+            return self.collate(examples)
+        batch = self.collate([{k: v for k, v in e.items() if k != "sample_id"} for e in examples])
+        batch["sample_id"] = torch.tensor([e["sample_id"] for e in examples], dtype=torch.long)
+        return batch
+
+
+class QTuneSFTTrainer(QTuneTrainer, trl.SFTTrainer):
+    """`trl.SFTTrainer` whose steps train only what the configured pruning method keeps.
+
+    Takes SFTTrainer's arguments; `args` must be a `QTuneSFTConfig`. Step records go to
+    `output_dir/steps.jsonl` (as with `qtune train`) and the pruning statistics to the logs."""
+
+    def __init__(self, model, args=None, data_collator=None, train_dataset=None, **kwargs):
+        if not isinstance(args, QTuneSFTConfig):
+            raise QTuneError("QTuneSFTTrainer needs args=QTuneSFTConfig(...), an SFTConfig with qtune's pruning "
+                             f"options; got {type(args).__name__}")
+        if args.packing:
+            raise QTuneError("QTuneSFTTrainer does not support packing=True: a packed row mixes samples, which "
+                             "sample pruning cannot separate; set packing=False")
+        if args.padding_free:
+            raise QTuneError("QTuneSFTTrainer does not support padding_free=True: pruning selects rows of a "
+                             "padded batch; set padding_free=False")
+        super().__init__(
+            model, args, data_collator, _with_sample_ids(train_dataset),
+            method=build_method(args.method, args),
+            pad_token_id=None,  # known once SFTTrainer has built its collator, below
+            triage_scope=args.triage_scope,
+            keep_checkpoints=args.save_total_limit,
+            **kwargs,
+        )
+        # The id TRL's collator pads with (its pad_token option, the tokenizer's, else EOS); with a
+        # collator of the user's, the tokenizer's.
+        self.pad_token_id = getattr(self.data_collator, "pad_token_id", None)
+        if self.pad_token_id is None:
+            self.pad_token_id = require_pad_token(getattr(self.processing_class, "tokenizer", self.processing_class))
+        self.data_collator = _CollateWithIds(self.data_collator)
+
+    def _set_signature_columns_if_needed(self):
+        # `remove_unused_columns` keeps only these columns of the prepared dataset.
+        super()._set_signature_columns_if_needed()
+        if "sample_id" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "sample_id"]
