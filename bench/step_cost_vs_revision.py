@@ -68,7 +68,8 @@ def main() -> None:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old_tree)], check=True)
     median = {name: {k: statistics.median(r[k] for r in rows) for k in ("scoring", "training", "wall")}
               for name, rows in runs.items()}
-    print(f"\n{args.method} {args.r_sample}x{args.r_token}, {args.steps} steps of 16, {args.repeats} runs each, "
+    budget = "" if args.method == "full" else f" {args.r_sample}x{args.r_token}"
+    print(f"\n{args.method}{budget}, {args.steps} steps of 16, {args.repeats} runs each, "
           f"{platform.machine()} {os.cpu_count()} cpus, {args.threads} threads")
     print("| revision | scoring s | training s | wall s |\n|---|---:|---:|---:|")
     for name, label in (("old", args.rev), ("new", "this checkout")):

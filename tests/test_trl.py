@@ -3,17 +3,17 @@
 import copy
 import json
 import random
+import shutil
 
 import pytest
 import torch
+import trl  # in the dev extra: CI runs these tests, never skips them
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
 
-trl = pytest.importorskip("trl")
-from datasets import Dataset  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
-
-from qtune.errors import OptionError, QTuneError  # noqa: E402
-from qtune.scoring import IGNORE_INDEX  # noqa: E402
-from qtune.trl_sft import QTuneSFTConfig, QTuneSFTTrainer  # noqa: E402
+from qtune.errors import OptionError, QTuneError
+from qtune.scoring import IGNORE_INDEX
+from qtune.trl_sft import QTuneSFTConfig, QTuneSFTTrainer
 
 # The conftest template with `{% generation %}` around each assistant turn and its end-of-turn
 # token, as TRL's assistant_only_loss asks of a template.
@@ -56,11 +56,15 @@ class LabelSpy(QTuneSFTTrainer):
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
+#: The QTuneSFTConfig of the tests' runs (qtuning at 50% x 50%, no checkpoints unless asked).
+SETTINGS = dict(per_device_train_batch_size=BATCH, max_steps=STEPS, learning_rate=1e-3, logging_steps=1,
+                save_strategy="no", report_to="none", bf16=False, use_cpu=True, seed=0, method="qtuning",
+                r_sample=0.5, r_token=0.5)
+
+
 def train(model_dir, tokenizer, dataset, out, trainer_class=QTuneSFTTrainer, **config):
     """What a TRL user writes, with QTuneSFTConfig / QTuneSFTTrainer for SFTConfig / SFTTrainer."""
-    args = QTuneSFTConfig(output_dir=str(out), per_device_train_batch_size=BATCH, max_steps=STEPS,
-                          learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none",
-                          bf16=False, use_cpu=True, seed=0, method="qtuning", r_sample=0.5, r_token=0.5, **config)
+    args = QTuneSFTConfig(**{**SETTINGS, "output_dir": str(out), **config})
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     trainer.trained = []
@@ -142,3 +146,23 @@ def test_config_checks_pruning_options_and_parses_with_trl():
     (config,) = trl.TrlParser((QTuneSFTConfig,)).parse_args_into_dataclasses(
         ["--output_dir", "o", "--use_cpu", "true", "--method", "random", "--r_sample", "0.5", "--r_token", "0.3"])
     assert (config.method, config.r_sample, config.r_token, config.seed) == ("random", 0.5, 0.3, 42)
+
+
+def test_resume_from_a_checkpoint_continues_the_step_log(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """A TRL run resumed with `train(resume_from_checkpoint=True)` cuts the step log back to the
+    checkpoint and ends with the same steps (and kept ids) as an uninterrupted run."""
+    full, _ = train(tiny_model_dir, tiny_tokenizer, prompt_completion_dataset(), tmp_path / "full")
+    expected = [json.loads(line) for line in (tmp_path / "full" / "steps.jsonl").read_text().splitlines()]
+    out = tmp_path / "resumed"
+    train(tiny_model_dir, tiny_tokenizer, prompt_completion_dataset(), out, save_strategy="steps", save_steps=2)
+    with open(out / "steps.jsonl", "a") as log:  # steps after the checkpoint, as a killed run leaves them
+        log.write(json.dumps({**expected[-1], "step": 3}) + "\n")
+    args = QTuneSFTConfig(**{**SETTINGS, "output_dir": str(out)})
+    for later in sorted(out.glob("checkpoint-*"))[1:]:  # keep checkpoint-2 only: resume mid-run
+        shutil.rmtree(later)
+    trainer = QTuneSFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
+                              train_dataset=prompt_completion_dataset(), processing_class=tiny_tokenizer)
+    trainer.train(resume_from_checkpoint=True)
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
+    assert [s["kept_ids"] for s in steps] == [s["kept_ids"] for s in expected]

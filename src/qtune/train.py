@@ -198,6 +198,26 @@ class QTuneTrainer(Trainer):
         if main:
             checkpoints.rotate(out, self.keep_checkpoints)
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """The Trainer's `train`, resuming the pruning state too, so that every front end (`qtune
+        train`, TRL's `QTuneSFTTrainer`, a user's script) resumes alike: the method's state comes
+        back from the checkpoint and the step log is cut back to the checkpoint's step (those steps
+        are about to be trained again); a fresh run starts a new step log. `True` means the newest
+        complete checkpoint of `output_dir`."""
+        if resume_from_checkpoint is True:
+            complete, _ = checkpoints.scan(Path(self.args.output_dir))
+            if not complete:
+                raise QTuneError(f"no complete checkpoint in {self.args.output_dir} to resume from")
+            resume_from_checkpoint = str(complete[-1])
+        if resume_from_checkpoint:
+            self.load_method_state(Path(resume_from_checkpoint))
+        if self.is_world_process_zero():
+            if resume_from_checkpoint:
+                _truncate_step_log(self.step_log, checkpoints.checkpoint_step(Path(resume_from_checkpoint)))
+            else:
+                self.step_log.unlink(missing_ok=True)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
     def load_method_state(self, checkpoint: Path) -> None:
         """Restore this process's method state from `checkpoint`. Nothing to restore for a
         method without state (or a checkpoint without the file), whatever the number of processes."""
@@ -350,17 +370,15 @@ def _prepare_folder(cfg: TrainConfig, out: Path) -> Path | None:
     """Check the claimed OUT for this run and return the checkpoint to resume from (None for a new
     run). Refuses a new run over checkpoints, a resume without a complete checkpoint, and a resume
     whose options differ from the recorded ones beyond --allow-config-change. On resume, incomplete
-    checkpoints are reported and deleted, and the step log is cut back to the checkpoint."""
+    checkpoints are reported and deleted (`QTuneTrainer.train` cuts the step log back)."""
 
     allowed = checkpoints.allowed_changes(cfg.allow_config_change)
     checkpoints.discard_staging(out)
     complete, incomplete = checkpoints.scan(out)
-    step_log = out / STEP_LOG
     config = _config_record(cfg)
     if not cfg.resume:
         if complete or incomplete:
             raise QTuneError(f"{out} already holds checkpoints; pass --resume to continue, or choose another --out")
-        step_log.unlink(missing_ok=True)
         checkpoints.save_run_config(out, config)
         return None
     if not complete:
@@ -373,7 +391,6 @@ def _prepare_folder(cfg: TrainConfig, out: Path) -> Path | None:
             f"crash or a full disk; deleted), resuming from {last.name}")
         for folder in incomplete:
             checkpoints.remove_checkpoint(folder)
-    _truncate_step_log(step_log, checkpoints.checkpoint_step(last))
     checkpoints.save_run_config(out, config)
     return last
 
@@ -481,8 +498,6 @@ def _train(cfg: TrainConfig, out: Path, args: TrainingArguments, resume_from: Pa
         log(f"training {cfg.model} with method {cfg.method} on {len(samples)} samples ({args.device}"
             f"{f' x {args.world_size} processes' if args.world_size > 1 else ''}, "
             f"{'bf16 mixed' if args.bf16 else 'fp32'}{', LoRA r=%d' % cfg.lora_r if cfg.lora_r else ''})")
-    if resume_from:
-        trainer.load_method_state(resume_from)
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     final = out / "model"
