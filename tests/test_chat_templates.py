@@ -17,6 +17,7 @@ import pytest
 from qtune.chat_templates import render_samples, render_segments, rendering_path
 from qtune.data import IGNORE_INDEX, TURN_ID_STRIDE, Record, record_id_of, tokenize_records
 from qtune.errors import QTuneError
+from test_data import assistant, system, user  # the message builders of the data tests
 
 # The families' control tokens; <think> and </think> are plain added tokens, as in Qwen3.
 FAMILY_SPECIAL_TOKENS = [
@@ -145,18 +146,6 @@ FAMILIES = {
     "gemma": Family(GEMMA, "<bos>", "<eos>", "", "{}<end_of_turn>", False),
     "generation-markers": Family(CHATML_GENERATION, "<|endoftext|>", "<|im_end|>", "", "{}<|im_end|>", False),
 }
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
-
-
-def system(text):
-    return {"role": "system", "content": text}
 
 
 SINGLE_TURN = [user("What is 2 + 3?"), assistant("2 + 3 = 5. #### 5")]
