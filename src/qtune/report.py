@@ -81,13 +81,3 @@ def pruning_audit(step_rows: Sequence[dict], category_of: dict[int, str]) -> dic
         kept.update(category_of[record_id_of(i)] for i in row["kept_ids"])
     return {cat: {"seen": seen[cat], "kept": kept[cat], "dropped_share": 1 - kept[cat] / seen[cat]}
             for cat in sorted(seen)}
-
-
-def audit_table(audits: dict[str, dict[str, dict]]) -> str:
-    """Rows: categories; columns: the dropped share under each run (e.g. qtuning vs random)."""
-    runs = list(audits)
-    cats = sorted({c for a in audits.values() for c in a})
-    rows = [[markdown_text(cat)] + [f"{100 * audits[r][cat]['dropped_share']:.1f}%" if cat in audits[r] else "-"
-                                    for r in runs]
-            for cat in cats]
-    return format_table(["category"] + [f"dropped by {r}" for r in runs], rows)

@@ -39,6 +39,9 @@ import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+# The hash of this file names the generator in every build and bench result, so the module is
+# self-contained: it repeats small helpers of `tasks` (`_counts`, the renderer's shape) rather than
+# importing them, which would let the generator change without its hash.
 GENERATOR_SHA256 = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 CATEGORY_KINDS = {
