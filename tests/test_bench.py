@@ -2,6 +2,7 @@
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -132,6 +133,120 @@ def test_grid_flags_narrow_the_grid_and_bad_values_are_one_line_errors(tmp_path)
         parse_seeds("1,x")
 
 
+def test_oracle_runs_once_per_seed_and_token_matched_follows_qtuning_of_its_budget_and_seed(tmp_path):
+    from qtune.bench.cells import train_config
+    from qtune.methods import METHODS
+
+    # Budget-free = the methods with no budget among their options; every matched source is registered.
+    budget_fields = {"r_sample", "r_token"}
+    assert set(bench.BUDGET_FREE) == {m for m, cls in METHODS.items()
+                                      if not budget_fields & {f.name for f in dataclasses.fields(cls.config_class)}}
+    assert set(bench.MATCHED.values()) <= set(METHODS) - set(bench.BUDGET_FREE)
+    methods = parse_methods("token_matched_random,oracle,anti_oracle,qtuning,full")
+    cells = build_grid(methods, [(0.25, 0.7), (0.125, 0.5)], [0, 1])
+    names = [c.name for c in cells]
+    assert names[:8] == ["full-seed0", "oracle-seed0", "anti_oracle-r0.25x0.7-seed0", "qtuning-r0.25x0.7-seed0",
+                         "token_matched_random-r0.25x0.7-seed0", "anti_oracle-r0.125x0.5-seed0",
+                         "qtuning-r0.125x0.5-seed0", "token_matched_random-r0.125x0.5-seed0"]
+    assert len(cells) == 2 * (2 + 2 * 3) and len(set(names)) == len(names)
+    assert [c.name for c in cells if c.method == "oracle"] == ["oracle-seed0", "oracle-seed1"]
+    assert Cell("oracle", 1.0, 1.0, 1).label == "oracle seed=1"
+    settings = dataclasses.asdict(BenchConfig(model="m", data="train.jsonl", eval_data="test.jsonl"))
+    for cell in cells:
+        cfg = train_config(cell, settings, tmp_path)
+        assert cfg.out == str(tmp_path / "cells" / cell.name / "train")
+        if cell.method != "token_matched_random":
+            assert cell.source is None and cfg.match_run is None
+            continue
+        assert cell.source == Cell("qtuning", cell.r_sample, cell.r_token, cell.seed)
+        assert names.index(cell.source.name) < names.index(cell.name)
+        assert cfg.match_run == str(tmp_path / "cells" / cell.source.name / "train")
+        assert (cfg.r_sample, cfg.seed, cfg.match_fraction) == (cell.r_sample, cell.seed, None)
+
+
+def test_token_matched_without_qtuning_is_refused_and_fails_when_its_qtuning_cell_has_not_finished(tmp_path):
+    with pytest.raises(QTuneError, match="token_matched_random keeps as many loss tokens as the qtuning cell.*"
+                                         "needs qtuning in --methods"):
+        build_grid(parse_methods("full,random,token_matched_random"), [(0.25, 0.7)], [0])
+    settings = dataclasses.asdict(BenchConfig(model="m", data="train.jsonl", eval_data="test.jsonl"))
+    with pytest.raises(QTuneError, match="cell qtuning-r0.25x0.7-seed0 did, which has not finished"):
+        bench.run_cell(Cell("token_matched_random", 0.25, 0.7, 0), settings, tmp_path)
+
+
+def test_with_jobs_a_token_matched_cell_starts_after_its_qtuning_cell_ended(tmp_path, monkeypatch, capsys):
+    """The parallel scheduler, with threads for processes and a stand-in for the cells' work."""
+    import concurrent.futures
+    import threading
+    import time
+
+    from qtune.bench import cells as bench_cells
+
+    class ThreadPool(concurrent.futures.ThreadPoolExecutor):
+        def __init__(self, max_workers, mp_context=None, initializer=None, initargs=()):
+            super().__init__(max_workers)
+
+    events, lock = [], threading.Lock()
+
+    def fake_cell(cell, settings, out, keep_model):
+        with lock:
+            events.append(("start", cell.name))
+        time.sleep(0.05 if cell.method == "qtuning" else 0.0)
+        with lock:
+            events.append(("end", cell.name))
+        if cell == Cell("qtuning", 0.5, 0.5, 1):
+            return None, "boom in qtuning"
+        return {"cell": cell.name, "exact_match_strict": 0.5, "cell_seconds": 1.0}, ""
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", ThreadPool)
+    monkeypatch.setattr(bench_cells, "_run_cell_reporting_errors", fake_cell)
+    cfg = BenchConfig(out=str(tmp_path), model="m", data="train.jsonl", eval_data="test.jsonl", jobs=2)
+    grid = build_grid(parse_methods("qtuning,token_matched_random"), [(0.5, 0.5)], [0, 1])
+    failures = bench_cells.run_cells(grid, cfg, tmp_path)
+    assert failures == ["qtuning-r0.5x0.5-seed1"]
+    assert len(events) == 8
+    for seed in (0, 1):
+        assert events.index(("end", f"qtuning-r0.5x0.5-seed{seed}")) < events.index(
+            ("start", f"token_matched_random-r0.5x0.5-seed{seed}"))
+    assert capsys.readouterr().out.count("[") == 4
+
+
+def test_the_testbed_option_picks_the_preset_and_a_folder_keeps_its_preset(tmp_path, monkeypatch):
+    import types
+
+    import qtune.testbed
+    from qtune.bench.results import check_settings, resolve_settings
+    from qtune.errors import OptionError
+
+    assert bench.TESTBED_PRESETS == tuple(qtune.testbed.PRESETS)
+    assert BenchConfig().testbed == qtune.testbed.DEFAULT_PRESET
+    with pytest.raises(OptionError, match="testbed must be one of data-starved, saturated"):
+        BenchConfig(testbed="nope")
+    built = []
+
+    def fake_build_testbed(cache_dir=None, *, preset="data-starved", **_):
+        built.append(preset)
+        root = tmp_path / preset
+        return types.SimpleNamespace(model_dir=root / "model", train_path=root / "train.jsonl",
+                                     test_path=root / "test.jsonl")
+
+    monkeypatch.setattr(qtune.testbed, "build_testbed", fake_build_testbed)
+    settings = resolve_settings(BenchConfig(testbed="saturated", eval_data="mine.jsonl"))
+    assert built == ["saturated"] and settings["testbed"] == "saturated"
+    assert (settings["model"], settings["data"], settings["eval_data"]) == (
+        str(tmp_path / "saturated" / "model"), str(tmp_path / "saturated" / "train.jsonl"), "mine.jsonl")
+    resolve_settings(BenchConfig(testbed="saturated", model="m", data="d", eval_data="e"))
+    assert built == ["saturated"]  # nothing to stand in for: no testbed built
+
+    # bench.json: a run made before the option existed counts as made on the default preset.
+    old = resolve_settings(BenchConfig(model="m", data="d", eval_data="e"))
+    del old["testbed"]
+    (tmp_path / "bench.json").write_text(json.dumps(old))
+    check_settings(tmp_path, resolve_settings(BenchConfig(model="m", data="d", eval_data="e")))
+    with pytest.raises(QTuneError, match=r"other settings: testbed \('data-starved' before, 'saturated' now\)"):
+        check_settings(tmp_path, resolve_settings(BenchConfig(model="m", data="d", eval_data="e",
+                                                              testbed="saturated")))
+
+
 # --- tables --------------------------------------------------------------------------------------
 
 
@@ -197,6 +312,32 @@ def test_comparison_gives_differences_in_pooled_std_and_a_verdict_per_budget():
     assert by_cell["qtuning", "0.125x0.5"][:3] == ["+10.0", "-", "one seed"]
     assert ("full", "full data") not in by_cell
     assert bench.comparison_rows(summarize_results(seeds("full", 1.0, 1.0, [0.7], 1.0)), "exact_match_strict") is None
+
+
+def test_oracle_is_a_budget_free_row_compared_with_full_data_only(tmp_path):
+    rows = HAND_ROWS + [result("oracle", 1.0, 1.0, s, v, nominal_budget=0.75) for s, v in enumerate([0.8, 0.9])]
+    stats = summarize_results(rows)
+    assert [(g.method, g.budget_label) for g in stats][:2] == [("full", "full data"), ("oracle", "clean data")]
+    assert not stats[1].best  # the best of a budget is among the budgeted methods only
+    headers, table = bench.comparison_rows(stats, "exact_match_strict")
+    oracle = next(r for r in table if r[0] == "oracle")
+    assert oracle[1] == "clean data" and oracle[2:5] == ["-", "-", "-"] and oracle[5] == "+15.0"
+    markdown = markdown_results(stats, "exact_match_strict")
+    oracle_line = next(line for line in markdown.splitlines() if line.startswith("| oracle"))
+    assert [c.strip() for c in oracle_line.split("|")[1:5]] == ["oracle", "0.75", "clean data", "2"]
+
+    # The audit per kind, when the rows have one.
+    (tmp_path / "bench.json").write_text(json.dumps({"model": "m", "data": "d"}))
+    kinds = {"noise/wrong_final": {"seen": 4, "kept": 0, "dropped_share": 1.0},
+             "clean/clean": {"seen": 8, "kept": 6, "dropped_share": 0.25}}
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r | {"audit_kind": kinds}) + "\n" for r in rows))
+    run_bench(BenchConfig(out=str(tmp_path), report_only=True, plots=False))
+    markdown = (tmp_path / "results.md").read_text()
+    section = markdown.split("## Pruning audit per kind")[1]
+    assert "dropped clean/clean %" in section and "dropped noise/wrong\\_final %" in section
+    oracle_line = next(line for line in section.splitlines() if line.startswith("| oracle"))
+    assert [c.strip() for c in oracle_line.split("|")[1:5]] == ["oracle", "clean data", "25.0 ± 0.0", "100.0 ± 0.0"]
+    assert "Pruning audit per kind" in "".join(parse_page(tmp_path / "report.html").text)
 
 
 def test_report_only_rebuilds_tables_and_html_from_results_jsonl(tmp_path):
@@ -352,6 +493,27 @@ def test_parallel_jobs_run_every_cell(tiny_bench_inputs, tmp_path, capsys):
     assert "[1/2]" in progress and "[2/2]" in progress
 
 
+def test_controls_run_in_a_grid_on_labelled_data(tiny_bench_inputs, tmp_path, count_training):
+    """oracle once, token_matched_random matching the qtuning cell it follows, audit per kind."""
+    records = [json.loads(line) for line in (tiny_bench_inputs / "train.jsonl").read_text().splitlines()]
+    for i, r in enumerate(records):
+        r["metadata"] |= {"kind": f"k{i % 2}", "defective": r["metadata"]["category"] == "noise"}
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "bench"
+    run_bench(bench_config(tiny_bench_inputs, out, data=str(data), methods="token_matched_random,qtuning,oracle",
+                           plots=False))
+    assert count_training == ["oracle", "qtuning", "token_matched_random"]
+    rows = {r["cell"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert set(rows) == {"oracle-seed0", "qtuning-r0.5x0.5-seed0", "token_matched_random-r0.5x0.5-seed0"}
+    oracle, q, t = rows.values()
+    assert (oracle["r_sample"], oracle["r_token"]) == (1.0, 1.0) and oracle["audit"]["noise"]["dropped_share"] == 1.0
+    assert t["nominal_budget"] == pytest.approx(q["loss_token_fraction"])
+    assert abs(t["loss_tokens"] - q["loss_tokens"]) <= t["steps"]  # up to rounding, half a token per step
+    assert set(q["audit_kind"]) == {f"{c}/k{k}" for c in ("clean", "noise", "redundant") for k in (0, 1)}
+    assert "clean data" in (out / "results.md").read_text()
+
+
 def test_an_invalid_option_fails_the_bench_before_any_cell_runs(tiny_bench_inputs, tmp_path, count_training, capsys):
     out = tmp_path / "bench"
     base = ["bench", "--out", str(out), "--model", str(tiny_bench_inputs / "model"),
@@ -361,8 +523,13 @@ def test_an_invalid_option_fails_the_bench_before_any_cell_runs(tiny_bench_input
                            (["--batch-size", "0"], "--batch-size must be at least 1; got 0"),
                            (["--epochs", "0", "--max-steps", "-1"],
                             "--epochs must be greater than 0 unless max_steps is at least 1; got 0.0"),
-                           (["--methods", "full,nope"], "--methods: unknown method(s) nope; available: full, qtuning, "
-                                                        "random")):
+                           (["--methods", "full,nope"], "--methods: unknown method(s) nope; available: anti_oracle, "
+                                                        "full, oracle, oracle_ratio, qtuning, random, "
+                                                        "token_matched_random"),
+                           (["--methods", "random,token_matched_random"],
+                            "--methods: token_matched_random keeps as many loss tokens as the qtuning cell of the same "
+                            "budget and seed did, so it needs qtuning in --methods too (finished qtuning cells are "
+                            "reused, not run again)")):
         assert main(base + flags) == 2
         assert capsys.readouterr().err == f"error: {message}\n"
         assert not out.exists()

@@ -9,7 +9,7 @@ import torch
 from test_train import make_batch, tiny_run_inputs, train_config  # noqa: F401 (tiny_run_inputs is a fixture)
 from transformers import AutoModelForCausalLM
 
-from qtune.config import FullConfig, TrainConfig
+from qtune.config import METHOD_NAMES, FullConfig, TrainConfig
 from qtune.errors import QTuneError
 from qtune.methods import METHODS, Decision, Method, Selection, build_method, register, response_mask_of
 from qtune.pruning import keep_count, prune_tokens, token_perplexity, triage
@@ -35,6 +35,7 @@ def toy_method():
     yield add
     for name in added:
         METHODS.pop(name)
+        METHOD_NAMES.discard(name)
 
 
 # --- the contract --------------------------------------------------------------------------------

@@ -15,9 +15,11 @@ from .io import disk_full_message
 def _methods(ns: argparse.Namespace) -> None:
     from .methods import METHODS
 
-    for name, cls in sorted(METHODS.items()):
+    width = max(map(len, METHODS))
+    # Pruning methods first, then the controls of experiments (their summary says "Control: ...").
+    for name, cls in sorted(METHODS.items(), key=lambda item: (item[1].control, item[0])):
         summary = (cls.__doc__ or "").strip().splitlines()[0]
-        print(f"{name:10s} {summary}")
+        print(f"{name:{width}s}  {summary}")
 
 
 def _demo(ns: argparse.Namespace) -> None:

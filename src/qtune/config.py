@@ -119,6 +119,8 @@ def _relations(cfg) -> typing.Iterator[tuple[str, str]]:
         yield "epochs", "greater than 0 unless max_steps is at least 1"
     if {"num_fewshot", "fewshot_data"} <= names and cfg.num_fewshot > 0 and cfg.fewshot_data is None:
         yield "fewshot_data", "a file of solved examples (e.g. the train split) when num_fewshot is above 0"
+    if {"match_fraction", "match_run"} <= names and None not in (cfg.match_fraction, cfg.match_run):
+        yield "match_run", "unset when match_fraction is given (the fraction to keep comes from one of them)"
 
 
 def check_options(cfg) -> None:
@@ -322,13 +324,37 @@ class FullConfig(Options):
 
 
 @dataclass
-class RandomConfig(Options):
-    """Options of the `random` method: the budget, and the seed of its draws."""
+class OracleConfig(Options):
+    """Options of the `oracle` control: none (every clean record, every response token)."""
+
+
+@dataclass
+class SampleRatioConfig(Options):
+    """Options of the controls that keep a share of each step's samples whole (`oracle_ratio`,
+    `anti_oracle`): the sample ratio and the seed of the draws. `random` and `token_matched_random`
+    add their own."""
 
     r_sample: float = option(0.25, "Fraction of each step's samples that are trained on.", bounds="(0, 1]")
-    r_token: float = option(0.7, "Fraction of response tokens kept in token-pruned (Q2) samples.", bounds="(0, 1]")
     seed: int = option(0, "Seed for data order, initialisation of adapters and random baselines.",
                        bounds="[0, 4294967295]")
+
+
+@dataclass
+class RandomConfig(SampleRatioConfig):
+    """Options of the `random` method: the budget, and the seed of its draws."""
+
+    r_token: float = option(0.7, "Fraction of response tokens kept in token-pruned (Q2) samples.", bounds="(0, 1]")
+
+
+@dataclass
+class TokenMatchedConfig(SampleRatioConfig):
+    """Options of the `token_matched_random` control: at least r_sample of the samples, and the
+    fraction of response tokens to keep, given or read from a finished run (exactly one of them)."""
+
+    match_fraction: float | None = option(None, "token_matched_random: fraction of each step's response tokens "
+                                                "that keep their loss.", bounds="(0, 1]")
+    match_run: str | None = option(None, "token_matched_random: output folder of a finished run whose measured "
+                                         "loss-token fraction (its summary.json) is the fraction to keep.")
 
 
 @dataclass
@@ -357,11 +383,11 @@ class QTuningConfig(TokenPruningConfig, RandomConfig):
 
 
 @dataclass
-class PruningConfig(QTuningConfig):
+class PruningConfig(TokenMatchedConfig, QTuningConfig):
     """The method and how the training step applies it. TrainConfig composes every method's
     options (so that each reaches the CLI and YAML); a method reads only its own config class."""
 
-    method: str = option("qtuning", "Pruning method (see `qtune methods`): full, random, qtuning, ...",
+    method: str = option("qtuning", "Pruning method or control (see `qtune methods`): full, random, qtuning, ...",
                           check=_method)
     triage_scope: str = option("global", "Under several processes, the method decides over the global batch of "
                                          "the step (every process's samples, gathered) or over each process's "

@@ -470,6 +470,8 @@ def _train(cfg: TrainConfig, out: Path, args: TrainingArguments, resume_from: Pa
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code, pad_token=cfg.pad_token)
     pad_id = require_pad_token(tokenizer)
     records, samples = load_samples(cfg, tokenizer)
+    if method.needs_metadata:
+        method.bind_records({r.sample_id: r.metadata for r in records})
     # Weights stay float32 (bfloat16 means mixed precision, as in transformers), on the CPU: the
     # Trainer moves them to this process's device.
     model = load_model(cfg.model, dtype="float32", device="cpu", trust_remote_code=cfg.trust_remote_code)

@@ -19,7 +19,8 @@ label smoothing and its entropy/token-accuracy metrics do not apply to training.
 
 Samples need no `sample_id` column: each row of `train_dataset` gets its index as its id before
 TRL prepares it (a `sample_id` column of the user's is kept), so the step log names the same
-sample the same way in every epoch and on every process.
+sample the same way in every epoch and on every process. The ground-truth controls (`oracle`,
+`oracle_ratio`, `anti_oracle`) read each row's `metadata` column, keyed by that id.
 
 Refused at construction: `packing` (a packed row mixes samples, which sample pruning cannot
 separate) and `padding_free` (its batches are one flattened row, without the per-sample rows the
@@ -81,6 +82,14 @@ QTuneSFTConfig = dataclasses.make_dataclass(
 )
 
 
+def _metadata_by_id(dataset) -> dict[int, dict]:
+    """sample_id -> the row's `metadata` ({} where the row or the dataset has none), for the controls
+    that read it (`Method.needs_metadata`)."""
+    ids = dataset["sample_id"]
+    metadata = dataset["metadata"] if "metadata" in dataset.column_names else [None] * len(ids)
+    return {int(i): m or {} for i, m in zip(ids, metadata)}
+
+
 def _index_as_id(example: dict, index: int) -> dict:
     return {"sample_id": index}
 
@@ -123,9 +132,13 @@ class QTuneSFTTrainer(QTuneTrainer, trl.SFTTrainer):
         if args.padding_free:
             raise QTuneError("QTuneSFTTrainer does not support padding_free=True: pruning selects rows of a "
                              "padded batch; set padding_free=False")
+        train_dataset = _with_sample_ids(train_dataset)
+        method = build_method(args.method, args)
+        if method.needs_metadata:
+            method.bind_records(_metadata_by_id(train_dataset))
         super().__init__(
-            model, args, data_collator, _with_sample_ids(train_dataset),
-            method=build_method(args.method, args),
+            model, args, data_collator, train_dataset,
+            method=method,
             pad_token_id=None,  # known once SFTTrainer has built its collator, below
             triage_scope=args.triage_scope,
             keep_checkpoints=args.save_total_limit,

@@ -20,14 +20,18 @@ from ..config import add_arguments, build_config
 from ..errors import QTuneError
 from ..io import claim_output_dir
 from .cells import run_cell, run_cells
-from .grid import DEFAULT_BUDGETS, FULL, BenchConfig, Cell, build_grid, parse_budgets, parse_methods, parse_seeds
+from .grid import (BUDGET_FREE, DEFAULT_BUDGETS, FULL, MATCHED, TESTBED_PRESETS, BenchConfig, Cell, build_grid,
+                   parse_budgets, parse_methods, parse_seeds)
 from .reports import write_reports
 from .results import RESULTS_FILE, read_results
 from .stats import GroupStats, comparison_rows, csv_results, markdown_results, summarize_results
 
 __all__ = [
+    "BUDGET_FREE",
     "DEFAULT_BUDGETS",
     "FULL",
+    "MATCHED",
+    "TESTBED_PRESETS",
     "BenchConfig",
     "Cell",
     "GroupStats",
@@ -73,8 +77,9 @@ def add_bench_parser(commands) -> argparse.ArgumentParser:
     """Add `qtune bench` to the subparsers object of the `qtune` parser."""
     bench = commands.add_parser(
         "bench", help="Benchmark grid: methods x budgets x seeds, with tables, plots and an HTML report.",
-        description="Train and evaluate every method at every budget r_sample x r_token (full data once per "
-                    "seed) on the testbed or on --model/--data/--eval-data; resumable; writes results.md, "
+        description="Train and evaluate every method at every budget r_sample x r_token (full data and oracle "
+                    "once per seed) on the testbed (--testbed) or on --model/--data/--eval-data; resumable; "
+                    "writes results.md, "
                     "results.csv, plots/ and report.html into --out. Options can also come from a YAML file "
                     "(--config); flags override it.")
     bench.add_argument("--config", help="YAML file with any of the options below (flags override it).")

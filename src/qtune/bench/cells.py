@@ -5,7 +5,8 @@ evaluates it into OUT/cells/<cell>/eval and writes OUT/cells/<cell>/result.json 
 last act; the parent process then appends the same row to OUT/results.jsonl. A crash therefore
 loses at most the cells in progress, and a second run skips every cell that has its result.json (a
 cell folder without one is cleaned and run again). Cells run one at a time, or in worker processes
-with `--jobs`.
+with `--jobs`; a cell that reads another cell's run (`Cell.source`: token_matched_random reads the
+qtuning cell of its budget and seed) starts only once that cell has ended.
 """
 
 from __future__ import annotations
@@ -22,15 +23,20 @@ from ..config import EvalRunConfig, TrainConfig
 from ..errors import QTuneError
 from ..io import write_json
 from .grid import BenchConfig, Cell
-from .results import append_result, check_settings, finished_row, resolve_settings, sync_results
+from .results import append_result, cell_folder, check_settings, finished_row, resolve_settings, sync_results
 
 
-def train_config(cell: Cell, settings: dict, out: Path):
-    """The cell's TrainConfig: every bench option of the same name, plus the cell's own values."""
+def train_config(cell: Cell, settings: dict, out: str | Path):
+    """The cell's TrainConfig (training into OUT/cells/<cell>/train, `out` being the bench's OUT):
+    every bench option of the same name, plus the cell's own values, and for a cell with a source
+    (`Cell.source`) that cell's train folder as `match_run`."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in settings.items() if k in names}
+    if cell.source is not None:
+        values["match_run"] = str(cell_folder(out, cell.source) / "train")
     values.update(
-        out=str(out), method=cell.method, r_sample=cell.r_sample, r_token=cell.r_token, seed=cell.seed,
+        out=str(cell_folder(out, cell) / "train"), method=cell.method, r_sample=cell.r_sample, r_token=cell.r_token,
+        seed=cell.seed,
         # The bench resumes by cell, not inside a cell: no checkpoint is ever needed.
         save_steps=10**9, save_total_limit=1, resume=False, progress=False, report_to="none",
         merge_lora=True,  # evaluation loads plain weights
@@ -50,18 +56,20 @@ def eval_config(settings: dict, model_dir: Path, out: Path):
     )
 
 
-def training_categories(settings: dict) -> dict[int, str] | None:
-    """sample_id -> metadata.category of the training records, or None when no record has one."""
+def training_labels(settings: dict) -> tuple[dict[int, str] | None, dict[int, str] | None]:
+    """sample_id -> metadata.category of the training records, and sample_id -> "category/kind"
+    (metadata.kind, e.g. "noise/wrong_final"); each None when no record has the field."""
     from ..data import load_records
 
     records, _ = load_records(settings["data"], settings["format"], limit=settings["limit"])
-    if not any("category" in r.metadata for r in records):
-        return None
-    return {r.sample_id: str(r.metadata.get("category", "none")) for r in records}
+    categories = {r.sample_id: str(r.metadata.get("category", "none")) for r in records}
+    kinds = {r.sample_id: f"{categories[r.sample_id]}/{r.metadata.get('kind', 'none')}" for r in records}
+    return (categories if any("category" in r.metadata for r in records) else None,
+            kinds if any("kind" in r.metadata for r in records) else None)
 
 
 def result_row(cell: Cell, summary: dict, steps: list[dict], metrics: dict, audit: dict | None,
-               seconds: float) -> dict:
+               seconds: float, audit_kind: dict | None = None) -> dict:
     """The cell's row of results.jsonl."""
     return {
         "cell": cell.name,
@@ -86,6 +94,7 @@ def result_row(cell: Cell, summary: dict, steps: list[dict], metrics: dict, audi
         "cell_seconds": seconds,
         "final_loss": summary["final_loss"],
         "audit": audit,
+        "audit_kind": audit_kind,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
@@ -101,12 +110,15 @@ def run_cell(cell: Cell, settings: dict, out: str | Path, keep_model: bool = Fal
     from ..train import read_step_log, run_train
     from ..workflows import run_eval
 
-    cell_dir = Path(out) / "cells" / cell.name
+    cell_dir = cell_folder(out, cell)
     shutil.rmtree(cell_dir, ignore_errors=True)
     cell_dir.mkdir(parents=True)
+    if cell.source is not None and finished_row(Path(out), cell.source) is None:
+        raise QTuneError(f"{cell.method} keeps as many loss tokens as cell {cell.source.name} did, which has not "
+                         "finished (it failed, or did not run); run the grid again once it has")
     started = time.perf_counter()
     with open(cell_dir / "cell.log", "w", encoding="utf-8") as log, redirect_stdout(log), redirect_stderr(log):
-        summary = run_train(train_config(cell, settings, cell_dir / "train"))
+        summary = run_train(train_config(cell, settings, out))
         for checkpoint in (cell_dir / "train").glob("checkpoint-*"):
             shutil.rmtree(checkpoint)
         metrics = run_eval(eval_config(settings, cell_dir / "train" / "model", cell_dir / "eval"))
@@ -114,9 +126,10 @@ def run_cell(cell: Cell, settings: dict, out: str | Path, keep_model: bool = Fal
             shutil.rmtree(cell_dir / "train" / "model")
         gc.collect()
     steps = read_step_log(cell_dir / "train" / "steps.jsonl")
-    categories = training_categories(settings)
+    categories, kinds = training_labels(settings)
     audit = pruning_audit(steps, categories) if categories else None
-    row = result_row(cell, summary, steps, metrics, audit, time.perf_counter() - started)
+    audit_kind = pruning_audit(steps, kinds) if kinds else None
+    row = result_row(cell, summary, steps, metrics, audit, time.perf_counter() - started, audit_kind)
     write_json(cell_dir / "result.json", row)
     return row
 
@@ -127,7 +140,7 @@ def _run_cell_reporting_errors(cell: Cell, settings: dict, out: str, keep_model:
     try:
         return run_cell(cell, settings, out, keep_model), ""
     except Exception as exc:  # noqa: BLE001 -- reported per cell, the grid goes on
-        log_path = Path(out) / "cells" / cell.name / "cell.log"
+        log_path = cell_folder(out, cell) / "cell.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "a", encoding="utf-8") as log:
             log.write(traceback.format_exc())
@@ -147,7 +160,7 @@ def _check_cell_configs(cells: list[Cell], settings: dict, out: Path) -> None:
     have trained."""
     for cell in cells:
         try:
-            train_config(cell, settings, out / "cells" / cell.name / "train")
+            train_config(cell, settings, out)
         except QTuneError as exc:
             raise QTuneError(f"cell {cell.name}: {exc}") from None
     eval_config(settings, out / "model", out / "eval")  # the same for every cell, but for these paths
@@ -206,20 +219,35 @@ def _cpu_count() -> int:
 
 def _run_parallel(pending: list[Cell], settings: dict, out: Path, cfg: BenchConfig, progress: _Progress) -> None:
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
     threads = max(1, _cpu_count() // cfg.jobs)
+    # A cell whose source cell is pending too waits for it to end (whether it failed or not: a
+    # failed source fails it at once, with a message saying so).
+    queued = set(pending)
+    waiting: dict[Cell, list[Cell]] = {}
+    for cell in pending:
+        if cell.source in queued:
+            waiting.setdefault(cell.source, []).append(cell)
     # spawn, not fork: the parent has torch loaded, and forking its thread pools is unsafe.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(cfg.jobs, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
-        futures = {pool.submit(_run_cell_reporting_errors, cell, settings, str(out), cfg.keep_models): cell
-                   for cell in pending}
+        futures = {}
+
+        def submit(cells: list[Cell]) -> None:
+            for cell in cells:
+                futures[pool.submit(_run_cell_reporting_errors, cell, settings, str(out), cfg.keep_models)] = cell
+
+        submit([cell for cell in pending if cell.source not in queued])
         try:
-            for future in as_completed(futures):
-                cell = futures[future]
-                line = progress.start(cell)
-                print(line, progress.finish(cell, *future.result()), flush=True)
+            while futures:
+                finished, _ = wait(futures, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    cell = futures.pop(future)
+                    line = progress.start(cell)
+                    print(line, progress.finish(cell, *future.result()), flush=True)
+                    submit(waiting.pop(cell, []))
         except KeyboardInterrupt:
             pool.shutdown(wait=False, cancel_futures=True)
             raise

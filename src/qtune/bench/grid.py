@@ -9,6 +9,19 @@ from ..errors import QTuneError
 
 DEFAULT_BUDGETS = "0.125x0.5,0.125x0.7,0.25x0.5,0.25x0.7,0.5x0.5,0.5x0.7"
 FULL = "full"
+#: Methods that train on records fixed by the data, not on a budget: they run once per seed (cell
+#: `<method>-seed<seed>`, r_sample = r_token = 1 in its row), and the reports show this label in
+#: place of the budget. Their option classes have neither r_sample nor r_token (a test checks it).
+BUDGET_FREE = {FULL: "full data", "oracle": "clean data"}
+#: Methods whose cell reads the training run of another method's cell of the same budget and seed,
+#: and therefore runs after it: token_matched_random keeps as many loss tokens as Q-Tuning did
+#: (`match_run`: the qtuning cell's train folder).
+MATCHED = {"token_matched_random": "qtuning"}
+#: The testbed presets (`qtune.testbed.PRESETS`, default `DEFAULT_PRESET`), written out here
+#: because importing the testbed loads transformers, which `qtune --help` must not (a test checks
+#: that they agree).
+TESTBED_PRESETS = ("data-starved", "saturated")
+DEFAULT_TESTBED = "data-starved"
 
 
 @dataclass
@@ -21,9 +34,13 @@ class BenchConfig(OptimConfig, TokenPruningConfig):
     data: str | None = option(None, "Training data file; default: the testbed's training set.")
     eval_data: str | None = option(None, "Held-out evaluation data (GSM8K-style answers); default: the "
                                          "testbed's test set.")
+    testbed: str = option(DEFAULT_TESTBED, "Testbed preset (qtune testbed build --preset) whose model, training "
+                                           "set and test set stand in for --model, --data and --eval-data when "
+                                           "they are not given.", choices=list(TESTBED_PRESETS))
     # The grid.
-    methods: str | None = option(None, "Comma-separated pruning methods; default: every registered method "
-                                       "(full runs once per seed, the others once per budget and seed).")
+    methods: str | None = option(None, "Comma-separated pruning methods; default: every registered method but "
+                                       "the controls (full and oracle run once per seed, the others once per "
+                                       "budget and seed; token_matched_random needs qtuning).")
     budgets: str = option(DEFAULT_BUDGETS, "Comma-separated budgets r_sample x r_token, e.g. 0.25x0.7,0.125x0.5.")
     seeds: str = option("0,1,2", "Comma-separated training seeds.")
     jobs: int = option(1, "Cells run at once, each in its own process with cpu_count // jobs torch threads.",
@@ -56,12 +73,16 @@ class BenchConfig(OptimConfig, TokenPruningConfig):
     perplexity: bool = option(True, "Also compute the held-out perplexity of the reference answers.")
 
 
-#: Options that choose which cells run and how results are reported: changing them between two runs
+def budget_label(method: str, r_sample: float, r_token: float) -> str:
+    """How tables and figures name the budget of a (method, r_sample, r_token): e.g. "0.25x0.7", or
+    "full data" for `full` (`BUDGET_FREE`)."""
+    return BUDGET_FREE.get(method) or f"{r_sample:g}x{r_token:g}"
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One training and evaluation run of the grid. `full` has r_sample = r_token = 1."""
+    """One training and evaluation run of the grid. The budget-free methods (`BUDGET_FREE`: full,
+    oracle) have r_sample = r_token = 1."""
 
     method: str
     r_sample: float
@@ -70,16 +91,23 @@ class Cell:
 
     @property
     def name(self) -> str:
-        """The cell's folder name, e.g. qtuning-r0.25x0.7-seed1 or full-seed0."""
-        if self.method == FULL:
-            return f"{FULL}-seed{self.seed}"
+        """The cell's folder name, e.g. qtuning-r0.25x0.7-seed1, or full-seed0 for a budget-free method."""
+        if self.method in BUDGET_FREE:
+            return f"{self.method}-seed{self.seed}"
         return f"{self.method}-r{self.r_sample:g}x{self.r_token:g}-seed{self.seed}"
 
     @property
     def label(self) -> str:
-        if self.method == FULL:
-            return f"{FULL} seed={self.seed}"
+        if self.method in BUDGET_FREE:
+            return f"{self.method} seed={self.seed}"
         return f"{self.method} r_sample={self.r_sample:g} r_token={self.r_token:g} seed={self.seed}"
+
+    @property
+    def source(self) -> Cell | None:
+        """The cell whose training run this one reads (`MATCHED`: the qtuning cell of the same
+        budget and seed for token_matched_random), None for the others."""
+        method = MATCHED.get(self.method)
+        return None if method is None else Cell(method, self.r_sample, self.r_token, self.seed)
 
 
 def parse_budgets(text: str) -> list[tuple[float, float]]:
@@ -114,10 +142,11 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def parse_methods(text: str | None) -> list[str]:
-    """The methods to run, `full` first; every registered method when `text` is None."""
+    """The methods to run, `full` first; every registered method but the controls when `text` is None."""
     from ..methods import METHODS
 
-    names = list(METHODS) if text is None else [m.strip() for m in text.split(",") if m.strip()]
+    names = ([m for m, cls in METHODS.items() if not cls.control] if text is None
+             else [m.strip() for m in text.split(",") if m.strip()])
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         raise QTuneError(f"--methods: unknown method(s) {', '.join(unknown)}; available: {', '.join(sorted(METHODS))}")
@@ -128,11 +157,20 @@ def parse_methods(text: str | None) -> list[str]:
 
 
 def build_grid(methods: list[str], budgets: list[tuple[float, float]], seeds: list[int]) -> list[Cell]:
-    """Seed by seed (so an early stop still has complete seeds), full first, then budget by budget."""
+    """Seed by seed (so an early stop still has complete seeds): the budget-free methods once (full
+    first), then budget by budget the others, a cell that reads another's run (`MATCHED`) after
+    it. QTuneError when such a cell's source method is not among `methods`."""
+    for method in methods:
+        source = MATCHED.get(method)
+        if source is not None and source not in methods:
+            raise QTuneError(f"--methods: {method} keeps as many loss tokens as the {source} cell of the same budget "
+                             f"and seed did, so it needs {source} in --methods too (finished {source} cells are "
+                             "reused, not run again)")
+    free = [m for m in methods if m in BUDGET_FREE]
+    budgeted = sorted((m for m in methods if m not in BUDGET_FREE), key=lambda m: m in MATCHED)  # stable
     cells = []
     for seed in seeds:
-        if FULL in methods:
-            cells.append(Cell(FULL, 1.0, 1.0, seed))
+        cells.extend(Cell(m, 1.0, 1.0, seed) for m in free)
         for r_sample, r_token in budgets:
-            cells.extend(Cell(m, r_sample, r_token, seed) for m in methods if m != FULL)
+            cells.extend(Cell(m, r_sample, r_token, seed) for m in budgeted)
     return cells

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import QTuneError
 from ..io import write_text
-from .grid import FULL, BenchConfig
+from .grid import BUDGET_FREE, FULL, BenchConfig, budget_label
 from .results import RESULTS_FILE, load_settings, read_jsonl, read_results
 from .stats import (COMPARISON_NOTE, GroupStats, audit_rows, comparison_rows, csv_results, markdown_results,
                     results_table, summarize_results)
@@ -39,6 +39,10 @@ def write_reports(out: Path, cfg: BenchConfig) -> dict[str, Path]:
     if audit is not None:
         markdown += ("\n## Pruning audit (dropped share per category)\n\n"
                      + format_table(*audit_rows(rows, stats, markdown_text)) + "\n")
+    audit_kind = audit_rows(rows, stats, key="audit_kind")
+    if audit_kind is not None:
+        markdown += ("\n## Pruning audit per kind (dropped share per category/kind)\n\n"
+                     + format_table(*audit_rows(rows, stats, markdown_text, key="audit_kind")) + "\n")
     written["markdown"] = out / "results.md"
     write_text(written["markdown"], markdown)
     written["csv"] = out / "results.csv"
@@ -58,7 +62,8 @@ def write_reports(out: Path, cfg: BenchConfig) -> dict[str, Path]:
                 examples = token_examples(base, settings, rows, cfg.examples)
     written.update(plots)
     written["html"] = out / "report.html"
-    _write_html(written["html"], settings, rows, stats, metric, comparison, audit, plots, examples, eu_note)
+    _write_html(written["html"], settings, rows, stats, metric, comparison, audit, audit_kind, plots, examples,
+                eu_note)
     print(f"reports: {out / 'results.md'}, {out / 'results.csv'}, {out / 'report.html'}", flush=True)
     return written
 
@@ -157,7 +162,9 @@ def _draw_eu_planes(out: Path, rows: list[dict], base: dict, settings: dict) -> 
             for run in runs:
                 steps = out / "cells" / run["cell"] / "train" / "steps.jsonl"
                 if steps.exists():
-                    panels.append((f"r_sample={r_sample:g}, r_token={r_token:g} (seed {run['seed']})",
+                    label = (budget_label(method, r_sample, r_token) if method in BUDGET_FREE
+                             else f"r_sample={r_sample:g}, r_token={r_token:g}")
+                    panels.append((f"{label} (seed {run['seed']})",
                                    kept_share(steps, base["sample_id"])))
                     break
         if panels:
@@ -168,7 +175,7 @@ def _draw_eu_planes(out: Path, rows: list[dict], base: dict, settings: dict) -> 
 
 
 def _example_budget(rows: list[dict]) -> tuple[float, float]:
-    budgets = sorted({(r["r_sample"], r["r_token"]) for r in rows if r["method"] != FULL})
+    budgets = sorted({(r["r_sample"], r["r_token"]) for r in rows if r["method"] not in BUDGET_FREE})
     if not budgets or EXAMPLE_BUDGET in budgets:
         return EXAMPLE_BUDGET
     return budgets[len(budgets) // 2]
@@ -240,7 +247,7 @@ def _token_texts(tokenizer, input_ids: list[int], positions: list[int]) -> list[
 
 
 def _write_html(path: Path, settings: dict, rows: list[dict], stats: list[GroupStats], metric: str,
-                comparison, audit, plots: dict[str, Path], examples, eu_note: str) -> None:
+                comparison, audit, audit_kind, plots: dict[str, Path], examples, eu_note: str) -> None:
     from .. import html_report as H
 
     headers, table_rows, bold = results_table(stats, metric)
@@ -267,6 +274,9 @@ def _write_html(path: Path, settings: dict, rows: list[dict], stats: list[GroupS
         sections.append(H.section("Pruning audit", H.paragraph(
             "Share of each ground-truth category's appearances in training steps that were not trained on "
             "(random pruning drops every category alike, about 1 - r_sample)."), H.table(*audit)))
+    if audit_kind is not None:
+        sections.append(H.section("Pruning audit per kind", H.paragraph(
+            "The same per kind of record (metadata.kind, after its category)."), H.table(*audit_kind)))
     eu = [H.image(p, name.removeprefix("eu_plane_")) for name, p in plots.items() if name.startswith("eu_plane_")]
     if eu:
         sections.append(H.section("What each method kept, on the EU plane", H.paragraph(eu_note), *eu))

@@ -25,13 +25,13 @@ def _resolve_path(path: str) -> str:
 
 
 def resolve_settings(cfg: BenchConfig) -> dict:
-    """Every option that determines a cell's result, with model and data resolved (the testbed's
-    model and data stand in for any not given)."""
+    """Every option that determines a cell's result, with model and data resolved (the model and
+    data of the `testbed` preset stand in for any not given; it is built on first use)."""
     settings = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in NOT_RESULT_OPTIONS}
     if None in (cfg.model, cfg.data, cfg.eval_data):
         from ..testbed import build_testbed
 
-        paths = build_testbed()
+        paths = build_testbed(preset=cfg.testbed)
         defaults = {"model": paths.model_dir, "data": paths.train_path, "eval_data": paths.test_path}
         settings.update({k: str(v) for k, v in defaults.items() if settings[k] is None})
     for key in ("model", "data", "eval_data"):
@@ -82,9 +82,14 @@ def read_results(path: str | Path) -> list[dict]:
     return list({row["cell"]: row for row in read_jsonl(Path(path))}.values())
 
 
+def cell_folder(out: str | Path, cell: Cell) -> Path:
+    """OUT/cells/<cell>: the cell's log, train/ and eval/ folders and result.json."""
+    return Path(out) / "cells" / cell.name
+
+
 def finished_row(out: Path, cell: Cell) -> dict | None:
     """The row of a cell that has finished in OUT, None for a cell that has not."""
-    path = out / "cells" / cell.name / "result.json"
+    path = cell_folder(out, cell) / "result.json"
     if not path.exists():
         return None
     return json.loads(path.read_text(encoding="utf-8"))

@@ -8,7 +8,7 @@ import math
 import statistics
 from dataclasses import dataclass
 
-from .grid import FULL
+from .grid import BUDGET_FREE, FULL, budget_label
 
 
 #: Columns aggregated over seeds: (row key, table header, scale, decimals).
@@ -40,7 +40,7 @@ class GroupStats:
 
     @property
     def budget_label(self) -> str:
-        return "full data" if self.method == FULL else f"{self.r_sample:g}x{self.r_token:g}"
+        return budget_label(self.method, self.r_sample, self.r_token)
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -50,9 +50,9 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def summarize_results(rows: list[dict], metric: str = "exact_match_strict") -> list[GroupStats]:
-    """Mean and standard deviation over seeds per (method, r_sample, r_token), `full` first, then
-    budgets from the largest down; `best` marks, in each budget run by two or more methods, the
-    method(s) with the highest mean `metric`."""
+    """Mean and standard deviation over seeds per (method, r_sample, r_token), the budget-free
+    methods first (`full`, then `oracle`), then budgets from the largest down; `best` marks, in each
+    budget run by two or more methods, the method(s) with the highest mean `metric`."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["method"], row["r_sample"], row["r_token"]), []).append(row)
@@ -64,9 +64,10 @@ def summarize_results(rows: list[dict], metric: str = "exact_match_strict") -> l
             mean[key], std[key] = _mean_std([r[key] for r in members if r.get(key) is not None])
         stats.append(GroupStats(method, r_sample, r_token, members[0]["nominal_budget"],
                                 [r["seed"] for r in members], mean, std))
-    stats.sort(key=lambda g: (g.method != FULL, -g.nominal_budget, -g.r_sample, g.method))
-    for key in {(g.r_sample, g.r_token) for g in stats if g.method != FULL}:
-        rivals = [g for g in stats if g.method != FULL and (g.r_sample, g.r_token) == key and g.mean[metric] is not None]
+    stats.sort(key=lambda g: (g.method not in BUDGET_FREE, -g.nominal_budget, -g.r_sample, g.method))
+    budgeted = [g for g in stats if g.method not in BUDGET_FREE]
+    for key in {(g.r_sample, g.r_token) for g in budgeted}:
+        rivals = [g for g in budgeted if (g.r_sample, g.r_token) == key and g.mean[metric] is not None]
         if len(rivals) > 1:
             top = max(g.mean[metric] for g in rivals)
             for g in rivals:
@@ -120,14 +121,16 @@ def csv_results(stats: list[GroupStats]) -> str:
     return buffer.getvalue()
 
 
-def audit_rows(rows: list[dict], stats: list[GroupStats], text=str) -> tuple[list[str], list[list[str]]] | None:
+def audit_rows(rows: list[dict], stats: list[GroupStats], text=str,
+               key: str = "audit") -> tuple[list[str], list[list[str]]] | None:
     """Per (method, budget): the share of each category's sample appearances that were not trained
-    on, averaged over seeds. None when the training data has no categories. The category names
-    come from the data: `text` writes them into the headers (`markdown_text` for Markdown)."""
-    audited = [r for r in rows if r.get("audit")]
+    on, averaged over seeds (`key` "audit"; "audit_kind": per category/kind). None when the
+    training data has no categories (kinds). The category names come from the data: `text` writes
+    them into the headers (`markdown_text` for Markdown)."""
+    audited = [r for r in rows if r.get(key)]
     if not audited:
         return None
-    categories = sorted({c for r in audited for c in r["audit"]})
+    categories = sorted({c for r in audited for c in r[key]})
     table = []
     for g in stats:
         members = [r for r in audited if (r["method"], r["r_sample"], r["r_token"]) == (g.method, g.r_sample, g.r_token)]
@@ -135,7 +138,7 @@ def audit_rows(rows: list[dict], stats: list[GroupStats], text=str) -> tuple[lis
             continue
         cells = []
         for cat in categories:
-            mean, std = _mean_std([r["audit"][cat]["dropped_share"] for r in members if cat in r["audit"]])
+            mean, std = _mean_std([r[key][cat]["dropped_share"] for r in members if cat in r[key]])
             cells.append(_format_stat(mean, std, 100, 1))
         table.append([g.method, g.budget_label] + cells)
     return ["method", "r_sample x r_token"] + [f"dropped {text(c)} %" for c in categories], table
@@ -164,16 +167,17 @@ def _versus(g: GroupStats, other: GroupStats | None, metric: str) -> list[str]:
 
 
 def comparison_rows(stats: list[GroupStats], metric: str) -> tuple[list[str], list[list[str]]] | None:
-    """Every pruned (method, budget) against random pruning at the same budget and against full
-    data: accuracy difference, in pooled standard deviations, verdict; and the wall-time ratio.
-    None when only full data was run."""
+    """Every (method, budget) but full data against random pruning at the same budget (none for
+    the budget-free methods) and against full data: accuracy difference, in pooled standard
+    deviations, verdict; and the wall-time ratio. None when only full data was run."""
     full = next((g for g in stats if g.method == FULL), None)
     randoms = {(g.r_sample, g.r_token): g for g in stats if g.method == RANDOM}
     table = []
     for g in stats:
         if g.method == FULL:
             continue
-        baseline = randoms.get((g.r_sample, g.r_token)) if g.method != RANDOM else None
+        baseline = (randoms.get((g.r_sample, g.r_token)) if g.method != RANDOM and g.method not in BUDGET_FREE
+                    else None)
         wall = ("-" if full is None or not full.mean["wall_seconds"] or g.mean["wall_seconds"] is None
                 else f"{g.mean['wall_seconds'] / full.mean['wall_seconds']:.2f}x")
         table.append([g.method, g.budget_label] + _versus(g, baseline, metric) + _versus(g, full, metric) + [wall])

@@ -14,6 +14,11 @@ Rules a method follows:
 - its state (`state_dict`) is JSON-serialisable; the trainer saves it in each checkpoint and
   restores it on `--resume`.
 
+Controls (`Method.control`) are registered like methods but serve experiments: they bound or
+calibrate what a method is compared with. A control that reads the ground truth of the training
+records (`needs_metadata`, e.g. `oracle`) gets every record's `metadata` once from the training
+setup (`bind_records`), before the first step; real data has no such labels.
+
 Add a method with `@register("name")` on a subclass of `Method`.
 """
 
@@ -103,9 +108,19 @@ class Method:
     config_class: type = FullConfig
     #: The scores the step must compute before `select` (a subset of `SCORES`); empty: none.
     needs: frozenset[str] = frozenset()
+    #: A control of an experiment, not a pruning method: `qtune methods` marks it, and `qtune bench`
+    #: runs it only when named.
+    control: bool = False
+    #: Whether `select` reads the training records' `metadata`: the training setup then calls
+    #: `bind_records` once, before the first step.
+    needs_metadata: bool = False
 
     def __init__(self, config):
         self.config = config
+
+    def bind_records(self, metadata: dict[int, dict]) -> None:
+        """Take the `metadata` of every training record, keyed by the record's sample_id (that of a
+        batch's sample is `qtune.data.record_id_of(sample_id)`). Called when `needs_metadata`."""
 
     @property
     def nominal_budget(self) -> float:

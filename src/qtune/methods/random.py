@@ -10,6 +10,12 @@ from ..pruning import keep_count, prune_tokens
 from .base import DatasetSelection, Decision, Method, Selection, register, response_mask_of, split_rows
 
 
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of a method's draws at `step`: they depend only on (seed, step), so a resumed
+    run repeats them."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
 def random_token_masks(response: torch.Tensor, r_token: float, generator: torch.Generator) -> torch.Tensor:
     """Keep `max(1, floor(r_token * n))` response tokens per row, uniformly at random: random scores
     with no neighbour term make `prune_tokens` keep a uniform random subset."""
@@ -30,7 +36,7 @@ class RandomPruning(Method):
 
     def select(self, batches, scores, step):
         cfg = self.config
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        generator = step_generator(cfg.seed, step)
         n = sum(b["labels"].shape[0] for b in batches)
         chosen = torch.zeros(n, dtype=torch.bool)
         chosen[torch.randperm(n, generator=generator)[: keep_count(cfg.r_sample, n)]] = True
