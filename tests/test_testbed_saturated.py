@@ -7,6 +7,7 @@ of the generator, so a label is trusted only when the text really says what the 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import re
 from fractions import Fraction
@@ -267,3 +268,56 @@ def test_pretraining_blocks_hold_whole_documents():
         assert row[0] == tokenizer.bos_token_id and row[used - 1] == tokenizer.eos_token_id
         text = tokenizer.decode(row[:used])
         assert text.count("Problem:") == text.count("Answer:")  # no solution without its problem
+
+
+def test_shipped_base_model_is_pinned_and_loads(tmp_path):
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qtune.errors import QTuneError
+    from qtune.testbed import shipped
+
+    shipped.verify()
+    model = AutoModelForCausalLM.from_pretrained(shipped.WEIGHTS_DIR)
+    tokenizer = AutoTokenizer.from_pretrained(shipped.WEIGHTS_DIR)
+    recipe = PRESETS["saturated"].recipe
+    assert model.config.num_hidden_layers == recipe.num_layers and model.config.hidden_size == recipe.hidden_size
+    assert len(tokenizer) == model.config.vocab_size
+    damaged = tmp_path / "damaged"
+    shutil.copytree(shipped.WEIGHTS_DIR, damaged)
+    with open(damaged / "model.safetensors", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\0\0\0\1")
+    with pytest.raises(QTuneError, match="does not match its pinned sha256"):
+        shipped.verify(damaged)
+    (damaged / "model.safetensors").unlink()
+    with pytest.raises(QTuneError, match="lacks"):
+        shipped.verify(damaged)
+
+
+def test_preset_recipe_builds_from_the_shipped_model(tmp_path):
+    from qtune.testbed import shipped
+
+    config = SaturatedConfig(train_size=60, dev_size=10, test_size=10)
+    paths = build_testbed(tmp_path, preset="saturated", config=config, progress=False)
+    info = json.loads((paths.root / "recipe.json").read_text())
+    assert info["base_model"] == {"shipped": shipped.SHA256}
+    assert all(shipped.file_sha256(paths.model_dir / name) == digest for name, digest in shipped.SHA256.items())
+    assert cache_key(PRESETS["saturated"].recipe, config) == paths.root.name
+    other = dataclasses.replace(PRESETS["saturated"].recipe, steps=5)
+    assert cache_key(other, config) != paths.root.name
+
+
+def test_rebuild_command_pretrains_a_loadable_model(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from qtune.testbed import rebuild
+
+    rebuild.main([str(tmp_path / "m"), "--set", "steps=2", "--set", "warmup_steps=1", "--set", "num_layers=1",
+                  "--set", "tokenizer_documents=100"])
+    printed = capsys.readouterr().out
+    assert "model.safetensors: " in printed and "differs from the shipped" in printed
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "m").config.num_hidden_layers == 1
+    with pytest.raises(SystemExit, match="exists"):
+        rebuild.main([str(tmp_path / "m")])

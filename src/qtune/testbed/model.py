@@ -43,7 +43,7 @@ from transformers.utils import logging as hf_logging
 
 from qtune.errors import QTuneError
 
-from qtune.testbed import saturated
+from qtune.testbed import saturated, shipped
 from qtune.testbed.saturated import SaturatedConfig
 from qtune.testbed.tasks import TestbedConfig, make_corpus, make_test_set, make_train_set, write_jsonl
 
@@ -140,7 +140,7 @@ PRESETS = {
     "saturated": Preset(
         "saturated",
         ModelRecipe(vocab_size=1024, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384,
-                    block_size=512, batch_size=8, steps=900, lr=3e-3, warmup_steps=50, drill_share=0.5,
+                    block_size=512, batch_size=8, steps=4000, lr=3e-3, warmup_steps=100, drill_share=0.5,
                     tokenizer_documents=3000),
         SaturatedConfig(),
         "a model pretrained to solve the problems in a textbook layout; SFT mostly teaches the GSM8K format",
@@ -172,12 +172,15 @@ def cache_key(recipe: ModelRecipe, config: TestbedConfig | SaturatedConfig) -> s
     """A short hash of the recipe, the data config and the build code version.
 
     The data-starved spec is unchanged since BUILD_VERSION 1, so its existing caches stay valid; a
-    saturated config adds the preset name, the generator's sha256 and SATURATED_BUILD_VERSION.
+    saturated config adds the preset name, the generator's sha256 and SATURATED_BUILD_VERSION, and
+    for the preset's own recipe the pinned hashes of the shipped base model (`shipped.SHA256`).
     """
     spec = {"build_version": BUILD_VERSION, "recipe": dataclasses.asdict(recipe), "data": dataclasses.asdict(config)}
     if isinstance(config, SaturatedConfig):
         spec |= {"preset": "saturated", "generator_sha256": saturated.GENERATOR_SHA256,
                  "saturated_build_version": SATURATED_BUILD_VERSION}
+        if recipe == PRESETS["saturated"].recipe:
+            spec["base_model"] = shipped.SHA256
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -322,29 +325,65 @@ def pretrain(
     return model
 
 
+def pretrain_saturated(recipe: ModelRecipe, config: SaturatedConfig, *, progress: bool = True
+                       ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """The saturated preset's tokenizer and base model for `recipe`, pretrained on the textbook
+    corpus of `config` (`saturated.make_textbook_corpus`), which never holds a question of the
+    config's splits."""
+    every_question = frozenset(r["question"] for split in saturated.make_splits(config) for r in split)
+    tokenizer_texts = saturated.make_textbook_corpus(recipe.tokenizer_documents, recipe.seed * 1000 + 999, config,
+                                                     drill_share=recipe.drill_share)
+    # The tokenizer also sees the GSM8K layout, so its words are whole tokens, and every number
+    # up to 99 often enough to become one token, with and without its leading space (tested);
+    # the model never trains on this text.
+    tokenizer_texts += [r["question"] + "\n" + r["answer"] for r in saturated.make_splits(
+        dataclasses.replace(config, train_size=1000, dev_size=0, test_size=0, seed=recipe.seed + 10_000))[0]]
+    tokenizer_texts += [" ".join(map(str, range(100))), "\n".join(map(str, range(100)))] * 20
+    tokenizer = train_tokenizer(tokenizer_texts, recipe.vocab_size, recipe.max_length, whole_numbers=True)
+
+    def corpus(seed: int) -> list[str]:
+        return saturated.make_textbook_corpus(500, seed, config, drill_share=recipe.drill_share, exclude=every_question)
+
+    return pretrain(recipe, tokenizer, progress=progress, corpus=corpus, whole_documents=True), tokenizer
+
+
+def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, model_dir: Path, progress: bool) -> None:
+    """Write model and tokenizer into `model_dir` like any Hugging Face checkpoint (safetensors)."""
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:  # transformers shows its own bar while writing the weights
+        hf_logging.disable_progress_bar()
+    try:
+        # transformers v5 always saves weights as safetensors (model.safetensors).
+        model.save_pretrained(model_dir)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    tokenizer.save_pretrained(model_dir)
+
+
+def _parameter_count(model_dir: Path) -> int:
+    """Parameters stored in the folder's model.safetensors (tied embeddings are stored once)."""
+    from safetensors import safe_open
+
+    with safe_open(model_dir / "model.safetensors", framework="pt") as f:
+        return sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+
+
 def _build(folder: Path, recipe: ModelRecipe, config: TestbedConfig | SaturatedConfig, key: str, progress: bool) -> None:
     """Write a complete testbed (model, tokenizer, data, recipe.json) into `folder`."""
     started = time.perf_counter()
     if isinstance(config, SaturatedConfig):
         train, dev, test = saturated.make_splits(config)
         splits = {"train": train, "dev": dev, "test": test}
-        every_question = frozenset(r["question"] for split in splits.values() for r in split)
-        tokenizer_texts = saturated.make_textbook_corpus(recipe.tokenizer_documents, recipe.seed * 1000 + 999, config,
-                                                         drill_share=recipe.drill_share)
-        # The tokenizer also sees the GSM8K layout, so its words are whole tokens, and every number
-        # up to 99 often enough to become one token, with and without its leading space (tested);
-        # the model never trains on this text.
-        tokenizer_texts += [r["question"] + "\n" + r["answer"] for r in saturated.make_splits(
-            dataclasses.replace(config, train_size=1000, dev_size=0, test_size=0, seed=recipe.seed + 10_000))[0]]
-        tokenizer_texts += [" ".join(map(str, range(100))), "\n".join(map(str, range(100)))] * 20
-        tokenizer = train_tokenizer(tokenizer_texts, recipe.vocab_size, recipe.max_length, whole_numbers=True)
-
-        def corpus(seed: int) -> list[str]:
-            return saturated.make_textbook_corpus(500, seed, config, drill_share=recipe.drill_share, exclude=every_question)
-
-        model = pretrain(recipe, tokenizer, progress=progress, corpus=corpus, whole_documents=True)
         extra = {"preset": "saturated", "generator_sha256": saturated.GENERATOR_SHA256,
                  "saturated_build_version": SATURATED_BUILD_VERSION}
+        if recipe == PRESETS["saturated"].recipe:
+            # Pretraining this recipe takes about an hour of CPU: its result ships with qtune.
+            shipped.install(folder / "model")
+            extra["base_model"] = {"shipped": shipped.SHA256}
+        else:
+            model, tokenizer = pretrain_saturated(recipe, config, progress=progress)
+            save_model(model, tokenizer, folder / "model", progress)
     else:
         train, test = make_train_set(config), make_test_set(config)
         splits = {"train": train, "test": test}
@@ -357,17 +396,7 @@ def _build(folder: Path, recipe: ModelRecipe, config: TestbedConfig | SaturatedC
         tokenizer = train_tokenizer(tokenizer_texts, recipe.vocab_size, recipe.max_length)
         model = pretrain(recipe, tokenizer, config.levels, held_out, progress=progress)
         extra = {}
-    model_dir = folder / "model"
-    bars = hf_logging.is_progress_bar_enabled()
-    if not progress:  # transformers shows its own bar while writing the weights
-        hf_logging.disable_progress_bar()
-    try:
-        # transformers v5 always saves weights as safetensors (model.safetensors).
-        model.save_pretrained(model_dir)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    tokenizer.save_pretrained(model_dir)
+        save_model(model, tokenizer, folder / "model", progress)
     for name, records in splits.items():
         write_jsonl(records, folder / f"{name}.jsonl")
     info = {
@@ -376,7 +405,7 @@ def _build(folder: Path, recipe: ModelRecipe, config: TestbedConfig | SaturatedC
         "build_version": BUILD_VERSION,
         "recipe": dataclasses.asdict(recipe),
         "data": dataclasses.asdict(config),
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": _parameter_count(folder / "model"),
         "build_seconds": round(time.perf_counter() - started, 1),
     }
     (folder / "recipe.json").write_text(json.dumps(info, indent=2) + "\n")
