@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--records", default="clean", choices=["clean", "all"])
+    parser.add_argument("--runs", default="full,random", help="which of the two runs to make (comma-separated)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     for seed in args.seeds:
         subset = random.Random(f"a1-{seed}").sample(train, round(args.fraction * len(train)))
         for name, records in (("full", train), (f"random{args.fraction:.0%}", subset)):
+            if name.rstrip("%0123456789") not in args.runs.split(","):
+                continue
             dev_scores, test_scores, seconds = train_and_track(
                 paths, records, dev, test, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=seed)
             best = max(range(len(dev_scores)), key=lambda e: (dev_scores[e], -e))  # earliest best dev epoch

@@ -8,17 +8,18 @@ set -euo pipefail
 out=${1:-runs/saturated-calibration}
 mkdir -p "$out"
 export OMP_NUM_THREADS=1
-sft="--epochs 3 --lr 1e-3 --batch-size 16"
+sft="--epochs 3 --lr 1e-3 --batch-size 4"  # PRESETS["saturated"].sft_settings
 
 # A0: the base model (arithmetic, textbook layout, chat format, build time).
 [ -e "$out/a0.json" ] || python -m qtune.testbed.probe --out "$out/a0.json"
-# A1 (defect-free records: full data vs a random 25%, dev after every epoch) and A2's
-# early-stopping baseline (all records, test at the epoch of the best dev score), side by side.
-[ -e "$out/a1.json" ] || python bench/saturated_a1.py --records clean --seeds 0 1 2 $sft --out "$out/a1.json" &
-[ -e "$out/a2_early.json" ] || python bench/saturated_a1.py --records all --seeds 0 1 2 $sft --out "$out/a2_early.json" &
-wait
 # A2-A4: full data, the oracle (every clean record), and at 25% of each batch's samples (all
-# tokens): the oracle (clean first), random and the anti-oracle (defective first).
+# tokens): the oracle (clean first), random and the anti-oracle (defective first); one core, while
+# the other runs A1 and then A2's early-stopping baseline.
 qtune bench --testbed saturated --methods full,oracle,oracle_ratio,random,anti_oracle --budgets 0.25x1 \
-    --seeds 0,1,2 $sft --warmup-ratio 0.05 --max-new-tokens 200 --eval-batch-size 64 --jobs 2 \
-    --out "$out/controls"
+    --seeds 0,1,2 $sft --warmup-ratio 0.05 --max-new-tokens 200 --eval-batch-size 64 --jobs 1 \
+    --out "$out/controls" &
+# A1 (defect-free records: full data vs a random 25%, dev after every epoch), then A2's
+# early-stopping baseline (all records, test at the epoch of the best dev score).
+[ -e "$out/a1.json" ] || python bench/saturated_a1.py --records clean --seeds 0 1 2 $sft --out "$out/a1.json"
+[ -e "$out/a2_early.json" ] || python bench/saturated_a1.py --records all --seeds 0 1 2 $sft --out "$out/a2_early.json"
+wait

@@ -22,7 +22,8 @@ from qtune.testbed.saturated import (
 from qtune.testbed.tasks import final_answer
 
 SMALL = SaturatedConfig(train_size=600, dev_size=100, test_size=100, seed=3)
-ANNOTATION = re.compile(r"<<(\d+)([-+*/])(\d+)=(\d+)>>(\d+)")
+# "a op b = p", or with GSM8K's calculator annotation "a op b = <<a op b=v>>p".
+STEP = re.compile(r"(\d+) ([-+*/]) (\d+) = (?:<<\1\2\3=(\d+)>>)?(\d+)")
 
 
 def solve(question: str, rule: str = "true") -> Fraction | None:
@@ -64,14 +65,15 @@ def solve(question: str, rule: str = "true") -> Fraction | None:
 
 
 def steps(answer: str) -> list[tuple[int, str, int, int, int]]:
-    return [(int(a), op, int(b), int(v), int(p)) for a, op, b, v, p in ANNOTATION.findall(answer)]
+    """(a, op, b, v, p) per calculation: v the annotation's value (p when there is none), p the printed one."""
+    return [(int(a), op, int(b), int(v or p), int(p)) for a, op, b, v, p in STEP.findall(answer)]
 
 
 OPERATORS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": Fraction}
 
 
 def arithmetic_right(answer: str) -> bool:
-    """Whether every `<<a op b=v>>p` of an answer has v = a op b and prints p = v."""
+    """Whether every calculation of an answer has v = a op b and prints p = v."""
     return all(OPERATORS[op](a, b) == v == p for a, op, b, v, p in steps(answer))
 
 
@@ -94,6 +96,17 @@ def test_generator_is_deterministic_per_seed(splits):
     assert [r["question"] for r in other[0]] != [r["question"] for r in splits[0]]
     assert make_textbook_corpus(20, 1) == make_textbook_corpus(20, 1) != make_textbook_corpus(20, 2)
     assert re.fullmatch(r"[0-9a-f]{64}", GENERATOR_SHA256)
+
+
+def test_annotations_change_only_the_response_text(splits):
+    annotated = make_splits(dataclasses.replace(SMALL, annotations=True))
+    for plain_split, annotated_split in zip(splits, annotated):
+        assert [r["question"] for r in plain_split] == [r["question"] for r in annotated_split]
+        assert [r["metadata"] for r in plain_split] == [r["metadata"] for r in annotated_split]
+        assert all("<<" not in r["answer"] for r in plain_split)
+        assert [re.sub(r"<<[^<>]*>>", "", r["answer"]) for r in annotated_split] == [r["answer"] for r in plain_split]
+    correct = [r for r in annotated[0] if not r["metadata"]["defective"]]
+    assert all(arithmetic_right(r["answer"]) and "<<" in r["answer"] for r in correct)
 
 
 def test_splits_do_not_overlap_and_have_exact_counts(splits):
@@ -314,10 +327,13 @@ def test_rebuild_command_pretrains_a_loadable_model(tmp_path, capsys):
 
     from qtune.testbed import rebuild
 
-    rebuild.main([str(tmp_path / "m"), "--set", "steps=2", "--set", "warmup_steps=1", "--set", "num_layers=1",
-                  "--set", "tokenizer_documents=100"])
+    rebuild.main([str(tmp_path / "m"), "--probe-every", "2", "--set", "steps=2", "--set", "warmup_steps=1",
+                  "--set", "num_layers=1"])
     printed = capsys.readouterr().out
-    assert "model.safetensors: " in printed and "differs from the shipped" in printed
+    # The tokenizer depends on no recipe field changed here: it is the shipped one, byte for byte.
+    assert re.search(r"tokenizer.json: [0-9a-f]{64} \(matches the shipped file\)", printed), printed
+    assert re.search(r"model.safetensors: [0-9a-f]{64} \(differs from the shipped", printed), printed
+    assert '"step": 2' in printed and '"textbook": ' in printed  # the learning-curve probe ran
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "m").config.num_hidden_layers == 1
     with pytest.raises(SystemExit, match="exists"):
         rebuild.main([str(tmp_path / "m")])

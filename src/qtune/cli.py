@@ -13,13 +13,27 @@ from .io import disk_full_message
 
 
 def _methods(ns: argparse.Namespace) -> None:
-    from .methods import METHODS
+    from .methods import METHODS, SAMPLE_RULES, TOKEN_RULES
 
-    width = max(map(len, METHODS))
-    # Pruning methods first, then the controls of experiments (their summary says "Control: ...").
-    for name, cls in sorted(METHODS.items(), key=lambda item: (item[1].control, item[0])):
-        summary = (cls.__doc__ or "").strip().splitlines()[0]
-        print(f"{name:{width}s}  {summary}")
+    def summary(obj) -> str:  # a method class or a rule (an instance: __doc__ is its class's)
+        return (obj.__doc__ or "").strip().splitlines()[0]
+
+    width = max(map(len, [*METHODS, *SAMPLE_RULES, *TOKEN_RULES])) + 2
+    methods = sorted(METHODS.items(), key=lambda item: item[0])
+    # Pruning methods first, then the rules that combine into SAMPLE+TOKEN methods, then the
+    # controls of experiments (their summary says "Control: ...").
+    for name, cls in methods:
+        if not cls.control:
+            print(f"{name:{width}s}  {summary(cls)}")
+    print(f"{'SAMPLE+TOKEN':{width}s}  one sample rule + one token rule, by name: longest+perplexity, entropy+random, "
+          "infobatch+all, ... (docs/methods.md)")
+    for kind, rules in (("sample", SAMPLE_RULES), ("token", TOKEN_RULES)):
+        print(f"  {kind} rules:")
+        for name, rule in sorted(rules.items()):
+            print(f"  {name:{width - 2}s}  {summary(rule)}")
+    for name, cls in methods:
+        if cls.control:
+            print(f"{name:{width}s}  {summary(cls)}")
 
 
 def _demo(ns: argparse.Namespace) -> None:

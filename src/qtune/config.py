@@ -175,10 +175,27 @@ def check_device(value: str) -> str | None:
 #: import their config classes from this module, so this module cannot import them (one-way
 #: dependencies). `import qtune` (run before any of its modules) registers the built-in ones.
 METHOD_NAMES: set[str] = set()
+#: Names of the registered sample rules and token rules (`qtune.methods.rules`): a method named
+#: "SAMPLE+TOKEN" combines one of each. Filled by `register_sample_rule` / `register_token_rule`,
+#: as METHOD_NAMES is by `register`.
+SAMPLE_RULE_NAMES: set[str] = set()
+TOKEN_RULE_NAMES: set[str] = set()
+
+
+def composed_parts(name: str) -> tuple[str, str] | None:
+    """("longest", "perplexity") for "longest+perplexity" when both rules are registered, else None."""
+    sample, plus, token = name.partition("+")
+    return (sample, token) if plus and sample in SAMPLE_RULE_NAMES and token in TOKEN_RULE_NAMES else None
+
+
+def method_choices() -> str:
+    """What a method name may be, for error messages."""
+    return (f"a registered method: {', '.join(sorted(METHOD_NAMES))}; or SAMPLE+TOKEN with SAMPLE one of "
+            f"{', '.join(sorted(SAMPLE_RULE_NAMES))} and TOKEN one of {', '.join(sorted(TOKEN_RULE_NAMES))}")
 
 
 def _method(value: str) -> str | None:
-    return None if value in METHOD_NAMES else "a registered method: " + ", ".join(sorted(METHOD_NAMES))
+    return None if value in METHOD_NAMES or composed_parts(value) else method_choices()
 
 
 def _lr_scheduler(value: str) -> str | None:
@@ -383,11 +400,42 @@ class QTuningConfig(TokenPruningConfig, RandomConfig):
 
 
 @dataclass
-class PruningConfig(TokenMatchedConfig, QTuningConfig):
+class PerplexitySampleConfig(Options):
+    """Options of the `perplexity` sample rule (`qtune.methods.perplexity`)."""
+
+    ppl_keep: str = option("middle", "perplexity sample rule: keep the samples of the step with the highest, the "
+                                     "lowest or the middle perplexity (current model).",
+                           choices=["high", "low", "middle"])
+
+
+@dataclass
+class InfoBatchConfig(Options):
+    """Options of the `infobatch` sample rule (`qtune.methods.infobatch`)."""
+
+    infobatch_prune: float = option(0.5, "infobatch: probability r that a sample whose loss is below the step's "
+                                         "mean loss is dropped; the kept ones weigh 1/(1-r) in the loss.",
+                                    bounds="[0, 1)")
+    infobatch_anneal: float = option(0.125, "infobatch: final fraction of the optimizer steps trained on every "
+                                            "sample (InfoBatch's annealing: 1 - delta, delta = 0.875).",
+                                     bounds="[0, 1]")
+
+
+@dataclass
+class PerplexityTokenConfig(Options):
+    """Options of the `perplexity` token rule (`qtune.methods.token_perplexity`)."""
+
+    ppl_reversed: bool = option(False, "perplexity token rule: keep the highest-NLL tokens instead of the lowest "
+                                       "(the direction of the authors' code; the paper's text prunes the highest).")
+
+
+@dataclass
+class PruningConfig(PerplexitySampleConfig, InfoBatchConfig, PerplexityTokenConfig, TokenMatchedConfig,
+                    QTuningConfig):
     """The method and how the training step applies it. TrainConfig composes every method's
     options (so that each reaches the CLI and YAML); a method reads only its own config class."""
 
-    method: str = option("qtuning", "Pruning method or control (see `qtune methods`): full, random, qtuning, ...",
+    method: str = option("qtuning", "Pruning method or control (see `qtune methods`): full, random, qtuning, ..., "
+                                    "or a sample rule and a token rule combined as SAMPLE+TOKEN (longest+perplexity).",
                           check=_method)
     triage_scope: str = option("global", "Under several processes, the method decides over the global batch of "
                                          "the step (every process's samples, gathered) or over each process's "

@@ -19,19 +19,19 @@ calibrate what a method is compared with. A control that reads the ground truth 
 records (`needs_metadata`, e.g. `oracle`) gets every record's `metadata` once from the training
 setup (`bind_records`), before the first step; real data has no such labels.
 
-Add a method with `@register("name")` on a subclass of `Method`.
+Add a method with `@register("name")` on a subclass of `Method`. The per-batch baselines are
+built instead from two small registries, sample rules and token rules (`qtune.methods.rules`);
+`qtune.methods.build.build_method` builds either kind by name.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from ..config import METHOD_NAMES, FullConfig
-from ..errors import QTuneError
 from ..scoring import BatchScores, DatasetScores, response_positions
 
 #: The scores a method may ask the step for (`Method.needs`).
@@ -167,13 +167,3 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
         return cls
 
     return add
-
-
-def build_method(name: str, config) -> Method:
-    """The method `name`, given its own options taken by name from `config` (a TrainConfig, or
-    any object with those fields)."""
-    if name not in METHODS:
-        raise QTuneError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
-    cls = METHODS[name]
-    options = {f.name: getattr(config, f.name) for f in dataclasses.fields(cls.config_class)}
-    return cls(cls.config_class(**options))

@@ -124,19 +124,23 @@ class Preset:
         config: the data's default config (`TestbedConfig` or `SaturatedConfig`, which also picks
             the generator).
         description: one line for listings.
+        sft_settings: the fine-tuning and evaluation options calibrated for this preset
+            (docs/testbed.md), as keyword arguments of `TrainConfig` / `BenchConfig`.
     """
 
     name: str
     recipe: ModelRecipe
     config: TestbedConfig | SaturatedConfig
     description: str
+    sft_settings: dict = dataclasses.field(default_factory=dict)
 
 
-# The saturated preset is in progress (docs/testbed.md): its recipe is not calibrated yet, so it
-# is not the default.
+# The saturated preset is in calibration (docs/testbed.md): it becomes the default once A1-A4 pass.
 PRESETS = {
     "data-starved": Preset("data-starved", ModelRecipe(), TestbedConfig(),
-                           "a 0.96 M Llama far from knowing the task; SFT teaches format and arithmetic"),
+                           "a 0.96 M Llama far from knowing the task; SFT teaches format and arithmetic",
+                           {"epochs": 5.0, "lr": 1e-3, "batch_size": 16, "warmup_ratio": 0.05, "max_new_tokens": 200,
+                            "eval_batch_size": 64}),
     "saturated": Preset(
         "saturated",
         ModelRecipe(vocab_size=1024, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384,
@@ -144,6 +148,9 @@ PRESETS = {
                     tokenizer_documents=3000),
         SaturatedConfig(),
         "a model pretrained to solve the problems in a textbook layout; SFT mostly teaches the GSM8K format",
+        # Chosen on the dev split with defect-free data (A1) before any pruning method ran (docs/testbed.md).
+        {"epochs": 3.0, "lr": 1e-3, "batch_size": 4, "warmup_ratio": 0.05, "max_new_tokens": 200,
+         "eval_batch_size": 64},
     ),
 }
 DEFAULT_PRESET = "data-starved"
@@ -269,12 +276,15 @@ def pretrain(
     progress: bool = True,
     corpus: Callable[[int], list[str]] | None = None,
     whole_documents: bool = False,
+    after_step: Callable[[int, LlamaForCausalLM], None] | None = None,
 ) -> LlamaForCausalLM:
     """A fresh Llama of the recipe's shape, trained once over a corpus of stories at these `levels`.
 
     Problems whose question is in `exclude` (the test questions) stay out of the corpus. `corpus`,
     when given, replaces that corpus: `corpus(seed)` returns 500 documents; `whole_documents` packs
-    only whole documents into each block (see `_corpus_blocks`).
+    only whole documents into each block (see `_corpus_blocks`). `after_step(steps_done, model)`
+    is called after every optimizer step (to probe the model during training; it must leave the
+    model in train mode and draw no random numbers, or the weights change).
     """
     if corpus is None:
         def corpus(seed: int) -> list[str]:
@@ -318,6 +328,8 @@ def pretrain(
         optimizer.zero_grad(set_to_none=True)
         smoothed = loss.item() if smoothed is None else 0.9 * smoothed + 0.1 * loss.item()
         bar.set_postfix(loss=f"{smoothed:.3f}")
+        if after_step is not None:
+            after_step(step + 1, model)
     model.eval()
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -325,26 +337,29 @@ def pretrain(
     return model
 
 
-def pretrain_saturated(recipe: ModelRecipe, config: SaturatedConfig, *, progress: bool = True
+def pretrain_saturated(recipe: ModelRecipe, config: SaturatedConfig, *, progress: bool = True,
+                       after_step: Callable[[int, LlamaForCausalLM, PreTrainedTokenizerFast], None] | None = None,
                        ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     """The saturated preset's tokenizer and base model for `recipe`, pretrained on the textbook
     corpus of `config` (`saturated.make_textbook_corpus`), which never holds a question of the
-    config's splits."""
+    config's splits. `after_step(steps_done, model, tokenizer)`: as in `pretrain`."""
     every_question = frozenset(r["question"] for split in saturated.make_splits(config) for r in split)
     tokenizer_texts = saturated.make_textbook_corpus(recipe.tokenizer_documents, recipe.seed * 1000 + 999, config,
                                                      drill_share=recipe.drill_share)
-    # The tokenizer also sees the GSM8K layout, so its words are whole tokens, and every number
-    # up to 99 often enough to become one token, with and without its leading space (tested);
-    # the model never trains on this text.
-    tokenizer_texts += [r["question"] + "\n" + r["answer"] for r in saturated.make_splits(
-        dataclasses.replace(config, train_size=1000, dev_size=0, test_size=0, seed=recipe.seed + 10_000))[0]]
+    # The tokenizer also sees the GSM8K layout with its calculator annotations, so its words are
+    # whole tokens, and every number up to 99 often enough to become one token, with and without
+    # its leading space (tested); the model never trains on this text. (Annotated whatever the
+    # config says: the shipped tokenizer was trained on exactly this text.)
+    tokenizer_texts += [r["question"] + "\n" + r["answer"] for r in saturated.make_splits(dataclasses.replace(
+        config, train_size=1000, dev_size=0, test_size=0, seed=recipe.seed + 10_000, annotations=True))[0]]
     tokenizer_texts += [" ".join(map(str, range(100))), "\n".join(map(str, range(100)))] * 20
     tokenizer = train_tokenizer(tokenizer_texts, recipe.vocab_size, recipe.max_length, whole_numbers=True)
 
     def corpus(seed: int) -> list[str]:
         return saturated.make_textbook_corpus(500, seed, config, drill_share=recipe.drill_share, exclude=every_question)
 
-    return pretrain(recipe, tokenizer, progress=progress, corpus=corpus, whole_documents=True), tokenizer
+    hook = None if after_step is None else (lambda step, model: after_step(step, model, tokenizer))
+    return pretrain(recipe, tokenizer, progress=progress, corpus=corpus, whole_documents=True, after_step=hook), tokenizer
 
 
 def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, model_dir: Path, progress: bool) -> None:

@@ -10,10 +10,12 @@ word problems solved in a textbook layout that fine-tuning never uses:
     Then she buys 7 more apples. After buying more, she has 12 + 7 = 19 apples.
     Answer: 19
 
-Fine-tuning asks for the GSM8K layout instead (`<<a+b=c>>c` annotations and a last line `#### N`):
+Fine-tuning asks for the GSM8K layout instead: the chat template, the solution lines alone and a
+last line `#### N` (GSM8K's `<<12+7=19>>` calculator annotations too with
+`SaturatedConfig(annotations=True)`):
 
     Mia has 12 apples.
-    Then she buys 7 more apples. After buying more, she has 12 + 7 = <<12+7=19>>19 apples.
+    Then she buys 7 more apples. After buying more, she has 12 + 7 = 19 apples.
     #### 19
 
 so supervised fine-tuning mostly teaches a format the model can already fill in, the regime of the
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -85,6 +88,11 @@ class SaturatedConfig:
             the pretraining corpus's problems (where it is always misread).
         drill_op_weights: how often the pretraining drills draw each operator (+, -, *, /); sums
             and differences have by far the most facts, so they get most of the drills.
+        annotations: write GSM8K's calculator annotations in the responses ("12 + 7 = <<12+7=19>>19").
+            Off by default: the annotation's numbers are the unspaced tokens ("12", not " 12"),
+            so fine-tuning with them must teach the base model to copy each operand into another
+            token, which 25% of the data does not manage (docs/testbed.md, A1). Switching it
+            changes only the responses' text, never which problems are drawn.
         seed: one seed for everything; each split and the corpus use streams of their own.
     """
 
@@ -98,6 +106,7 @@ class SaturatedConfig:
     shares: tuple[float, ...] = (0.50, 0.10, 0.15, 0.15, 0.06, 0.04)
     misconception_share: float = 0.1
     drill_op_weights: tuple[float, ...] = (0.4, 0.4, 0.1, 0.1)
+    annotations: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -215,6 +224,9 @@ class Problem:
     def textbook(self) -> str:
         """The problem and its solution in the pretraining layout."""
         return "\n".join([f"Problem: {self.question}", "Solution:", *self.lines("textbook"), f"Answer: {self.final}"])
+
+
+_ANNOTATION = re.compile(r"<<[^<>]*>>")
 
 
 class _Invalid(Exception):
@@ -513,7 +525,12 @@ def make_splits(config: SaturatedConfig = SaturatedConfig()) -> tuple[list[dict]
         records.append(_record(problem.question, donor["answer"], rid(), "swapped", "swapped_answer", d, problem.final,
                                donor["metadata"]["id"]))
     rng.shuffle(records)
-    return records, _held_out(config, "dev", config.dev_size, seen), _held_out(config, "test", config.test_size, seen)
+    splits = records, _held_out(config, "dev", config.dev_size, seen), _held_out(config, "test", config.test_size, seen)
+    if not config.annotations:  # after every draw, so that both settings draw the same problems
+        for split in splits:
+            for r in split:
+                r["answer"] = _ANNOTATION.sub("", r["answer"])
+    return splits
 
 
 def _held_out(config: SaturatedConfig, split: str, size: int, seen: set[str]) -> list[dict]:

@@ -1,0 +1,234 @@
+"""Per-batch baselines as two small registries: sample rules (which samples of the step keep their
+loss) and token rules (which response tokens of the kept samples keep theirs). Any sample rule
+combines with any token rule by name: the method "SAMPLE+TOKEN" (`longest+perplexity`,
+`entropy+random`, `infobatch+all`) is one `ComposedMethod`, built by `build_method`.
+
+A sample rule sees the whole step (its micro-batches in order, and their scores when it needs
+them) and returns the kept samples (bool [N], N the step's samples, micro-batches in order),
+optional per-sample loss weights and statistics; the rules that keep a fixed share keep exactly
+`keep_count(r_sample, N)` samples. A token rule sees one micro-batch (and its scores) and returns
+its label mask (bool [B, L], True where a response token keeps its loss), read on the kept rows
+only; the rules that keep a share keep `keep_count(r_token, n)` tokens of a row of n response
+tokens. Every rule states its tie rule.
+
+Random draws come from one generator per step, seeded by (seed, step) (`step_generator`): the
+sample rule draws first, then the token rule, micro-batch by micro-batch, so `random+random`
+decides exactly as the `random` method. No rule keeps state across steps.
+
+Each rule file registers its rules with `register_sample_rule` / `register_token_rule` and names
+its options' dataclass (`config_class`, in `qtune.config`); a composed method's options are those
+of its two rules plus r_sample, r_token and seed (`RandomConfig`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import SAMPLE_RULE_NAMES, TOKEN_RULE_NAMES, RandomConfig, composed_parts, method_choices
+from ..errors import QTuneError
+from ..scoring import BatchScores
+from .base import SCORES, Decision, Method, Selection, response_mask_of, split_rows
+from .random import step_generator
+
+
+@dataclass
+class StepView:
+    """What a sample rule sees of one step.
+
+    batches: the step's micro-batches, in order; scores: their `BatchScores`, or None when no
+    scoring pass ran; step: the optimizer step (0-based); total_steps: the run's optimizer steps,
+    None when unknown (the method was not told; see `ComposedMethod.needs_scores_at`);
+    generator: the step's draws (shared with the token rule, which draws after).
+    """
+
+    batches: list[dict]
+    scores: list[BatchScores] | None
+    step: int
+    total_steps: int | None
+    generator: torch.Generator
+
+    @property
+    def n(self) -> int:
+        return sum(b["labels"].shape[0] for b in self.batches)
+
+    def response_lengths(self) -> torch.Tensor:
+        """int64 [N]: each sample's response tokens (no scores needed)."""
+        return torch.cat([response_mask_of(b).sum(1).cpu() for b in self.batches])
+
+    def sample_scores(self, name: str) -> torch.Tensor:
+        """float [N] on the CPU: the per-sample score `name` ("ppl", "ent") of every sample, or the
+        mean token NLL ("loss", = log ppl, taken from the token NLLs)."""
+        if self.scores is None:
+            raise QTuneError("this sample rule needs the scoring pass, which did not run at this step")
+        if name == "loss":
+            return torch.cat([(s.nll * s.response_mask).sum(1).cpu() / s.n_response.clamp_min(1).cpu()
+                              for s in self.scores])
+        return torch.cat([getattr(s, name).float().cpu() for s in self.scores])
+
+
+@dataclass
+class SampleChoice:
+    """A sample rule's decision: kept (bool [N]), optional loss weights (float [N], one per
+    sample; None means 1) and statistics for the step log."""
+
+    kept: torch.Tensor
+    weights: torch.Tensor | None = None
+    stats: dict = field(default_factory=dict)
+
+
+class SampleRule:
+    """Base of the sample rules. Subclasses set `config_class` (None: no options of their own),
+    `needs` and `choose`; the first line of the docstring is the rule's summary in `qtune methods`."""
+
+    name = "base"
+    config_class: type | None = None
+    needs: frozenset[str] = frozenset()
+
+    def share(self, cfg) -> float:
+        """The share of the step's samples the rule means to keep (nominal budget)."""
+        return cfg.r_sample
+
+    def needs_scores_at(self, cfg, step: int, total_steps: int) -> bool:
+        return bool(self.needs)
+
+    def choose(self, cfg, view: StepView) -> SampleChoice:
+        raise NotImplementedError
+
+
+class TokenRule:
+    """Base of the token rules. Subclasses set `config_class`, `needs` and `masks`."""
+
+    name = "base"
+    config_class: type | None = None
+    needs: frozenset[str] = frozenset()
+
+    def share(self, cfg) -> float:
+        """The share of a kept sample's response tokens the rule means to keep (nominal budget)."""
+        return cfg.r_token
+
+    def masks(self, cfg, batch: dict, scores: BatchScores | None, generator: torch.Generator) -> torch.Tensor:
+        """bool [B, L]: True where a response token of the micro-batch keeps its loss (every row;
+        only the kept rows are read)."""
+        raise NotImplementedError
+
+
+SAMPLE_RULES: dict[str, SampleRule] = {}
+TOKEN_RULES: dict[str, TokenRule] = {}
+
+
+def _register(kind: str, registry: dict, names: set[str], name: str):
+    def add(cls):
+        if "+" in name or name in registry:
+            raise ValueError(f"{kind} rule {name!r} is already registered or holds a '+'")
+        unknown = set(cls.needs) - SCORES
+        if unknown:
+            raise ValueError(f"{kind} rule {name!r} needs unknown scores {sorted(unknown)}; known: {sorted(SCORES)}")
+        cls.name = name
+        registry[name] = cls()
+        names.add(name)
+        return cls
+
+    return add
+
+
+def register_sample_rule(name: str):
+    """Class decorator: register a `SampleRule` subclass under `name`."""
+    return _register("sample", SAMPLE_RULES, SAMPLE_RULE_NAMES, name)
+
+
+def register_token_rule(name: str):
+    """Class decorator: register a `TokenRule` subclass under `name`."""
+    return _register("token", TOKEN_RULES, TOKEN_RULE_NAMES, name)
+
+
+def top_samples(values: torch.Tensor, count: int, *, highest: bool) -> torch.Tensor:
+    """bool [N]: the `count` samples with the highest (or lowest) `values`; ties go to the lower
+    index (the earlier sample of the step)."""
+    order = torch.sort(values, descending=highest, stable=True).indices
+    kept = torch.zeros(values.numel(), dtype=torch.bool)
+    kept[order[:count]] = True
+    return kept
+
+
+# --- the composed method ------------------------------------------------------------------------
+
+
+class ComposedMethod(Method):
+    """A sample rule and a token rule combined: "SAMPLE+TOKEN" (see `qtune.methods.rules`)."""
+
+    sample_rule: SampleRule
+    token_rule: TokenRule
+
+    def __init__(self, config):
+        super().__init__(config)
+        # The step calls needs_scores_at(step, total_steps) before select: the run's length is
+        # learnt there, for the rules that depend on it (InfoBatch's annealing).
+        self.total_steps: int | None = None
+
+    @property
+    def nominal_budget(self) -> float:
+        return self.sample_rule.share(self.config) * self.token_rule.share(self.config)
+
+    def needs_scores_at(self, step, total_steps):
+        self.total_steps = total_steps
+        return self.sample_rule.needs_scores_at(self.config, step, total_steps) or bool(self.token_rule.needs)
+
+    def select(self, batches, scores, step):
+        cfg = self.config
+        generator = step_generator(cfg.seed, step)
+        choice = self.sample_rule.choose(cfg, StepView(batches, scores, step, self.total_steps, generator))
+        weights = [None] * len(batches) if choice.weights is None else split_rows(choice.weights, batches)
+        selections = []
+        for j, (batch, kept) in enumerate(zip(batches, split_rows(choice.kept, batches))):
+            mask = self.token_rule.masks(cfg, batch, None if scores is None else scores[j], generator)
+            selections.append(Selection(kept.nonzero().flatten(), mask, weights[j]))
+        stats = {"samples": choice.kept.numel(), "kept": int(choice.kept.sum()), **choice.stats}
+        return Decision.over(batches, selections, self.nominal_budget, stats)
+
+
+_CLASSES: dict[str, type[ComposedMethod]] = {}
+
+
+def composed_class(name: str) -> type[ComposedMethod]:
+    """The method class of "SAMPLE+TOKEN": its options' dataclass holds those of both rules plus
+    r_sample, r_token and seed; it needs the scores either rule needs. One class per name."""
+    parts = composed_parts(name)
+    if parts is None:
+        raise QTuneError(f"unknown method {name!r}; available: {method_choices()}")
+    if name not in _CLASSES:
+        sample, token = SAMPLE_RULES[parts[0]], TOKEN_RULES[parts[1]]
+        bases = tuple(dict.fromkeys(c for c in (sample.config_class, token.config_class) if c is not None))
+        config_class = dataclasses.make_dataclass(
+            f"{_title(name)}Config", [], bases=(*bases, RandomConfig),
+            namespace={"__doc__": f"Options of `{name}`: those of its rules, r_sample, r_token and seed."})
+        _CLASSES[name] = type(f"{_title(name)}Method", (ComposedMethod,), {
+            "__doc__": f"{_summary(sample)}; {_summary(token)}", "name": name, "config_class": config_class, "needs": sample.needs | token.needs,
+            "sample_rule": sample, "token_rule": token})
+    return _CLASSES[name]
+
+
+def _summary(rule) -> str:
+    """The first line of a rule's docstring (its summary in `qtune methods`)."""
+    return (rule.__doc__ or "").strip().splitlines()[0]
+
+
+def _title(name: str) -> str:
+    return "".join(part.title() for part in name.replace("+", "_").split("_"))
+
+
+# --- the token rule that keeps everything -------------------------------------------------------
+
+
+@register_token_rule("all")
+class AllTokens(TokenRule):
+    """every response token of a kept sample keeps its loss (sample pruning only)"""
+
+    def share(self, cfg) -> float:
+        return 1.0
+
+    def masks(self, cfg, batch, scores, generator):
+        return response_mask_of(batch)
+
