@@ -129,6 +129,9 @@ def test_grid_flags_narrow_the_grid_and_bad_values_are_one_line_errors(tmp_path)
             parse_budgets(bad)
     with pytest.raises(QTuneError, match="unknown method.*nope"):
         parse_methods("qtuning,nope")
+    assert parse_methods("longest+perplexity,full") == ["full", "longest+perplexity"]
+    with pytest.raises(QTuneError, match=r"unknown method\(s\) longest\+nope"):
+        parse_methods("longest+nope")
     with pytest.raises(QTuneError, match="--seeds"):
         parse_seeds("1,x")
 
@@ -523,9 +526,11 @@ def test_an_invalid_option_fails_the_bench_before_any_cell_runs(tiny_bench_input
                            (["--batch-size", "0"], "--batch-size must be at least 1; got 0"),
                            (["--epochs", "0", "--max-steps", "-1"],
                             "--epochs must be greater than 0 unless max_steps is at least 1; got 0.0"),
-                           (["--methods", "full,nope"], "--methods: unknown method(s) nope; available: anti_oracle, "
-                                                        "full, oracle, oracle_ratio, qtuning, random, "
-                                                        "token_matched_random"),
+                           (["--methods", "full,nope"], "--methods: unknown method(s) nope; available: a registered "
+                                                        "method: anti_oracle, full, oracle, oracle_ratio, qtuning, "
+                                                        "random, token_matched_random; or SAMPLE+TOKEN with SAMPLE one "
+                                                        "of entropy, infobatch, infobatch_exact, longest, perplexity, "
+                                                        "random, shortest and TOKEN one of all, perplexity, random"),
                            (["--methods", "random,token_matched_random"],
                             "--methods: token_matched_random keeps as many loss tokens as the qtuning cell of the same "
                             "budget and seed did, so it needs qtuning in --methods too (finished qtuning cells are "

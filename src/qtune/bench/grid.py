@@ -142,14 +142,16 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def parse_methods(text: str | None) -> list[str]:
-    """The methods to run, `full` first; every registered method but the controls when `text` is None."""
+    """The methods to run, `full` first; every registered method but the controls when `text` is None.
+    A name may also combine a sample rule and a token rule ("longest+perplexity", docs/methods.md)."""
+    from ..config import composed_parts, method_choices
     from ..methods import METHODS
 
     names = ([m for m, cls in METHODS.items() if not cls.control] if text is None
              else [m.strip() for m in text.split(",") if m.strip()])
-    unknown = [m for m in names if m not in METHODS]
+    unknown = [m for m in names if m not in METHODS and composed_parts(m) is None]
     if unknown:
-        raise QTuneError(f"--methods: unknown method(s) {', '.join(unknown)}; available: {', '.join(sorted(METHODS))}")
+        raise QTuneError(f"--methods: unknown method(s) {', '.join(unknown)}; available: {method_choices()}")
     if not names:
         raise QTuneError("--methods: no method given")
     names = list(dict.fromkeys(names))
