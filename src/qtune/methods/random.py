@@ -16,6 +16,13 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
+def random_samples(n: int, r_sample: float, generator: torch.Generator) -> torch.Tensor:
+    """bool [n]: `keep_count(r_sample, n)` samples drawn uniformly (one `randperm(n)` of `generator`)."""
+    chosen = torch.zeros(n, dtype=torch.bool)
+    chosen[torch.randperm(n, generator=generator)[: keep_count(r_sample, n)]] = True
+    return chosen
+
+
 def random_token_masks(response: torch.Tensor, r_token: float, generator: torch.Generator) -> torch.Tensor:
     """Keep `max(1, floor(r_token * n))` response tokens per row, uniformly at random: random scores
     with no neighbour term make `prune_tokens` keep a uniform random subset."""
@@ -38,8 +45,7 @@ class RandomPruning(Method):
         cfg = self.config
         generator = step_generator(cfg.seed, step)
         n = sum(b["labels"].shape[0] for b in batches)
-        chosen = torch.zeros(n, dtype=torch.bool)
-        chosen[torch.randperm(n, generator=generator)[: keep_count(cfg.r_sample, n)]] = True
+        chosen = random_samples(n, cfg.r_sample, generator)
         selections = [Selection(kept.nonzero().flatten(), random_token_masks(response_mask_of(batch), cfg.r_token,
                                                                              generator))
                       for batch, kept in zip(batches, split_rows(chosen, batches))]

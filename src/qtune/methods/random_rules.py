@@ -5,11 +5,8 @@ from the same (seed, step) generator, in the same order)."""
 
 from __future__ import annotations
 
-import torch
-
-from ..pruning import keep_count
 from .base import response_mask_of
-from .random import random_token_masks
+from .random import random_samples, random_token_masks
 from .rules import SampleChoice, SampleRule, TokenRule, register_sample_rule, register_token_rule
 
 
@@ -18,10 +15,7 @@ class RandomSamples(SampleRule):
     """keep_count(r_sample, N) samples drawn uniformly (one randperm(N) of the step's generator)"""
 
     def choose(self, cfg, view):
-        n = view.n
-        kept = torch.zeros(n, dtype=torch.bool)
-        kept[torch.randperm(n, generator=view.generator)[: keep_count(cfg.r_sample, n)]] = True
-        return SampleChoice(kept)
+        return SampleChoice(random_samples(view.n, cfg.r_sample, view.generator))
 
 
 @register_token_rule("random")
