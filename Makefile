@@ -24,7 +24,7 @@ demo: install
 	$(BIN)/qtune demo
 
 bench: install
-	$(BIN)/python bench/score_overhead.py
+	$(BIN)/python bench/step_cost.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

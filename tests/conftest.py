@@ -2,7 +2,8 @@
 
 `tiny_tokenizer` has a chat template built from its special tokens; `plain_tokenizer` is the
 same vocabulary without a chat template. Both have <s> (BOS), </s> (EOS), <pad> and <unk>.
-Session-scoped: do not mutate them (copy.deepcopy first).
+Session-scoped: do not mutate them (copy.deepcopy first). Every test's tokenized-data cache
+($QTUNE_DATA_CACHE) is a temporary folder.
 """
 
 from __future__ import annotations
@@ -62,6 +63,16 @@ def _build_tokenizer(chat_template: str | None):
     )
     tokenizer.chat_template = chat_template
     return tokenizer
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _data_cache(tmp_path_factory):
+    """The tokenized-data cache of every test (and of the commands they start) in a temporary folder,
+    never the user's ~/.cache/qtune/tokenized."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("QTUNE_DATA_CACHE", str(tmp_path_factory.mktemp("tokenized-cache")))
+    yield
+    mp.undo()
 
 
 @pytest.fixture(scope="session")

@@ -416,6 +416,11 @@ def test_bench_runs_the_grid_resumes_and_reruns_an_interrupted_cell(tiny_bench_i
     assert q["steps"] == 2 and q["kept_sample_fraction"] == 0.5  # 2 steps of 8, half kept
     assert 0 < q["loss_tokens"] < q["response_tokens"] and q["n_eval"] == 4
     assert q["wall_seconds"] == pytest.approx(q["scoring_seconds"] + q["training_seconds"])
+    assert q["phase_seconds"]["score"] > 0 and "score" not in rows["full-seed0"]["phase_seconds"]
+    markdown = (out / "results.md").read_text()
+    phase_table = markdown[markdown.index("## Time per phase"):]
+    assert "token_select s" in phase_table.splitlines()[2]  # the header row, after the title and a blank line
+    assert any(line.startswith("| qtuning ") for line in phase_table.splitlines())
     assert set(q["audit"]) == {"clean", "noise", "redundant"}
     assert sum(a["seen"] for a in q["audit"].values()) == 16
     assert rows["full-seed0"]["audit"]["noise"]["dropped_share"] == 0.0

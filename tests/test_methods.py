@@ -14,7 +14,7 @@ from qtune.errors import QTuneError
 from qtune.methods import METHODS, Decision, Method, Selection, build_method, register, response_mask_of
 from qtune.pruning import keep_count, prune_tokens, token_perplexity, triage
 from qtune.scoring import IGNORE_INDEX, DatasetScores
-from qtune.step import micro_batch_loss, plan_step, train_step
+from qtune.step import micro_batch_loss, placeholder_row, plan_step, train_step
 from qtune.train import read_step_log, run_train
 
 
@@ -113,16 +113,22 @@ def test_loss_weights_are_honoured(tiny_run_inputs, toy_method):
     assert plan.loss_tokens == n_tokens  # weights change the loss, not the normaliser
 
 
-def test_an_empty_micro_batch_still_runs_a_zero_backward(tiny_run_inputs):
-    """One kept row for two micro-batches: the second gets a placeholder row of weight 0, whose
-    backward reaches the parameters (DDP needs every process to join) and adds exactly zero."""
+def test_kept_rows_take_as_few_micro_batches_as_hold_them(tiny_run_inputs):
     model = AutoModelForCausalLM.from_pretrained(tiny_run_inputs[0])
-    batches = [make_batch([8, 6], vocab=model.config.vocab_size, seed=s) for s in (0, 1)]
-    plan = plan_step(batches, None, build_method("random", config(r_sample=0.25, r_token=1.0)), 0, pad_token_id=0)
-    assert plan.record["kept"] == 1 and len(plan.record["kept_ids"]) == 1
-    assert [m["input_ids"].shape[0] for m in plan.micro_batches] == [1, 1]
-    placeholder = next(m for m in plan.micro_batches if "loss_weight" in m)
-    loss = micro_batch_loss(model, placeholder, plan.loss_tokens)
+    batches = [make_batch([8, 6, 7, 9], vocab=model.config.vocab_size, seed=s) for s in (0, 1, 2)]
+    for r_sample, rows in ((1 / 12, [1]), (0.25, [3]), (0.5, [3, 3]), (1.0, [4, 4, 4])):
+        plan = plan_step(batches, None, build_method("random", config(r_sample=r_sample, r_token=1.0)), 0,
+                         pad_token_id=0)
+        assert [m["input_ids"].shape[0] for m in plan.micro_batches] == rows
+        assert plan.record["trained_positions"] <= sum(b["input_ids"].numel() for b in batches)
+
+
+def test_a_placeholder_row_runs_a_zero_backward(tiny_run_inputs):
+    """A process that keeps no row trains a placeholder row of weight 0, whose backward reaches
+    the parameters (DDP needs every process to join) and adds exactly zero."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_run_inputs[0])
+    placeholder = placeholder_row(make_batch([8, 6], vocab=model.config.vocab_size))
+    loss = micro_batch_loss(model, placeholder, 7)
     loss.backward()
     assert float(loss.detach()) == 0.0
     grads = [p.grad for p in model.parameters() if p.requires_grad]

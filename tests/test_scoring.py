@@ -105,12 +105,14 @@ def test_mismatched_shapes_are_rejected():
 
 def test_full_logits_path_equals_logits_to_keep_path(monkeypatch):
     """Models without `logits_to_keep` take the full-logits path; both give the same scores."""
+    import qtune.head as head
     import qtune.scoring as scoring
 
     model = tiny_llama()
     input_ids, attention_mask, labels = random_batch()
-    fast = score_batch(model, input_ids, attention_mask, labels, chunk_tokens=4)
+    fast = score_batch(model, input_ids, attention_mask, labels, chunk_tokens=4, head_impl="logits")
     monkeypatch.setattr(scoring, "accepts_logits_to_keep", lambda m: False)
+    monkeypatch.setattr(head, "accepts_logits_to_keep", lambda m: False)
     slow = score_batch(model, input_ids, attention_mask, labels, chunk_tokens=4)
     for name in ("nll", "entropy", "ppl", "ent"):
         torch.testing.assert_close(getattr(fast, name), getattr(slow, name), rtol=1e-5, atol=1e-5)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -141,25 +142,82 @@ def test_pack_kept_slices_rows_trims_and_spreads_evenly():
     batches = [make_batch([8, 6, 10], seed=0), make_batch([9, 7, 5], seed=1)]
     masks = [response_mask_of(b) for b in batches]
     masks[0][2, 7:] = False  # row 2 loses its tail: it must be cut after position 6
-    selections = [Selection(torch.tensor([0, 2]), masks[0]), Selection(torch.tensor([1]), masks[1])]
+    selections = [Selection(torch.tensor([0, 2]), masks[0]), Selection(torch.tensor([0, 1]), masks[1])]
     packed = pack_kept(batches, selections, pad_token_id=0)
-    assert len(packed) == 2
-    assert [p["input_ids"].shape[0] for p in packed] == [2, 1]
-    assert packed[0]["sample_id"].tolist() == [0, 2] and packed[1]["sample_id"].tolist() == [101]
+    assert len(packed) == 2  # 4 rows, at most 3 (the largest given micro-batch) per micro-batch
+    assert [p["input_ids"].shape[0] for p in packed] == [2, 2]
+    assert packed[0]["sample_id"].tolist() == [0, 2] and packed[1]["sample_id"].tolist() == [100, 101]
     assert packed[0]["input_ids"].shape[1] == 8  # row 2 was cut to 7 tokens, row 0 has 8
     assert int(packed[0]["attention_mask"][1].sum()) == 7
     assert torch.equal(packed[0]["input_ids"][1, :7], batches[0]["input_ids"][2, :7])
     assert (packed[0]["labels"][1, 7:] == IGNORE_INDEX).all() and (packed[0]["labels"][1, 3:7] != IGNORE_INDEX).all()
-    assert torch.equal(packed[1]["labels"][0], batches[1]["labels"][1, :7])
+    assert torch.equal(packed[1]["labels"][1, :7], batches[1]["labels"][1, :7])
 
 
-def test_pack_kept_can_leave_empty_micro_batches():
+def test_pack_kept_uses_as_few_micro_batches_as_hold_the_rows():
     batches = [make_batch([6, 6]), make_batch([6, 6], seed=1), make_batch([6, 6], seed=2)]
+    none = torch.tensor([], dtype=torch.long)
     selections = [Selection(torch.tensor([1]), response_mask_of(batches[0])),
-                  Selection(torch.tensor([], dtype=torch.long), response_mask_of(batches[1])),
-                  Selection(torch.tensor([], dtype=torch.long), response_mask_of(batches[2]))]
-    packed = pack_kept(batches, selections, pad_token_id=0)
-    assert sorted(p["input_ids"].shape[0] for p in packed) == [0, 0, 1]
+                  Selection(none, response_mask_of(batches[1])), Selection(torch.tensor([0]), response_mask_of(batches[2]))]
+    assert [p["sample_id"].tolist() for p in pack_kept(batches, selections, pad_token_id=0)] == [[1, 200]]
+    assert pack_kept(batches, [Selection(none, response_mask_of(b)) for b in batches], pad_token_id=0) == []
+
+
+def test_concatenated_layout_is_one_padding_free_row_per_micro_batch():
+    from qtune import step
+
+    batches = [make_batch([8, 6, 10], seed=0), make_batch([9, 7, 5], seed=1)]
+    selections = [Selection(torch.tensor([0, 2]), response_mask_of(batches[0])),
+                  Selection(torch.tensor([0, 1]), response_mask_of(batches[1]))]
+    padded = pack_kept(batches, selections, pad_token_id=0)
+    packed = pack_kept(batches, selections, pad_token_id=0, concatenate=True)
+    assert [p["input_ids"].shape for p in packed] == [(1, 18), (1, 16)]
+    assert packed[0]["sample_id"].tolist() == [0, 2] and packed[1]["sample_id"].tolist() == [100, 101]
+    assert packed[0]["position_ids"].tolist() == [list(range(8)) + list(range(10))]
+    assert int(packed[0]["attention_mask"].sum()) == 18
+    # Each row's first label is ignored: the previous row's last position must not predict it.
+    assert packed[0]["labels"][0, 8] == IGNORE_INDEX
+    for p, q in zip(padded, packed):
+        assert step.loss_token_count([p]) == step.loss_token_count([q])
+        assert torch.equal(p["input_ids"][p["attention_mask"].bool()], q["input_ids"][0])
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_concatenated_rows_give_the_loss_and_gradients_of_padded_rows(attention):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qtune.step import micro_batch_loss
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         attn_implementation=attention))
+    batch = make_batch([9, 12, 7, 11])
+    mask = response_mask_of(batch)
+    mask[1, 5:8] = False
+    selection = [Selection(torch.tensor([0, 1, 3]), mask)]
+    results = []
+    for concatenate in (False, True):
+        model.zero_grad()
+        (part,) = pack_kept([batch], selection, 0, concatenate=concatenate)
+        loss = micro_batch_loss(model, part, 20)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_auto_layout_concatenates_only_with_flash_attention():
+    from qtune.step import concatenates_kept_rows
+
+    for impl, expected in (("sdpa", False), ("eager", False), ("flash_attention_2", True)):
+        holder = types.SimpleNamespace(config=types.SimpleNamespace(_attn_implementation=impl))  # a model's config
+        assert concatenates_kept_rows(holder, "auto") is expected
+        assert concatenates_kept_rows(holder, "padded") is False
+        assert concatenates_kept_rows(holder, "concatenated") is True
+    with pytest.raises(ValueError, match="kept_row_layout"):
+        concatenates_kept_rows(holder, "packed")
 
 
 def test_loss_is_the_mean_over_kept_tokens_of_the_step(tiny_run_inputs, tmp_path):
@@ -197,6 +255,16 @@ def test_qtuning_run_writes_model_log_and_summary(tiny_run_inputs, tmp_path):
         assert r["q1"] + r["q2"] + r["q3"] + r["q4"] + r["middle"] == 8
         assert 0 < r["kept_tokens"] < r["response_tokens"] and set(r["kept_ids"]) <= set(r["sample_ids"])
         assert r["scoring_seconds"] > 0 and r["training_seconds"] > 0 and r["tokens_per_second"] > 0
+        phases = r["phase_seconds"]
+        assert set(phases) == {"score", "select", "triage", "token_select", "pack", "forward", "backward",
+                               "optimizer"}
+        assert all(v >= 0 for v in phases.values()) and phases["forward"] > 0 and phases["backward"] > 0
+        assert phases["triage"] + phases["token_select"] <= phases["select"]
+        # score, select and pack make up the step's time before training; the rest is training.
+        assert phases["score"] + phases["select"] + phases["pack"] <= r["scoring_seconds"]
+        assert phases["forward"] + phases["backward"] + phases["optimizer"] == pytest.approx(r["training_seconds"])
+        assert "phase_peak_mib" not in r  # measured on CUDA only
+    assert summary["phase_seconds"]["forward"] == pytest.approx(sum(r["phase_seconds"]["forward"] for r in rows))
     assert summary["nominal_budget"] == pytest.approx(0.25 * 0.7)
     assert summary["kept_sample_fraction"] == pytest.approx(0.25)
     assert 0 < summary["loss_token_fraction"] < 0.25
@@ -214,6 +282,18 @@ def test_triage_start_skips_the_scoring_pass_of_the_first_steps(tiny_run_inputs,
     assert [r.get("before_triage", False) for r in rows] == [True, True, False, False]
     assert all("q2" not in r and r["kept"] == 2 for r in rows[:2])
     assert all(r["q1"] + r["q2"] + r["q3"] + r["q4"] + r["middle"] == 8 for r in rows[2:])
+
+
+def test_concatenated_run_trains_without_padding(tiny_run_inputs, tmp_path):
+    run_train(train_config(tiny_run_inputs, tmp_path / "padded", method="qtuning", max_steps=2))
+    run_train(train_config(tiny_run_inputs, tmp_path / "packed", method="qtuning", max_steps=2,
+                           kept_row_layout="concatenated"))
+    padded = read_step_log(tmp_path / "padded" / "steps.jsonl")
+    packed = read_step_log(tmp_path / "packed" / "steps.jsonl")
+    for a, b in zip(padded, packed):
+        assert a["kept_ids"] == b["kept_ids"] and a["kept_tokens"] == b["kept_tokens"]
+        assert b["trained_positions"] == b["trained_input_tokens"] < a["trained_positions"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
 
 
 def test_full_run_trains_every_response_token(tiny_run_inputs, tmp_path):

@@ -42,20 +42,20 @@ _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 #: Options that cannot change what the run trains: never compared on --resume.
 NOT_COMPARED = frozenset({
     "out", "resume", "allow_config_change", "progress", "logging_steps", "report_to", "save_steps",
-    "save_total_limit",
+    "save_total_limit", "num_proc", "data_cache",
 })
 
 #: Options that may differ on --resume when --allow-config-change lists them. Each changes only
 #: what comes next: the length of the run (epochs, max_steps: the schedule is stretched or shrunk
 #: from the current step on), the arithmetic of the next steps (dtype: the weights stay float32;
 #: device; max_grad_norm), what a later non-finite step does (nonfinite), the memory of the
-#: scoring pass (chunk_tokens) or how the final model is saved (merge_lora). Any other option is
+#: scoring pass and the loss (chunk_tokens, head_impl, kept_row_layout) or how the final model is saved (merge_lora). Any other option is
 #: refused: other data, model, tokenization, seed, batch shape or pruning method would make one
 #: run out of two different ones, and a new --lr, --lr-scheduler, --warmup-ratio or
 #: --weight-decay would be silently replaced by the optimizer and scheduler states that the
 #: checkpoint restores.
 CHANGEABLE = frozenset({"epochs", "max_steps", "dtype", "device", "max_grad_norm", "nonfinite", "chunk_tokens",
-                        "merge_lora"})
+                        "head_impl", "kept_row_layout", "merge_lora"})
 
 
 # --- checkpoints ---------------------------------------------------------------------------------

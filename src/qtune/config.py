@@ -229,17 +229,42 @@ class DataConfig(Options):
     truncation_side: str = option("right", "Which end a too-long sample loses.", choices=["right", "left"])
     skip_invalid: bool = option(False, "Skip malformed records (and report them) instead of stopping.")
     limit: int | None = option(None, "Use only the first N records.", bounds="[1, inf)")
+    num_proc: int | None = option(None, "Processes that tokenize the data; default: 1 below 10,000 records, "
+                                        "else the CPUs, at most 8.", bounds="[1, inf)")
+    data_cache: bool = option(True, "Keep the tokenized data in a cache ($QTUNE_DATA_CACHE, default "
+                                    "~/.cache/qtune/tokenized) and reuse it when the file, tokenizer and data "
+                                    "options are the same; --no-data-cache tokenizes afresh and keeps nothing.")
 
 
 @dataclass
-class ScoreConfig(DataConfig, ModelConfig):
+class ComputeConfig(Options):
+    """How a step computes: the output projection and the layout of the kept rows. These change
+    memory and time, not what is trained (results agree within float rounding)."""
+
+    chunk_tokens: int = option(128, "Positions projected onto the vocabulary at once (float32 logits of "
+                               "chunk_tokens x vocabulary exist at a time), in scoring and in the loss.",
+                               bounds="[1, inf)")
+    head_impl: str = option("auto", "How the output projection meets the loss and the scores: chunked (the "
+                            "body's hidden states projected chunk_tokens positions at a time; memory flat in the "
+                            "vocabulary), liger (Liger Kernel's fused loss; CUDA, unweighted losses), logits (the "
+                            "model's own logits of the needed positions), auto (chunked, the fastest of the three with a "
+                            "150k vocabulary as measured; logits, with a notice, for models whose head cannot be "
+                            "split off).",
+                            choices=("auto", "chunked", "liger", "logits"))
+    kept_row_layout: str = option("auto", "How the kept rows of a micro-batch reach the model: padded (right-padded "
+                                  "to the longest), concatenated (one padding-free row with position_ids; costs "
+                                  "the real tokens with a flash-attention implementation, the square of the "
+                                  "row's length with sdpa or eager), auto (concatenated with flash-attention, "
+                                  "else padded).", choices=("auto", "padded", "concatenated"))
+
+
+@dataclass
+class ScoreConfig(ComputeConfig, DataConfig, ModelConfig):
     out: str = option(help="Output folder for scores.parquet, summary and plot.", required=True)
     batch_size: int = option(8, "Samples per scoring batch (batches are bucketed by length).", bounds="[1, inf)")
     r_sample: float = option(0.25, "Sample keep ratio used to place samples in quadrants.", bounds="(0, 1]")
     per_token: bool = option(False, "Also write per-token NLL and entropy arrays.")
     plot: bool = option(True, "Write the EU-plane plot (needs matplotlib: pip install qtune[plots]).")
-    chunk_tokens: int = option(128, "Positions whose float32 log-probabilities are computed at once.",
-                               bounds="[1, inf)")
 
 
 #: Strings that end a generation by default (besides EOS and the chat template's end of turn).
@@ -462,8 +487,6 @@ class OptimConfig(Options):
     lora_alpha: int = option(16, "LoRA alpha.", bounds="(0, inf)")
     lora_dropout: float = option(0.0, "LoRA dropout.", bounds="[0, 1)")
     lora_target: str = option("all-linear", "Modules that get LoRA adapters (comma-separated names or all-linear).")
-    chunk_tokens: int = option(128, "Positions whose float32 log-probabilities are computed at once when scoring.",
-                                bounds="[1, inf)")
 
 
 def _json_file(value: str) -> str | None:
@@ -487,7 +510,7 @@ class ParallelConfig(Options):
 
 
 @dataclass
-class TrainConfig(ParallelConfig, OptimConfig, PruningConfig, DataConfig, ModelConfig):
+class TrainConfig(ComputeConfig, ParallelConfig, OptimConfig, PruningConfig, DataConfig, ModelConfig):
     out: str = option(help="Output folder: checkpoints, step log, final model in OUT/model.", required=True)
     merge_lora: bool = option(False, "Merge LoRA adapters into the base weights when saving the final model.")
     save_steps: int = option(200, "Save a checkpoint every N optimizer steps.", bounds="[1, inf)")
@@ -501,4 +524,5 @@ class TrainConfig(ParallelConfig, OptimConfig, PruningConfig, DataConfig, ModelC
                                      "update) and count it.", choices=["stop", "skip"])
     allow_config_change: str | None = option(None, "With --resume: comma-separated options that may differ from "
                                                    "the run's recorded ones (epochs, max_steps, dtype, device, "
-                                                   "max_grad_norm, nonfinite, chunk_tokens, merge_lora).")
+                                                   "max_grad_norm, nonfinite, chunk_tokens, head_impl, kept_row_layout, "
+                                                   "merge_lora).")

@@ -6,7 +6,8 @@ normalises every row of one of `FORMATS` into a list of system/user/assistant me
 (`qtune.chat_templates`: the tokenizer's chat template or the plain template), tokenises them and
 puts labels on the assistant turns only; `length_bucketed_batches` and `collate` turn the samples
 into padded batches. Every sample keeps a `sample_id` that leads back to its source row through all
-of it (`record_id_of`). See docs/data.md.
+of it (`record_id_of`). `qtune.tokenized.load_tokenized` runs the same two steps for files of any
+size: in parallel, into memory-mapped Arrow files, cached by content. See docs/data.md.
 """
 
 from __future__ import annotations
@@ -49,7 +50,11 @@ TURN_ID_STRIDE = 1_000_000_000
 # samples: big enough to find similar lengths, small enough that membership changes per seed.
 BUCKET_WINDOW_BATCHES = 50
 
-_TOKENIZE_CHUNK = 512  # records per batched tokenizer call
+TOKENIZE_CHUNK = 512  # records per batched tokenizer call
+
+# Why `tokenize_chunk` excludes a sample (0: it is kept).
+EXCLUDED_NO_RESPONSE = 1  # no trainable token left (its answer truncated away)
+EXCLUDED_EMPTY = 2  # every assistant turn it trains is empty or whitespace
 
 
 @dataclass
@@ -102,6 +107,17 @@ class TokenizeReport:
     n_split: int = 0  # conversations split into one sample per assistant turn (template not prefix-stable)
     n_split_samples: int = 0  # the samples those conversations gave, before exclusion
 
+    def add(self, sample_id: int, split_turn: int, truncated: bool, excluded: int) -> None:
+        """Count one sample of `tokenize_chunk` (its `split_turn`, `truncated` and `excluded` fields)."""
+        self.n_split += split_turn == 1  # a split conversation's first sample
+        self.n_split_samples += split_turn >= 1
+        self.n_truncated += bool(truncated)
+        if excluded:
+            self.excluded_ids.append(sample_id)
+            self.n_empty += excluded == EXCLUDED_EMPTY
+        else:
+            self.n_out += 1
+
     def summary(self) -> str:
         """One line: kept, truncated and excluded counts, with the first excluded sample ids, and
         the conversations split per assistant turn."""
@@ -153,16 +169,30 @@ def load_records(
     with `skip_invalid` it is skipped and listed in the report instead. `limit` stops after
     that many loaded records. Raises QTuneError when no record is usable.
     """
+    records, report = open_records(path, format, skip_invalid=skip_invalid, limit=limit)
+    return list(records), report
+
+
+def open_records(
+    path, format: str = "auto", *, skip_invalid: bool = False, limit: int | None = None
+) -> tuple[Iterator[Record], LoadReport]:
+    """`load_records` one record at a time: the options and the path are checked now, the records
+    are read as the iterator is consumed, and the report is complete once it is exhausted."""
     path = Path(path)
     if format != "auto" and format not in FORMATS:
         raise QTuneError(f"unknown data format {format!r}; choose auto or one of: {', '.join(FORMATS)}")
     if limit is not None and limit < 1:
         raise QTuneError(f"limit must be at least 1, got {limit}")
-    chosen = None if format == "auto" else format
     report = LoadReport(path=str(path), format=format)
-    records: list[Record] = []
+    rows = _read_rows(path)
+    return _records(rows, path, None if format == "auto" else format, skip_invalid, limit, report), report
+
+
+def _records(rows, path: Path, chosen: str | None, skip_invalid: bool, limit: int | None,
+             report: LoadReport) -> Iterator[Record]:
+    """open_records' iterator: normalise `rows` (of `_read_rows`) and fill `report`."""
     settled = False
-    with contextlib.closing(_read_rows(path)) as rows:
+    with contextlib.closing(rows):
         for sample_id, (location, row) in enumerate(rows):
             report.n_read += 1
             try:
@@ -182,14 +212,13 @@ def load_records(
                     raise DataError(path, location, err.reason) from None
                 report.skipped.append((location, err.reason))
                 continue
-            records.append(Record(sample_id, messages, metadata))
-            if limit is not None and len(records) >= limit:
+            report.n_loaded += 1
+            yield Record(sample_id, messages, metadata)
+            if limit is not None and report.n_loaded >= limit:
                 break
-    report.n_loaded = len(records)
-    if not records:
+    if not report.n_loaded:
         detail = f" ({report.summary()})" if report.n_read else ""
         raise QTuneError(f"{path}: no usable record{detail}")
-    return records, report
 
 
 def detect_format(row: dict, path="<input>", location: str = "record 1") -> str:
@@ -499,46 +528,72 @@ def tokenize_records(
     template does not render it prefix-stably (`render_samples`; ids: TURN_ID_STRIDE). Samples
     longer than `max_length` lose their end ("right") or their beginning ("left"). A sample left
     with no trainable token, or whose trained assistant turns are all empty, is excluded and listed
-    in the report.
+    in the report. (`qtune.tokenized.load_tokenized` gives the same samples for a whole file, in
+    parallel, memory-mapped and cached.)
     """
+    check_tokenize_options(max_length, truncation_side)
+    report = TokenizeReport(n_in=len(records), max_length=max_length, truncation_side=truncation_side)
+    samples = []
+    for start in range(0, len(records), TOKENIZE_CHUNK):
+        for row in tokenize_chunk(records[start : start + TOKENIZE_CHUNK], tokenizer, max_length, truncation_side):
+            report.add(row["sample_id"], row["split_turn"], row["truncated"], row["excluded"])
+            if not row["excluded"]:
+                samples.append({
+                    "sample_id": row["sample_id"],
+                    "input_ids": row["input_ids"],
+                    "attention_mask": [1] * len(row["input_ids"]),
+                    "labels": row["labels"],
+                })
+    return samples, report
+
+
+def check_tokenize_options(max_length: int, truncation_side: str) -> None:
+    """QTuneError for a max_length or truncation_side that tokenize_records does not take."""
     if max_length < 1:
         raise QTuneError(f"max_length must be at least 1, got {max_length}")
     if truncation_side not in ("right", "left"):
         raise QTuneError(f"truncation_side must be 'right' or 'left', got {truncation_side!r}")
-    report = TokenizeReport(n_in=len(records), max_length=max_length, truncation_side=truncation_side)
-    samples = []
-    for start in range(0, len(records), _TOKENIZE_CHUNK):
-        chunk = records[start : start + _TOKENIZE_CHUNK]
-        rendered = [(record, sample) for record in chunk for sample in _render_record(record, tokenizer, report)]
-        texts = [text for _, sample in rendered for text, _ in sample.segments]
-        token_ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
-        for record, sample in rendered:
-            input_ids: list[int] = []
-            labels: list[int] = []
-            for _, trainable in sample.segments:
-                ids = list(next(token_ids))
-                input_ids += ids
-                labels += ids if trainable else [IGNORE_INDEX] * len(ids)
-            if len(input_ids) > max_length:
-                report.n_truncated += 1
-                cut = slice(0, max_length) if truncation_side == "right" else slice(len(input_ids) - max_length, None)
-                input_ids, labels = input_ids[cut], labels[cut]
-            sample_id = record.sample_id + sample.turn * TURN_ID_STRIDE
-            answers = [m["content"] for m in record.messages if m["role"] == "assistant"]
-            trained = answers if sample.turn == 0 else [answers[sample.turn - 1]]
-            empty = all(not answer.strip() for answer in trained)
-            if empty or labels.count(IGNORE_INDEX) == len(labels):
-                report.excluded_ids.append(sample_id)
-                report.n_empty += empty
-                continue
-            samples.append({
-                "sample_id": sample_id,
-                "input_ids": input_ids,
-                "attention_mask": [1] * len(input_ids),
-                "labels": labels,
-            })
-    report.n_out = len(samples)
-    return samples, report
+
+
+def tokenize_chunk(records: Sequence[Record], tokenizer, max_length: int, truncation_side: str) -> list[dict]:
+    """Every sample that `records` render into, in order, with one batched tokenizer call:
+    {"sample_id", "input_ids", "labels", "split_turn", "truncated", "excluded"}: `split_turn` is the
+    sample's assistant turn (1, 2, ...) in a conversation split into several samples, else 0;
+    `excluded` is 0 (kept), EXCLUDED_NO_RESPONSE or EXCLUDED_EMPTY. `TokenizeReport.add` counts a row."""
+    rendered = []  # (record, sample, whether the record gave several samples)
+    for record in records:
+        samples = _render_record(record, tokenizer)
+        rendered += [(record, sample, len(samples) > 1) for sample in samples]
+    texts = [text for _, sample, _ in rendered for text, _ in sample.segments]
+    token_ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    rows = []
+    for record, sample, split in rendered:
+        input_ids: list[int] = []
+        labels: list[int] = []
+        for _, trainable in sample.segments:
+            ids = list(next(token_ids))
+            input_ids += ids
+            labels += ids if trainable else [IGNORE_INDEX] * len(ids)
+        truncated = len(input_ids) > max_length
+        if truncated:
+            cut = slice(0, max_length) if truncation_side == "right" else slice(len(input_ids) - max_length, None)
+            input_ids, labels = input_ids[cut], labels[cut]
+        answers = [m["content"] for m in record.messages if m["role"] == "assistant"]
+        trained = answers if sample.turn == 0 else [answers[sample.turn - 1]]
+        excluded = 0
+        if all(not answer.strip() for answer in trained):
+            excluded = EXCLUDED_EMPTY
+        elif labels.count(IGNORE_INDEX) == len(labels):
+            excluded = EXCLUDED_NO_RESPONSE
+        rows.append({
+            "sample_id": record.sample_id + sample.turn * TURN_ID_STRIDE,
+            "input_ids": input_ids,
+            "labels": labels,
+            "split_turn": sample.turn if split else 0,
+            "truncated": truncated,
+            "excluded": excluded,
+        })
+    return rows
 
 
 def record_id_of(sample_id: int) -> int:
@@ -547,20 +602,17 @@ def record_id_of(sample_id: int) -> int:
     return sample_id % TURN_ID_STRIDE
 
 
-def _render_record(record: Record, tokenizer, report: TokenizeReport) -> list[RenderedSample]:
-    """The record's samples; a split conversation is counted in the report."""
+def _render_record(record: Record, tokenizer) -> list[RenderedSample]:
+    """The record's samples; an error names the record."""
     try:
         rendered = render_samples(record.messages, tokenizer)
     except QTuneError as exc:
         raise QTuneError(f"sample {record.sample_id}: {exc}") from exc
-    if len(rendered) > 1:
-        if not 0 <= record.sample_id < TURN_ID_STRIDE:
-            raise QTuneError(
-                f"sample {record.sample_id}: a conversation split per assistant turn needs a sample_id "
-                f"in [0, {TURN_ID_STRIDE}) to number its samples"
-            )
-        report.n_split += 1
-        report.n_split_samples += len(rendered)
+    if len(rendered) > 1 and not 0 <= record.sample_id < TURN_ID_STRIDE:
+        raise QTuneError(
+            f"sample {record.sample_id}: a conversation split per assistant turn needs a sample_id "
+            f"in [0, {TURN_ID_STRIDE}) to number its samples"
+        )
     return rendered
 
 

@@ -104,6 +104,12 @@ def check_vocabulary(model, tokenizer, name_or_path: str) -> None:
                          f"model.resize_token_embeddings(len(tokenizer)) and save the model, or use the matching tokenizer)")
 
 
+def base_model(model):
+    """The transformers model inside DDP/FSDP wrappers (`.module`) and PEFT adapters."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

@@ -15,6 +15,7 @@ All functions work on CPU and CUDA tensors and return tensors on the device of t
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -427,6 +428,12 @@ def token_scores(
     return _neighbour_scores(tokppl, response_mask, lam, neighbor, edge)
 
 
+@functools.lru_cache(maxsize=64)
+def _keep_counts(r_token: float, length: int) -> tuple[int, ...]:
+    """keep_count(r_token, n) for n = 0 .. length."""
+    return tuple(keep_count(r_token, n) for n in range(length + 1))
+
+
 def prune_tokens(
     tokppl,
     response_mask,
@@ -479,21 +486,23 @@ def prune_tokens(
     elif batch_keep is not None:
         raise PruningInputError("batch_keep only applies to budget='batch'")
 
+    if budget == "sample":
+        # Rows are independent: only the selected ones are scored and ranked. The count for every
+        # possible row length is looked up per row: the same Python arithmetic as triage, without
+        # a device-to-host copy of the row lengths.
+        chosen = rows.nonzero().squeeze(1)
+        chosen_mask = response_mask[chosen]
+        scores = _neighbour_scores(tokppl[chosen], chosen_mask, lam, neighbor, edge)
+        count_for_length = torch.tensor(_keep_counts(r_token, tokppl.shape[1]), device=tokppl.device)
+        n_keep = count_for_length[chosen_mask.sum(dim=1)]
+        keeps_its_loss = response_mask.clone()
+        keeps_its_loss[chosen] = chosen_mask & (_rank(scores, dim=1) < n_keep[:, None])
+        return keeps_its_loss
     scores = _neighbour_scores(tokppl, response_mask, lam, neighbor, edge)
     selected = response_mask & rows[:, None]
-    if budget == "sample":
-        # The count for every possible row length, looked up per row: the same Python arithmetic
-        # as triage, without a device-to-host copy of the row lengths.
-        length = tokppl.shape[1]
-        count_for_length = torch.tensor(
-            [keep_count(r_token, n) for n in range(length + 1)], device=tokppl.device
-        )
-        n_keep = count_for_length[response_mask.sum(dim=1)]
-        keeps_its_loss = _rank(scores, dim=1) < n_keep[:, None]
-    else:
-        excess = response_mask.sum() - batch_keep
-        pooled_scores = torch.where(selected, scores, math.inf).reshape(-1)
-        # The pooled tokens rank first (lowest score first); the last `excess` of them go. An
-        # excess beyond the pool leaves a negative bound: the whole pool goes.
-        keeps_its_loss = (_rank(pooled_scores) < selected.sum() - excess).view_as(selected)
+    excess = response_mask.sum() - batch_keep
+    pooled_scores = torch.where(selected, scores, math.inf).reshape(-1)
+    # The pooled tokens rank first (lowest score first); the last `excess` of them go. An excess
+    # beyond the pool leaves a negative bound: the whole pool goes.
+    keeps_its_loss = (_rank(pooled_scores) < selected.sum() - excess).view_as(selected)
     return response_mask & (~selected | keeps_its_loss)

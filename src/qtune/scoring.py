@@ -1,8 +1,9 @@
 """Error-Uncertainty scores: per-token NLL and entropy, per-sample PPL and mean entropy.
 
 Everything is computed in float32 whatever the model's dtype, and never for the whole
-[batch x length x vocab] block at once: the log-softmax is taken over chunks of positions, so a
-150k-vocabulary model scores long sequences in the memory of its own logits plus one chunk.
+[batch x length x vocab] block at once: the output projection and the log-softmax are applied to
+chunks of positions (`qtune.head`), so scoring memory does not grow with the vocabulary beyond
+one [chunk x vocab] block.
 
 Token statistics are aligned with `labels`: `nll[b, t]` is `-log p(labels[b, t] | tokens < t)`,
 so a mask computed from them applies to `labels` directly.
@@ -10,13 +11,14 @@ so a mask computed from them applies to `labels` directly.
 
 from __future__ import annotations
 
-import inspect
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .data import IGNORE_INDEX, collate, length_bucketed_batches
+from .head import accepts_logits_to_keep, head_forward, resolve_head_impl
 
 #: Default number of positions whose float32 log-probabilities exist at one time.
 DEFAULT_CHUNK_TOKENS = 128
@@ -70,6 +72,21 @@ def gold_nll_and_entropy(
         log_total = total.log()
         nll[part] = log_total - x.gather(1, gold[part, None]).squeeze(1)
         entropy[part] = log_total - expected / total
+    return nll, entropy
+
+
+@torch.no_grad()
+def chunked_token_statistics(hidden: torch.Tensor, head: torch.nn.Linear, gold: torch.Tensor, *,
+                             chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gold_nll_and_entropy` of `head(hidden)` for hidden states [n, d] (the body's output),
+    projecting `chunk_tokens` positions at a time: the [n x V] logits never exist, one float32
+    [chunk_tokens x V] block does."""
+    nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    entropy = torch.empty_like(nll)
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        part = slice(start, start + chunk_tokens)
+        logits = torch.nn.functional.linear(hidden[part], head.weight, head.bias).float()
+        nll[part], entropy[part] = gold_nll_and_entropy(logits, gold[part], chunk_tokens=chunk_tokens, overwrite=True)
     return nll, entropy
 
 
@@ -160,39 +177,45 @@ def score_batch(
     *,
     entropy_over: str = "response",
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    head_impl: str = "auto",
 ) -> BatchScores:
     """Score a batch with a gradient-free forward pass of `model` (its current weights).
 
     `entropy_over="response"` (default) averages entropy over response positions, as the paper
     defines it; `"attended"` averages over every attended position, as the authors' code does.
+    `head_impl` (see `qtune.head`): "auto" and "chunked" project the body's hidden states
+    `chunk_tokens` positions at a time (memory independent of the vocabulary); "logits" asks the
+    model for the logits of the predicting positions.
     """
     if entropy_over not in ("response", "attended"):
         raise ValueError(f"entropy_over must be 'response' or 'attended', not {entropy_over!r}")
     attended = attention_mask.bool() if entropy_over == "attended" else None
-    if accepts_logits_to_keep(model):
-        # Ask the model for logits at the predicting positions only (t-1 for each needed t):
-        # prompt positions then cost no vocabulary projection and no memory.
-        response_mask, entropy_mask, wanted = _masks(labels, attended)
-        predicting = torch.zeros_like(wanted)
-        predicting[:, :-1] = wanted[:, 1:]
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=predicting).logits
-        values = gold_nll_and_entropy(logits.reshape(-1, logits.shape[-1]), labels[wanted].clamp_min(0),
-                                      chunk_tokens=chunk_tokens, overwrite=True)
-        nll, entropy = _scatter(*values, wanted, response_mask, entropy_mask)
-    else:
+    impl = resolve_head_impl(model, head_impl, scoring=True)
+    if impl == "logits" and not accepts_logits_to_keep(model):
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         nll, entropy, response_mask = token_statistics(logits, labels, entropy_mask=attended,
                                                        chunk_tokens=chunk_tokens)
-    del logits
+        del logits
+    else:
+        # Only the predicting positions (t-1 for each needed t) are projected: prompt positions
+        # cost no vocabulary projection and no memory.
+        response_mask, entropy_mask, wanted = _masks(labels, attended)
+        predicting = torch.zeros_like(wanted)
+        predicting[:, :-1] = wanted[:, 1:]
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        gold = labels[wanted].clamp_min(0)
+        split = head_forward(model, inputs, predicting) if impl == "chunked" else None
+        if split is not None:
+            _, hidden, head = split
+            values = chunked_token_statistics(hidden, head, gold, chunk_tokens=chunk_tokens)
+        else:
+            logits = model(**inputs, logits_to_keep=predicting).logits
+            values = gold_nll_and_entropy(logits.reshape(-1, logits.shape[-1]), gold,
+                                          chunk_tokens=chunk_tokens, overwrite=True)
+            del logits
+        nll, entropy = _scatter(*values, wanted, response_mask, entropy_mask)
     ppl, ent, n_response = sample_scores(nll, entropy, response_mask, attended)
     return BatchScores(nll, entropy, response_mask, ppl, ent, n_response)
-
-
-def accepts_logits_to_keep(model) -> bool:
-    """Whether `model.forward` can return logits for a boolean mask of positions
-    (transformers >= 5 models); others get the full-logits path."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wrappers
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 @dataclass
@@ -211,19 +234,24 @@ class DatasetScores:
 
 def score_dataset(
     model,
-    samples: list[dict],
+    samples: Sequence[dict],
     *,
     pad_token_id: int,
     batch_size: int = 8,
     per_token: bool = False,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    head_impl: str = "auto",
     progress: bool = True,
 ) -> DatasetScores:
-    """Score tokenized samples (dicts from `qtune.data.tokenize_records`) in length-bucketed batches."""
+    """Score tokenized samples (dicts from `qtune.data.tokenize_records`, or a `SampleTable` of
+    `qtune.tokenized`) in length-bucketed batches."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    batches = length_bucketed_batches([len(s["input_ids"]) for s in samples], batch_size)
+    # A memory-mapped SampleTable knows its lengths without reading every sample.
+    lengths = getattr(samples, "lengths", None)
+    lengths = [len(s["input_ids"]) for s in samples] if lengths is None else lengths.tolist()
+    batches = length_bucketed_batches(lengths, batch_size)
     rows: dict[int, tuple] = {}
     tokens = 0
     start = time.perf_counter()
@@ -232,7 +260,8 @@ def score_dataset(
         batch = collate([samples[i] for i in indices], pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         scores = score_batch(
-            model, batch["input_ids"], batch["attention_mask"], batch["labels"], chunk_tokens=chunk_tokens
+            model, batch["input_ids"], batch["attention_mask"], batch["labels"], chunk_tokens=chunk_tokens,
+            head_impl=head_impl,
         )
         tokens += int(batch["attention_mask"].sum())
         for j, sid in enumerate(batch["sample_id"].tolist()):

@@ -3,7 +3,7 @@ step's micro-batches, usable from the transformers Trainer (`qtune.train`), TRL 
 
     scores   = score_step(...)        no-grad pass with the current weights, if the method asks
     plan     = plan_step(...)         gather (triage_scope) -> decide -> own rows -> pack -> count
-    for mb in plan.micro_batches:     every process runs the same number of backward passes
+    for mb in plan.micro_batches:     as few as hold the kept rows, as many on every process
         backward(micro_batch_loss(model, mb, plan.loss_tokens, plan.world_size))
 
 Rules:
@@ -15,6 +15,9 @@ Rules:
 - The loss is sum(weight x token cross-entropy) over the process's kept tokens divided by the
   kept-token count of the whole step over every process, times the world size: the gradient
   all-reduce averages over processes, so the update is that of the mean over every kept token.
+- The kept rows of a step go into as few micro-batches as hold them with no more rows each than
+  the largest given one (a device bound by launches rather than arithmetic runs one full pass far
+  faster than four quarter-full ones), the same number on every process.
 - No process skips a backward: a micro-batch left without rows gets one two-token row of weight
   0, so that every process joins every gradient reduction (DDP, FSDP, ZeRO) with zeros.
 - The step's statistics (`StepPlan.record`) are those of every process, identical everywhere;
@@ -32,7 +35,10 @@ import torch.nn.functional as F
 
 from .data import IGNORE_INDEX
 from .methods import Decision, Method, Selection, response_mask_of
-from .scoring import BatchScores, accepts_logits_to_keep, score_batch
+from .head import accepts_logits_to_keep, head_forward, linear_cross_entropy, resolve_head_impl
+from .models import base_model
+from .phases import PhaseClock
+from .scoring import BatchScores, score_batch
 
 TRIAGE_SCOPES = ("global", "local")
 
@@ -65,7 +71,9 @@ def _to(value, device):
 class StepPlan:
     """What a process trains in one step.
 
-    micro_batches: this process's packed micro-batches, as many as it was given, none empty.
+    micro_batches: this process's packed micro-batches, as many on every process, at least one and
+        at most as many as it was given (`pack_kept`), none empty (a process short of rows trains
+        a row of weight 0 in their place).
     loss_tokens: kept loss tokens of the step over every process (the loss normaliser).
     world_size: processes that train the step.
     decision: the method's decision, over the global batch (global scope) or this process's share.
@@ -83,13 +91,13 @@ class StepPlan:
 
 @torch.no_grad()
 def score_step(model, batches: list[dict], method: Method, *, chunk_tokens: int = 128,
-               score=score_batch) -> list[BatchScores]:
+               head_impl: str = "auto", score=score_batch) -> list[BatchScores]:
     """The method's scores for each micro-batch, from a no-grad pass in eval mode (no dropout)."""
     was_training = model.training
     model.eval()
     try:
         return [score(model, b["input_ids"], b["attention_mask"], b["labels"], entropy_over=method.entropy_over,
-                      chunk_tokens=chunk_tokens) for b in batches]
+                      chunk_tokens=chunk_tokens, head_impl=head_impl) for b in batches]
     finally:
         model.train(was_training)
 
@@ -128,13 +136,44 @@ def _take_row(batch: dict, row: int, selection: Selection) -> dict | None:
     return out
 
 
-def _stack(rows: list[dict], n_parts: int, pad_token_id: int, device) -> list[dict]:
-    """`rows` spread evenly over `n_parts` right-padded micro-batches (some empty when rows are few)."""
+def _concatenate(group: list[dict], weighted: bool, device) -> dict:
+    """Rows as one row without padding: `position_ids` restart at 0 for each row (transformers
+    then attends within each row only: flash-attention varlen, or a block-diagonal mask), and
+    each row's first label is ignored (the previous row's last position must not predict it)."""
+    if not group:
+        empty = torch.zeros((1, 0), dtype=torch.long, device=device)
+        micro = {"input_ids": empty, "attention_mask": empty, "labels": empty, "position_ids": empty,
+                 "sample_id": torch.zeros(0, dtype=torch.long, device=device)}
+        if weighted:
+            micro["loss_weight"] = torch.zeros((1, 0), dtype=torch.float32, device=device)
+        return micro
+    labels = [r["labels"].clone() for r in group]
+    for row in labels:
+        row[0] = IGNORE_INDEX
+    micro = {
+        "input_ids": torch.cat([r["input_ids"] for r in group])[None],
+        "attention_mask": torch.cat([r["attention_mask"] for r in group])[None],  # all ones: counts tokens
+        "labels": torch.cat(labels)[None],
+        "position_ids": torch.cat([torch.arange(len(r["input_ids"]), device=device) for r in group])[None],
+        "sample_id": torch.stack([r["sample_id"] for r in group]),
+    }
+    if weighted:
+        micro["loss_weight"] = torch.cat([r["loss_weight"] if "loss_weight" in r else
+                                          torch.ones(len(r["input_ids"]), device=device) for r in group])[None]
+    return micro
+
+
+def _stack(rows: list[dict], n_parts: int, pad_token_id: int, device, *, concatenate: bool = False) -> list[dict]:
+    """`rows` spread evenly over `n_parts` micro-batches: right-padded to the longest row of each,
+    or with `concatenate` one padding-free row each (`_concatenate`)."""
     bounds = [round(i * len(rows) / n_parts) for i in range(n_parts + 1)]
     weighted = any("loss_weight" in r for r in rows)
     packed = []
     for start, end in zip(bounds, bounds[1:]):
         group = rows[start:end]
+        if concatenate:
+            packed.append(_concatenate(group, weighted, device))
+            continue
         length = max((len(r["input_ids"]) for r in group), default=0)
 
         def stack(key, fill, dtype=torch.long):
@@ -156,18 +195,38 @@ def _stack(rows: list[dict], n_parts: int, pad_token_id: int, device) -> list[di
     return packed
 
 
-def pack_kept(batches: list[dict], selections: list[Selection], pad_token_id: int) -> list[dict]:
-    """Cut the kept rows out of the step's micro-batches and spread them evenly over the same
-    number of micro-batches (a training loop counts them); a micro-batch may be empty when fewer
-    rows than micro-batches are kept (`plan_step` fills it)."""
-    rows = [row for batch, selection in zip(batches, selections) for r in selection.rows.tolist()
+def pack_kept(batches: list[dict], selections: list[Selection], pad_token_id: int, *,
+              concatenate: bool = False) -> list[dict]:
+    """Cut the kept rows out of the step's micro-batches and spread them evenly over as few
+    micro-batches as hold them with no more rows than the largest given micro-batch (each row is
+    at most as long as it was, so no micro-batch needs more memory than before): a pass over a
+    quarter of the rows costs far more than a quarter of a pass where a device is bound by
+    launches and dispatch rather than arithmetic, so fewer, fuller passes are faster. None when
+    no row is kept. `concatenate`: each micro-batch is one padding-free row with `position_ids`
+    (for varlen attention), else right-padded rows."""
+    rows = _kept_rows(batches, selections)
+    if not rows:
+        return []
+    return _stack(rows, _parts_needed(batches, len(rows)), pad_token_id, batches[0]["input_ids"].device,
+                  concatenate=concatenate)
+
+
+def _kept_rows(batches: list[dict], selections: list[Selection]) -> list[dict]:
+    return [row for batch, selection in zip(batches, selections) for r in selection.rows.tolist()
             if (row := _take_row(batch, r, selection)) is not None]
-    return _stack(rows, len(batches), pad_token_id, batches[0]["input_ids"].device)
 
 
-def _placeholder(batch: dict) -> dict:
-    """A two-token row of weight 0 for a micro-batch left empty: its forward and backward touch
-    every parameter a real row touches and contribute exactly zero."""
+def _parts_needed(batches: list[dict], n_rows: int) -> int:
+    """Micro-batches for `n_rows` kept rows: no more rows each than the largest given one."""
+    capacity = max(b["input_ids"].shape[0] for b in batches)
+    return min(len(batches), -(-n_rows // capacity))
+
+
+def placeholder_row(batch: dict) -> dict:
+    """A two-token row of weight 0, for a process that keeps no row in a step (every process runs
+    at least the last, synchronising, backward) or a training loop that needs a fixed number of
+    micro-batches: its forward and backward touch every parameter a real row touches and
+    contribute exactly zero."""
     labels = batch["input_ids"][:1, :2].clone()
     labels[:, 0] = IGNORE_INDEX
     return {"input_ids": batch["input_ids"][:1, :2], "attention_mask": torch.ones_like(labels),
@@ -181,12 +240,16 @@ def loss_token_count(batches: list[dict]) -> int:
 
 
 def plan_step(batches: list[dict], scores: list[BatchScores] | None, method: Method, step: int, *,
-              pad_token_id: int, triage_scope: str = "global") -> StepPlan:
+              pad_token_id: int, triage_scope: str = "global", clock: PhaseClock | None = None,
+              concatenate: bool = False) -> StepPlan:
     """Decide what this process trains in this step, from its micro-batches and their scores.
 
-    Every process must call it at the same step (it gathers). The record holds, over every
-    process: samples, kept (rows), response_tokens, kept_tokens, input_tokens,
-    trained_input_tokens, sample_ids and kept_ids (in rank order), and the method's statistics
+    Every process must call it at the same step (it gathers). `clock` receives the seconds of
+    the phases "select" (the method's decision; "triage" and "token_select" for methods with
+    both stages) and "pack". `concatenate`: the kept rows of each micro-batch as one padding-free
+    row (`pack_kept`). The record holds, over every process: samples, kept (rows),
+    response_tokens, kept_tokens, input_tokens, trained_input_tokens, trained_positions (the
+    positions the training forward runs over, padding included), sample_ids and kept_ids (in rank order), and the method's statistics
     (global scope: the method's own; local scope: integer counts summed, other values those of
     process 0).
     """
@@ -214,19 +277,29 @@ def plan_step(batches: list[dict], scores: list[BatchScores] | None, method: Met
         seen, seen_scores, own = batches, scores, slice(0, len(batches))
 
     # Decide, then take this process's own rows.
-    decision = _keep_nothing(seen, method) if nonfinite else method.select(seen, seen_scores, step)
-    selections = [Selection(s.rows.to(device), s.label_mask.to(device),
-                            None if s.weights is None else s.weights.to(device)) for s in decision.selections[own]]
-    packed = pack_kept(batches, selections, pad_token_id)
+    clock = clock or PhaseClock()
+    with clock.phase("select"):
+        decision = _keep_nothing(seen, method) if nonfinite else method.select(seen, seen_scores, step)
+    clock.add(decision.stage_seconds)
+    with clock.phase("pack"):
+        selections = [Selection(s.rows.to(device), s.label_mask.to(device),
+                                None if s.weights is None else s.weights.to(device))
+                      for s in decision.selections[own]]
+        rows = _kept_rows(batches, selections)
+        # Every process trains the same number of micro-batches (each forward of FSDP or ZeRO-3
+        # gathers parameters): as many as the process with the most kept rows needs.
+        n_parts = max(1, max(_parts_needed(batches, n) for n in gather(len(rows))))
+        packed = _stack(rows, n_parts, pad_token_id, device, concatenate=concatenate)
 
     # Statistics and the loss normaliser, over every process.
     local = {
         "samples": n_samples,
-        "kept": sum(p["input_ids"].shape[0] for p in packed),
+        "kept": sum(p["sample_id"].numel() for p in packed),
         "response_tokens": loss_token_count(batches),
         "kept_tokens": loss_token_count(packed),
         "input_tokens": sum(int(b["attention_mask"].sum()) for b in batches),
         "trained_input_tokens": sum(int(p["attention_mask"].sum()) for p in packed),
+        "trained_positions": sum(p["input_ids"].numel() for p in packed),
         "sample_ids": torch.cat([b["sample_id"] for b in batches]).tolist(),
         "kept_ids": torch.cat([p["sample_id"] for p in packed]).tolist(),
         "stats": decision.stats,
@@ -241,39 +314,69 @@ def plan_step(batches: list[dict], scores: list[BatchScores] | None, method: Met
                 stats[key] = sum(r["stats"][key] for r in everyone)
     record = {**stats, **record}
 
-    packed = [p if p["input_ids"].shape[0] else _placeholder(batches[0]) for p in packed]
+    packed = [p if p["sample_id"].numel() else placeholder_row(batches[0]) for p in packed]
     return StepPlan(packed, max(record["kept_tokens"], 1), size, decision, record, nonfinite)
 
 
 def micro_batch_loss(model, micro_batch: dict, loss_tokens, world_size: int = 1, *, unwrapped=None,
-                     return_outputs: bool = False):
+                     return_outputs: bool = False, head_impl: str = "auto", chunk_tokens: int = 128):
     """This process's share of the step's loss on one packed micro-batch: sum of (weighted) token
     cross-entropies / the step's kept tokens over every process, times the world size (see the
     module's rules). `unwrapped`: the model inside a DDP/FSDP wrapper, to see which arguments it
     takes.
 
-    Logits are asked for only at positions that predict a kept label (prompt, padding and pruned
-    tokens cost no vocabulary projection), and taken in float32.
+    Only positions that predict a kept label reach the output projection (prompt, padding and
+    pruned tokens cost none). `head_impl` (see `qtune.head`): "chunked" computes the loss and
+    its gradient `chunk_tokens` positions at a time from the body's hidden states, "liger" with
+    Liger Kernel's fused kernel, "logits" from float32 logits of every kept position; "auto"
+    takes the first that applies.
     """
     labels = micro_batch["labels"]
     targets_mask = labels[:, 1:] != IGNORE_INDEX
     targets = labels[:, 1:][targets_mask]
-    inputs = {"input_ids": micro_batch["input_ids"], "attention_mask": micro_batch["attention_mask"]}
-    if accepts_logits_to_keep(unwrapped if unwrapped is not None else model):
+    weights = micro_batch["loss_weight"][:, 1:][targets_mask] if "loss_weight" in micro_batch else None
+    # Concatenated rows carry position_ids and no mask: transformers then attends within each row
+    # (it looks for such rows only without a KV cache).
+    inputs = {"input_ids": micro_batch["input_ids"]}
+    if "position_ids" in micro_batch:
+        inputs.update(position_ids=micro_batch["position_ids"], use_cache=False)
+    else:
+        inputs["attention_mask"] = micro_batch["attention_mask"]
+    target = unwrapped if unwrapped is not None else model
+    impl = resolve_head_impl(target, head_impl, weighted=weights is not None)
+    split = None
+    if accepts_logits_to_keep(target):
         predicting = torch.zeros_like(labels, dtype=torch.bool)
         predicting[:, :-1] = targets_mask
-        outputs = model(**inputs, logits_to_keep=predicting)
-        logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])
+        split = head_forward(model, inputs, predicting) if impl != "logits" else None
+        if split is not None:
+            outputs, hidden, head = split
+            loss = linear_cross_entropy(hidden, head, targets, weights, chunk_tokens=chunk_tokens, impl=impl)
+        else:
+            outputs = model(**inputs, logits_to_keep=predicting)
+            logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])
     else:
         outputs = model(**inputs)
         logits = outputs.logits[:, :-1][targets_mask]
-    if "loss_weight" in micro_batch:
-        token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
-        loss = (token_loss * micro_batch["loss_weight"][:, 1:][targets_mask]).sum()
-    else:
-        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+    if split is None:
+        if weights is None:
+            loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+        else:
+            loss = (F.cross_entropy(logits.float(), targets, reduction="none") * weights).sum()
     loss = loss / loss_tokens * world_size
     return (loss, outputs) if return_outputs else loss
+
+
+def concatenates_kept_rows(model, kept_row_layout: str) -> bool:
+    """Whether the kept rows go to `model` as one padding-free row per micro-batch:
+    "concatenated", or "auto" with a flash-attention implementation (varlen kernels cost the
+    real tokens; sdpa and eager would build a dense block-diagonal mask over the whole row)."""
+    if kept_row_layout not in ("auto", "padded", "concatenated"):
+        raise ValueError(f"kept_row_layout must be 'auto', 'padded' or 'concatenated', not {kept_row_layout!r}")
+    if kept_row_layout != "auto":
+        return kept_row_layout == "concatenated"
+    config = getattr(base_model(model), "config", None)
+    return "flash" in str(getattr(config, "_attn_implementation", "") or "")
 
 
 def reduce_sum(value: torch.Tensor) -> torch.Tensor:
@@ -285,20 +388,30 @@ def reduce_sum(value: torch.Tensor) -> torch.Tensor:
 
 
 def train_step(model, batches: list[dict], method: Method, step: int, total_steps: int, *, pad_token_id: int,
-               triage_scope: str = "global", chunk_tokens: int = 128) -> tuple[StepPlan, float]:
+               triage_scope: str = "global", chunk_tokens: int = 128, head_impl: str = "auto",
+               clock: PhaseClock | None = None, kept_row_layout: str = "auto") -> tuple[StepPlan, float]:
     """Score, decide, and run forward and backward over this process's kept rows; returns the plan
     and the step's loss (mean over every kept token of every process). The caller then clips,
     steps the optimizer and zeroes the gradients. `model` may be wrapped in DDP: gradients are
-    then reduced at the last micro-batch only."""
+    then reduced at the last micro-batch only. `chunk_tokens`, `head_impl`: see `qtune.head`.
+    `clock` receives the phases' seconds (`qtune.phases`): score, select, pack, forward, backward.
+    `kept_row_layout`: see `concatenates_kept_rows`."""
+    clock = clock or PhaseClock()
     unwrapped = getattr(model, "module", model)  # the no-grad pass needs no DDP wrapper
-    scores = (score_step(unwrapped, batches, method, chunk_tokens=chunk_tokens)
-              if method.needs_scores_at(step, total_steps) else None)
-    plan = plan_step(batches, scores, method, step, pad_token_id=pad_token_id, triage_scope=triage_scope)
+    scores = None
+    if method.needs_scores_at(step, total_steps):
+        with clock.phase("score"):
+            scores = score_step(unwrapped, batches, method, chunk_tokens=chunk_tokens, head_impl=head_impl)
+    plan = plan_step(batches, scores, method, step, pad_token_id=pad_token_id, triage_scope=triage_scope,
+                     clock=clock, concatenate=concatenates_kept_rows(unwrapped, kept_row_layout))
     total = torch.zeros((), device=batches[0]["input_ids"].device)
     for i, micro_batch in enumerate(plan.micro_batches):
         last = i == len(plan.micro_batches) - 1
         with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
-            loss = micro_batch_loss(model, micro_batch, plan.loss_tokens, plan.world_size, unwrapped=unwrapped)
-            loss.backward()
+            with clock.phase("forward"):
+                loss = micro_batch_loss(model, micro_batch, plan.loss_tokens, plan.world_size,
+                                        unwrapped=unwrapped, head_impl=head_impl, chunk_tokens=chunk_tokens)
+            with clock.phase("backward"):
+                loss.backward()
         total += loss.detach()
     return plan, float(reduce_sum(total)) / plan.world_size

@@ -45,9 +45,11 @@ from .errors import QTuneError
 from .io import claim_output_dir, write_json, write_text
 from .methods import Method, build_method
 from .models import check_vocabulary, load_model, load_tokenizer, resolve_device, resolve_dtype
+from .phases import PhaseClock
 from .samples import load_samples
 from .scoring import score_batch
-from .step import gather, loss_token_count, micro_batch_loss, pack_kept, plan_step, reduce_sum, score_step, world
+from .step import (concatenates_kept_rows, gather, loss_token_count, micro_batch_loss, pack_kept, placeholder_row,
+                   plan_step, reduce_sum, score_step, world)
 
 __all__ = ["QTuneTrainer", "pack_kept", "read_step_log", "run_train", "summarize_run"]
 
@@ -79,21 +81,29 @@ def divergence_message(step: int, what: str, lr: float, bf16: bool, last_checkpo
             "such steps")
 
 
+#: The key of a micro-batch that `QTuneTrainer.training_step` skips (no forward, no backward).
+SKIP = "qtune_skip"
+
+
 class QTuneTrainer(Trainer):
     """A `transformers.Trainer` whose steps train only what a pruning `Method` keeps."""
 
     def __init__(self, *args, method: Method, pad_token_id: int, triage_scope: str = "global",
-                 chunk_tokens: int = 128, step_log: str | Path | None = None, nonfinite: str = "stop",
+                 chunk_tokens: int = 128, head_impl: str = "auto", kept_row_layout: str = "auto",
+                 step_log: str | Path | None = None, nonfinite: str = "stop",
                  keep_checkpoints: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.method = method
         self.pad_token_id = pad_token_id
         self.triage_scope = triage_scope
         self.chunk_tokens = chunk_tokens
+        self.head_impl = head_impl
+        self.kept_row_layout = kept_row_layout
         self.step_log = Path(step_log) if step_log else Path(self.args.output_dir) / STEP_LOG
         self.nonfinite = nonfinite
         self.keep_checkpoints = keep_checkpoints
         self.step_record: dict = {}
+        self.clock = PhaseClock()  # a step's own, on its device, from get_batch_samples on
         self._step_loss = torch.zeros(())
         self._since_log: list[dict] = []
         self._staging: Path | None = None
@@ -125,11 +135,15 @@ class QTuneTrainer(Trainer):
         batches = [self._prepare_inputs(b) for b in batches]
         step = self.state.global_step
         scores = None
+        self.clock = PhaseClock(batches[0]["input_ids"].device)
         if self.method.needs_scores_at(step, self.state.max_steps):
-            # score_batch is read here, not bound at import, so that a test can replace it.
-            scores = score_step(self.model, batches, self.method, chunk_tokens=self.chunk_tokens, score=score_batch)
+            with self.clock.phase("score"):
+                # score_batch is read here, not bound at import, so that a test can replace it.
+                scores = score_step(self.model, batches, self.method, chunk_tokens=self.chunk_tokens,
+                                    head_impl=self.head_impl, score=score_batch)
         plan = plan_step(batches, scores, self.method, step, pad_token_id=self.pad_token_id,
-                         triage_scope=self.triage_scope)
+                         triage_scope=self.triage_scope, clock=self.clock,
+                         concatenate=concatenates_kept_rows(self.model, self.kept_row_layout))
         if plan.nonfinite:
             self._nonfinite_step(plan.nonfinite)
         self.step_record = {
@@ -139,10 +153,20 @@ class QTuneTrainer(Trainer):
             "_selected_at": time.perf_counter(),
         }
         self._step_loss = torch.zeros((), device=self.args.device)
-        return plan.micro_batches, torch.tensor(plan.loss_tokens, device=device)
+        # The Trainer counts micro-batches to find the step's end: the kept rows' micro-batches come
+        # last (the last one synchronises gradients), after markers that training_step skips.
+        # DeepSpeed counts its backward passes itself: it gets rows of weight 0 instead.
+        empty = torch.zeros((1, 0), dtype=torch.long, device=device)  # counts no token, no FLOP
+        filler = (placeholder_row(batches[0]) if self.is_deepspeed_enabled
+                  else {SKIP: True, "input_ids": empty, "attention_mask": empty}
+                  for _ in range(len(batches) - len(plan.micro_batches)))
+        return [*filler, *plan.micro_batches], torch.tensor(plan.loss_tokens, device=device)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        if inputs.get(SKIP):  # a micro-batch the kept rows did not need (get_batch_samples)
+            return torch.zeros((), device=self.args.device)
+        with self.clock.phase("forward_backward"):  # compute_loss times the forward inside it
+            loss = super().training_step(model, inputs, num_items_in_batch)
         self._step_loss += loss  # stays on the device until the step's one sync in _get_grad_norm
         return loss
 
@@ -238,8 +262,10 @@ class QTuneTrainer(Trainer):
         without `num_items_in_batch`, the mean over this micro-batch's kept tokens."""
         if num_items_in_batch is None:
             num_items_in_batch = max(loss_token_count([inputs]), 1)
-        return micro_batch_loss(model, inputs, num_items_in_batch, world()[1],
-                                unwrapped=self.accelerator.unwrap_model(model), return_outputs=return_outputs)
+        with self.clock.phase("forward") if model.training else contextlib.nullcontext():
+                return micro_batch_loss(model, inputs, num_items_in_batch, world()[1],
+                                    unwrapped=self.accelerator.unwrap_model(model), return_outputs=return_outputs,
+                                    head_impl=self.head_impl, chunk_tokens=self.chunk_tokens)
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         """Add the pruning statistics since the last log to the Trainer's logs (tensorboard, ...)."""
@@ -254,6 +280,21 @@ class QTuneTrainer(Trainer):
         super().log(logs, start_time)
 
 
+def _phases(clock: PhaseClock, training_seconds: float) -> dict:
+    """A step's phases (`qtune.phases`): seconds of score, select (of which triage and
+    token_select), pack, forward, backward and optimizer (the rest of the training time: clipping,
+    the optimizer step, the Trainer's own work); on CUDA, the peak MiB of each (backward: of the
+    forward and backward together)."""
+    taken = clock.take()
+    seconds = taken["phase_seconds"]
+    both = seconds.pop("forward_backward", 0.0)
+    seconds["backward"] = max(both - seconds.get("forward", 0.0), 0.0)
+    seconds["optimizer"] = max(training_seconds - both, 0.0)
+    if "phase_peak_mib" in taken:
+        taken["phase_peak_mib"]["backward"] = taken["phase_peak_mib"].pop("forward_backward", 0.0)
+    return taken
+
+
 class _StepRecorder(TrainerCallback):
     """Completes the step record after the optimizer step and appends it to the step log."""
 
@@ -266,6 +307,7 @@ class _StepRecorder(TrainerCallback):
             return
         now = time.perf_counter()
         record["training_seconds"] = now - record.pop("_selected_at")
+        record.update(_phases(self.trainer.clock, record["training_seconds"]))
         seconds = record["training_seconds"] + record["scoring_seconds"]
         record["tokens_per_second"] = record["input_tokens"] / seconds if seconds > 0 else 0.0
         record["kept_token_fraction"] = record["kept_tokens"] / max(record["response_tokens"], 1)
@@ -339,6 +381,12 @@ def _save_final_model(trainer: QTuneTrainer, tokenizer, cfg: TrainConfig, out: P
     os.replace(tmp, final)
 
 
+def _sum_phases(rows: list[dict], key: str, combine) -> dict:
+    """Per phase, `combine` (sum of seconds, max of peaks) over the steps that recorded it."""
+    names = sorted({name for r in rows for name in r.get(key, {})})
+    return {name: combine(r[key][name] for r in rows if name in r.get(key, {})) for name in names}
+
+
 def summarize_run(rows: list[dict], method: Method) -> dict:
     """Budget and wall-time summary of a run, from its step log; the nominal budget is the
     method's. The final loss is that of the last step that was not skipped."""
@@ -357,6 +405,8 @@ def summarize_run(rows: list[dict], method: Method) -> dict:
         "scoring_seconds": scoring,
         "training_seconds": training,
         "wall_seconds": scoring + training,
+        "phase_seconds": _sum_phases(rows, "phase_seconds", sum),
+        "phase_peak_mib": _sum_phases(rows, "phase_peak_mib", max),
         "final_loss": trained[-1]["loss"] if trained else math.nan,
     }
 
@@ -489,6 +539,8 @@ def _train(cfg: TrainConfig, out: Path, args: TrainingArguments, resume_from: Pa
         pad_token_id=pad_id,
         triage_scope=cfg.triage_scope,
         chunk_tokens=cfg.chunk_tokens,
+        head_impl=cfg.head_impl,
+        kept_row_layout=cfg.kept_row_layout,
         step_log=step_log,
         nonfinite=cfg.nonfinite,
         keep_checkpoints=cfg.save_total_limit,

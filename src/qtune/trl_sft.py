@@ -35,30 +35,35 @@ import typing
 import torch
 import trl
 
-from .config import PruningConfig
+from .config import ComputeConfig, PruningConfig
 from .data import require_pad_token
 from .errors import QTuneError
 from .methods import build_method
 from .train import QTuneTrainer
 
 
-def _check_pruning_fields(config) -> None:
+@dataclasses.dataclass
+class _QTuneOptions(ComputeConfig, PruningConfig):
+    """The options qtune adds to an SFTConfig: the pruning method and the output-projection path."""
+
+
+def _check_qtune_fields(config) -> None:
     """SFTConfig's own checks, then qtune's on the pruning fields (one-line OptionError)."""
     trl.SFTConfig.__post_init__(config)
-    names = [f.name for f in dataclasses.fields(PruningConfig)]
-    checked = PruningConfig(**{name: getattr(config, name) for name in names})
+    names = [f.name for f in dataclasses.fields(_QTuneOptions)]
+    checked = _QTuneOptions(**{name: getattr(config, name) for name in names})
     for name in names:
         setattr(config, name, getattr(checked, name))
 
 
-def _pruning_fields() -> list[tuple[str, type, dataclasses.Field]]:
+def _qtune_fields() -> list[tuple[str, type, dataclasses.Field]]:
     """qtune's pruning options as fields for an SFTConfig subclass. A name SFTConfig already has
     (`seed`) stays TRL's: one seed for the run. The metadata keeps only what `HfArgumentParser`
-    (TrlParser) passes to argparse; the value checks run in `_check_pruning_fields`."""
+    (TrlParser) passes to argparse; the value checks run in `_check_qtune_fields`."""
     taken = {f.name for f in dataclasses.fields(trl.SFTConfig)}
-    hints = typing.get_type_hints(PruningConfig)
+    hints = typing.get_type_hints(_QTuneOptions)
     fields = []
-    for f in dataclasses.fields(PruningConfig):
+    for f in dataclasses.fields(_QTuneOptions):
         if f.name in taken:
             continue
         metadata = {"help": f.metadata["help"]}
@@ -68,16 +73,17 @@ def _pruning_fields() -> list[tuple[str, type, dataclasses.Field]]:
     return fields
 
 
-# Built from PruningConfig so that each option is declared and documented once, in qtune.config.
+# Built from PruningConfig and ComputeConfig so that each option is declared and documented once, in qtune.config.
 QTuneSFTConfig = dataclasses.make_dataclass(
     "QTuneSFTConfig",
-    _pruning_fields(),
+    _qtune_fields(),
     bases=(trl.SFTConfig,),
     namespace={
         "__module__": __name__,  # the Trainer pickles its args into checkpoints
         "__doc__": "`trl.SFTConfig` plus qtune's pruning options (`qtune.config.PruningConfig`: method, "
-                   "r_sample, r_token, lam, ...), checked as qtune checks them.",
-        "__post_init__": _check_pruning_fields,
+                   "r_sample, r_token, lam, ...) and output-projection options (`qtune.config.ComputeConfig`: "
+                   "head_impl, chunk_tokens), checked as qtune checks them.",
+        "__post_init__": _check_qtune_fields,
     },
 )
 
@@ -141,6 +147,9 @@ class QTuneSFTTrainer(QTuneTrainer, trl.SFTTrainer):
             method=method,
             pad_token_id=None,  # known once SFTTrainer has built its collator, below
             triage_scope=args.triage_scope,
+            chunk_tokens=args.chunk_tokens,
+            head_impl=args.head_impl,
+            kept_row_layout=args.kept_row_layout,
             keep_checkpoints=args.save_total_limit,
             **kwargs,
         )

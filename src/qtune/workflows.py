@@ -36,7 +36,7 @@ def _score(cfg: ScoreConfig, out: Path) -> dict:
     log(f"scoring {len(samples)} samples with {cfg.model} on {model.device} ({model.dtype})")
     scores = score_dataset(
         model, samples, pad_token_id=pad_id, batch_size=cfg.batch_size,
-        per_token=cfg.per_token, chunk_tokens=cfg.chunk_tokens,
+        per_token=cfg.per_token, chunk_tokens=cfg.chunk_tokens, head_impl=cfg.head_impl,
     )
     decision = triage(torch.tensor(scores.ppl), torch.tensor(scores.ent), cfg.r_sample)
     quadrant = decision.quadrant.tolist()

@@ -90,6 +90,7 @@ def result_row(cell: Cell, summary: dict, steps: list[dict], metrics: dict, audi
         "scoring_seconds": summary["scoring_seconds"],
         "training_seconds": summary["training_seconds"],
         "wall_seconds": summary["wall_seconds"],
+        "phase_seconds": summary.get("phase_seconds", {}),
         "eval_seconds": metrics["seconds"],
         "cell_seconds": seconds,
         "final_loss": summary["final_loss"],

@@ -14,7 +14,7 @@ from ..io import write_text
 from .grid import BUDGET_FREE, FULL, BenchConfig, budget_label
 from .results import RESULTS_FILE, load_settings, read_jsonl, read_results
 from .stats import (COMPARISON_NOTE, GroupStats, audit_rows, comparison_rows, csv_results, markdown_results,
-                    results_table, summarize_results)
+                    phase_rows, results_table, summarize_results)
 
 #: The budget whose Q2 samples the HTML report shows with their pruned tokens, when it is in the grid.
 EXAMPLE_BUDGET = (0.25, 0.7)
@@ -43,6 +43,10 @@ def write_reports(out: Path, cfg: BenchConfig) -> dict[str, Path]:
     if audit_kind is not None:
         markdown += ("\n## Pruning audit per kind (dropped share per category/kind)\n\n"
                      + format_table(*audit_rows(rows, stats, markdown_text, key="audit_kind")) + "\n")
+    phases = phase_rows(rows, stats)
+    if phases is not None:
+        markdown += ("\n## Time per phase (seconds per run; triage and token_select are part of select)\n\n"
+                     + format_table(*phases) + "\n")
     written["markdown"] = out / "results.md"
     write_text(written["markdown"], markdown)
     written["csv"] = out / "results.csv"
@@ -114,6 +118,7 @@ def base_model_scores(out: Path, settings: dict) -> dict:
     print(f"scoring {len(samples)} training samples with the base model for the report", flush=True)
     scores = score_dataset(model, samples, pad_token_id=require_pad_token(tokenizer),
                            batch_size=settings["batch_size"], per_token=True, chunk_tokens=settings["chunk_tokens"],
+                           head_impl=settings.get("head_impl", "auto"),
                            progress=False)
     meta = {r.sample_id: r.metadata for r in records}
     has_categories = any("category" in m for m in meta.values())

@@ -144,6 +144,26 @@ def audit_rows(rows: list[dict], stats: list[GroupStats], text=str,
     return ["method", "r_sample x r_token"] + [f"dropped {text(c)} %" for c in categories], table
 
 
+#: The phases of a step in the order they run (`qtune.phases`); triage and token_select lie inside select.
+PHASES = ("score", "select", "triage", "token_select", "pack", "forward", "backward", "optimizer")
+
+
+def phase_rows(rows: list[dict], stats: list[GroupStats]) -> tuple[list[str], list[list[str]]] | None:
+    """Per (method, budget): mean seconds of each phase of the run over seeds (cells without
+    phase timings, from before they were recorded, are left out). None when no cell has them."""
+    timed = [r for r in rows if r.get("phase_seconds")]
+    if not timed:
+        return None
+    phases = [p for p in PHASES if any(p in r["phase_seconds"] for r in timed)]
+    table = []
+    for g in stats:
+        members = [r for r in timed if (r["method"], r["r_sample"], r["r_token"]) == (g.method, g.r_sample, g.r_token)]
+        if members:
+            table.append([g.method, g.budget_label] + [
+                _format_stat(*_mean_std([r["phase_seconds"].get(p, 0.0) for r in members]), 1, 2) for p in phases])
+    return ["method", "r_sample x r_token"] + [f"{p} s" for p in phases], table
+
+
 #: The baseline every other pruning method is compared with at its own budget.
 RANDOM = "random"
 

@@ -60,6 +60,8 @@ class Decision:
     nominal_budget: the share of response tokens the method means to train on (r_sample x
     r_token for Q-Tuning, 1 for full data); `measured_budget` is the share it did keep.
     stats: per-step statistics for the step log (JSON values).
+    stage_seconds: seconds of the method's stages, for methods with a sample and a token stage
+        ("triage", "token_select"; see `qtune.phases`).
     """
 
     selections: list[Selection]
@@ -67,14 +69,15 @@ class Decision:
     stats: dict = field(default_factory=dict)
     kept_tokens: int = 0
     response_tokens: int = 0
+    stage_seconds: dict = field(default_factory=dict)
 
     @classmethod
     def over(cls, batches: list[dict], selections: list[Selection], nominal_budget: float,
-             stats: dict) -> Decision:
+             stats: dict, stage_seconds: dict | None = None) -> Decision:
         """The decision, with its kept and response token counts taken from `batches`."""
         kept = sum(int(s.label_mask[s.rows].sum()) for s in selections)
         response = sum(int(response_mask_of(b).sum()) for b in batches)
-        return cls(selections, nominal_budget, stats, kept, response)
+        return cls(selections, nominal_budget, stats, kept, response, stage_seconds or {})
 
     @property
     def measured_budget(self) -> float:

@@ -9,6 +9,7 @@ import torch
 
 from ..config import QTuningConfig
 from ..errors import QTuneError
+from ..phases import PhaseClock
 from ..pruning import prune_tokens, token_perplexity, triage
 from .base import DatasetSelection, Decision, Method, Selection, register, split_rows
 from .random import RandomPruning
@@ -58,21 +59,24 @@ class QTuning(Method):
             decision.stats["before_triage"] = True
             return decision
         cfg = self.config
-        decision = triage(torch.cat([s.ppl for s in scores]), torch.cat([s.ent for s in scores]),
-                          cfg.r_sample, reference=cfg.reference)
-        kept = torch.zeros(decision.quadrant.numel(), dtype=torch.bool, device=decision.keep.device)
-        kept[decision.keep] = True
+        clock = PhaseClock(scores[0].ppl.device)
+        with clock.phase("triage"):
+            decision = triage(torch.cat([s.ppl for s in scores]), torch.cat([s.ent for s in scores]),
+                              cfg.r_sample, reference=cfg.reference)
+            kept = torch.zeros(decision.quadrant.numel(), dtype=torch.bool, device=decision.keep.device)
+            kept[decision.keep] = True
         selections = []
-        for s, keep_rows, prune_rows in zip(scores, split_rows(kept, batches),
-                                            split_rows(decision.prune_tokens, batches)):
-            rows = keep_rows.nonzero().flatten()
-            mask = torch.zeros_like(s.response_mask)
-            if rows.numel():
-                # The authors' pooled budget counts every response token of the micro-batch.
-                mask[rows] = self._prune(s.nll, s.response_mask, rows, prune_rows, int(s.response_mask.sum()))
-            selections.append(Selection(rows, mask))
+        with clock.phase("token_select"):
+            for s, keep_rows, prune_rows in zip(scores, split_rows(kept, batches),
+                                                split_rows(decision.prune_tokens, batches)):
+                rows = keep_rows.nonzero().flatten()
+                mask = torch.zeros_like(s.response_mask)
+                if rows.numel():
+                    # The authors' pooled budget counts every response token of the micro-batch.
+                    mask[rows] = self._prune(s.nll, s.response_mask, rows, prune_rows, int(s.response_mask.sum()))
+                selections.append(Selection(rows, mask))
         stats = {"samples": decision.quadrant.numel(), **decision.counts(), "level": decision.level}
-        return Decision.over(batches, selections, self.nominal_budget, stats)
+        return Decision.over(batches, selections, self.nominal_budget, stats, clock.seconds)
 
     def select_dataset(self, scores):
         """Triage over the whole dataset (the quantiles are the dataset's), then Stage 2 on the

@@ -29,6 +29,7 @@ import torch
 
 from ..config import SAMPLE_RULE_NAMES, TOKEN_RULE_NAMES, RandomConfig, composed_parts, method_choices
 from ..errors import QTuneError
+from ..phases import PhaseClock
 from ..scoring import BatchScores
 from .base import SCORES, Decision, Method, Selection, response_mask_of, split_rows
 from .random import step_generator
@@ -179,14 +180,17 @@ class ComposedMethod(Method):
     def select(self, batches, scores, step):
         cfg = self.config
         generator = step_generator(cfg.seed, step)
-        choice = self.sample_rule.choose(cfg, StepView(batches, scores, step, self.total_steps, generator))
+        clock = PhaseClock(batches[0]["input_ids"].device)
+        with clock.phase("triage"):
+            choice = self.sample_rule.choose(cfg, StepView(batches, scores, step, self.total_steps, generator))
         weights = [None] * len(batches) if choice.weights is None else split_rows(choice.weights, batches)
         selections = []
-        for j, (batch, kept) in enumerate(zip(batches, split_rows(choice.kept, batches))):
-            mask = self.token_rule.masks(cfg, batch, None if scores is None else scores[j], generator)
-            selections.append(Selection(kept.nonzero().flatten(), mask, weights[j]))
+        with clock.phase("token_select"):
+            for j, (batch, kept) in enumerate(zip(batches, split_rows(choice.kept, batches))):
+                mask = self.token_rule.masks(cfg, batch, None if scores is None else scores[j], generator)
+                selections.append(Selection(kept.nonzero().flatten(), mask, weights[j]))
         stats = {"samples": choice.kept.numel(), "kept": int(choice.kept.sum()), **choice.stats}
-        return Decision.over(batches, selections, self.nominal_budget, stats)
+        return Decision.over(batches, selections, self.nominal_budget, stats, clock.seconds)
 
 
 _CLASSES: dict[str, type[ComposedMethod]] = {}
