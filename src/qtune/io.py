@@ -14,6 +14,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -110,3 +111,14 @@ def claim_output_dir(path: str | os.PathLike, command: str = "qtune") -> Iterato
         yield path
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def replace_dir(built: Path, final: Path) -> None:
+    """Move the finished folder `built` to `final`, swapping out an existing `final` first (it is
+    moved aside into a temporary folder beside it, then deleted), so `final` is never half-written."""
+    final = Path(final)
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.replace(final, old / final.name)
+        shutil.rmtree(old)
+    os.replace(built, final)

@@ -65,7 +65,7 @@ from .data import (
     TOKENIZE_CHUNK, LoadReport, Record, TokenizeReport, check_tokenize_options, open_records, tokenize_chunk,
 )
 from .errors import QTuneError
-from .io import write_json
+from .io import replace_dir, write_json
 
 #: Environment variable that moves the cache (default ~/.cache/qtune/tokenized).
 CACHE_ENV = "QTUNE_DATA_CACHE"
@@ -165,11 +165,7 @@ def load_tokenized(
             work = Path(tempfile.mkdtemp(prefix=f".{key}.building-", dir=root))
             try:
                 _build(work, records, load_report, spec, **build)
-                if final.exists():  # damaged: swap it out
-                    old = Path(tempfile.mkdtemp(prefix=f".{key}.old-", dir=root))
-                    os.replace(final, old / key)
-                    shutil.rmtree(old)
-                os.replace(work, final)
+                replace_dir(work, final)  # a damaged or older entry is swapped out
             finally:
                 shutil.rmtree(work, ignore_errors=True)
             return _open(final, load_report.path)

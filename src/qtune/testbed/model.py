@@ -42,6 +42,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from transformers.utils import logging as hf_logging
 
 from qtune.errors import QTuneError
+from qtune.io import replace_dir
 
 from qtune.testbed import saturated, shipped
 from qtune.testbed.saturated import SaturatedConfig
@@ -464,11 +465,7 @@ def build_testbed(
         if progress:
             print(f"building the qtune testbed in {final}", file=sys.stderr)
         _build(work, recipe, config, key, progress)
-        if final.is_dir():  # force, or another process finished first: swap the old one out
-            old = Path(tempfile.mkdtemp(prefix=f".{key}.old-", dir=root))
-            os.replace(final, old / key)
-            shutil.rmtree(old)
-        os.replace(work, final)
+        replace_dir(work, final)  # a damaged or older entry is swapped out
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return paths
