@@ -8,24 +8,24 @@ the body's last hidden states are V/d times smaller. `head_forward` runs the mod
 (through any DDP wrapper or PEFT adapter) but takes the hidden states at the head's input and
 lets the head project a single position; the caller then projects the hidden states itself:
 
-- scoring (`scoring.chunked_token_statistics`, no gradient): gold-token NLL and entropy, `chunk_tokens`
-  positions at a time. Peak extra memory: one [chunk_tokens x V] float32 block and its exp.
+- scoring (`scoring.chunked_token_statistics`, no gradient): gold-token NLL and entropy,
+  `chunk_tokens` positions at a time. Peak extra memory: one [chunk_tokens x V] float32 block and its exp.
 - training (`linear_cross_entropy`): the summed (optionally weighted) cross-entropy and its
   gradients, computed together in the forward, chunk by chunk (the gradient of the
   cross-entropy with respect to the logits is softmax - one-hot, so it needs no second pass);
   the backward only scales them. Peak extra memory: one [chunk_tokens x V] float32 block, the
   gradient of the hidden states [n x d] and that of the head's weight [V x d] (the size of the
-  gradient autograd would give it). On
-  CUDA with Liger Kernel installed, its fused linear cross-entropy does the same in Triton.
+  gradient autograd would give it). On CUDA with Liger Kernel installed, its fused linear
+  cross-entropy does the same in Triton.
 
 `head_impl` chooses: "logits" (the model computes the logits of the needed positions; the
 historical path), "chunked", "liger" (CUDA and the `liger-kernel` package; unweighted losses
 only) or "auto" (chunked: on an H200 with a Qwen2-0.5B shape it measured 103 ms per loss forward
-and backward against Liger's 128 ms, for 240 MB more memory; docs/performance.md). A model whose head cannot be split off
-(not a plain `nn.Linear`, such as a LoRA-adapted head, or a sharded one under FSDP / ZeRO-3),
-or that changes its logits after the head (soft-capping, a logit scale; detected by comparing
-the one position the model projects itself with ours), uses the logits path after a one-line
-notice.
+and backward against Liger's 128 ms, for 240 MB more memory; docs/performance.md). A model whose
+head cannot be split off (not a plain `nn.Linear`, such as a LoRA-adapted head, or a sharded one
+under FSDP / ZeRO-3), or that changes its logits after the head (soft-capping, a logit scale;
+detected by comparing the one position the model projects itself with ours), uses the logits
+path after a one-line notice.
 """
 
 from __future__ import annotations
@@ -82,6 +82,13 @@ def _split_refusal(model) -> str | None:
     return None
 
 
+def _refuse(base, reason: str) -> None:
+    """Send `base` to the logits path from now on, with a one-line notice the first time."""
+    if base not in _UNSPLITTABLE:
+        _UNSPLITTABLE[base] = reason
+        log(f"notice: {type(base).__name__}: {reason}; computing full logits (memory grows with the vocabulary)")
+
+
 def resolve_head_impl(model, head_impl: str, *, weighted: bool = False, scoring: bool = False) -> str:
     """The head path that runs for `model`: "logits", "chunked" or "liger" ("auto" is chunked).
 
@@ -97,10 +104,7 @@ def resolve_head_impl(model, head_impl: str, *, weighted: bool = False, scoring:
     reason = ("its forward takes no logits_to_keep mask" if not accepts_logits_to_keep(model)
               else _split_refusal(model))
     if reason is not None:
-        base = base_model(model)
-        if base not in _UNSPLITTABLE:
-            _UNSPLITTABLE[base] = reason
-            log(f"notice: {type(base).__name__}: {reason}; computing full logits (memory grows with the vocabulary)")
+        _refuse(base_model(model), reason)
         return "logits"
     if head_impl == "liger":
         device = base_model(model).get_output_embeddings().weight.device
@@ -149,9 +153,7 @@ def head_forward(model, inputs: dict, keep: torch.Tensor):
             theirs = outputs.logits.reshape(-1, outputs.logits.shape[-1])[:1].float()
         tolerance = 1e-4 if ours.dtype == head.weight.dtype else 1e-2
         if theirs.shape != ours.shape or not torch.allclose(ours, theirs, rtol=tolerance, atol=tolerance):
-            reason = "its logits differ from its output projection (it transforms them after the head)"
-            _UNSPLITTABLE[base] = reason
-            log(f"notice: {type(base).__name__}: {reason}; computing full logits (memory grows with the vocabulary)")
+            _refuse(base, "its logits differ from its output projection (it transforms them after the head)")
             return None
         _CHECKED.add(base)
     return outputs, hidden, head

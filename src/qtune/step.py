@@ -249,9 +249,9 @@ def plan_step(batches: list[dict], scores: list[BatchScores] | None, method: Met
     both stages) and "pack". `concatenate`: the kept rows of each micro-batch as one padding-free
     row (`pack_kept`). The record holds, over every process: samples, kept (rows),
     response_tokens, kept_tokens, input_tokens, trained_input_tokens, trained_positions (the
-    positions the training forward runs over, padding included), sample_ids and kept_ids (in rank order), and the method's statistics
-    (global scope: the method's own; local scope: integer counts summed, other values those of
-    process 0).
+    positions the training forward runs over, padding included), sample_ids and kept_ids (in
+    rank order), and the method's statistics (global scope: the method's own; local scope:
+    integer counts summed, other values those of process 0).
     """
     if triage_scope not in TRIAGE_SCOPES:
         raise ValueError(f"triage_scope must be one of {TRIAGE_SCOPES}, not {triage_scope!r}")
@@ -328,8 +328,8 @@ def micro_batch_loss(model, micro_batch: dict, loss_tokens, world_size: int = 1,
     Only positions that predict a kept label reach the output projection (prompt, padding and
     pruned tokens cost none). `head_impl` (see `qtune.head`): "chunked" computes the loss and
     its gradient `chunk_tokens` positions at a time from the body's hidden states, "liger" with
-    Liger Kernel's fused kernel, "logits" from float32 logits of every kept position; "auto"
-    takes the first that applies.
+    Liger Kernel's fused kernel, "logits" from float32 logits of every kept position; "auto" is
+    chunked (a model whose head cannot be split off takes the logits path).
     """
     labels = micro_batch["labels"]
     targets_mask = labels[:, 1:] != IGNORE_INDEX
