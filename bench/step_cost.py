@@ -1,6 +1,6 @@
 """Benchmark (not a test): what a Q-Tuning step costs, measured side by side in one run.
 
-Four measurements, each printed as a table and written to OUT/step_cost.json (and the plot to
+Five measurements, each printed as a table and written to OUT/step_cost.json (and the plot to
 OUT/memory_vs_vocab.png):
 
 1. step    Q-Tuning's step time against its analytic bound (F + r x T) / T, with F a no-grad
@@ -17,6 +17,8 @@ OUT/memory_vs_vocab.png):
            installed): flat with the chunked path, rising with the logits path.
 4. triage  Sample triage plus token pruning (the `qtuning` method's decision) for 1,024 samples x
            2,048 response tokens, on the CPU. Target: under 50 ms.
+5. methods Each method's step against the full-data step of the same batch (--methods; r_sample
+           0.25, r_token 0.7): the cost per step of docs/methods.md.
 
 On CUDA, time is measured between synchronisations and memory is `torch.cuda.max_memory_allocated`
 above what was allocated before (weights, optimizer state and batches included in neither). On
@@ -62,7 +64,7 @@ def build_model(args, vocab: int | None = None):
     config = Qwen2Config(vocab_size=vocab or default_vocab, hidden_size=hidden, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=inter,
                          tie_word_embeddings=tied, max_position_embeddings=max(args.lengths + [args.length]),
-                         attn_implementation="sdpa")
+                         attn_implementation=args.attn)
     torch.manual_seed(0)
     with torch.device(args.device):  # initialised where it runs: fast on a GPU
         return Qwen2ForCausalLM(config).to(dtype=getattr(torch, args.dtype))
@@ -97,6 +99,18 @@ def timed(fn, device) -> float:
     return time.perf_counter() - start
 
 
+def alternating_medians(variants: dict, args) -> dict[str, float]:
+    """Median seconds of each variant: one warm-up run each (kernels, allocator, optimizer
+    state), then `args.repeats` rounds in which the variants alternate, so drift hits all alike."""
+    for fn in variants.values():
+        fn()
+    times = {k: [] for k in variants}
+    for _ in range(args.repeats):
+        for key, fn in variants.items():
+            times[key].append(timed(fn, args.device))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
@@ -121,6 +135,7 @@ def measure_step(args) -> dict:
     from qtune.config import TrainConfig
     from qtune.methods import build_method
     from qtune.phases import PhaseClock
+    from qtune.scorer import Scorer
     from qtune.step import train_step
 
     model = build_model(args)
@@ -133,14 +148,15 @@ def measure_step(args) -> dict:
         return build_method(name, TrainConfig(model="m", data="d", out="o", method=name, r_sample=r, r_token=1.0))
 
     shares = {}
-    clocks = {}
+    padding = {}
+    scorer = Scorer(chunk_tokens=args.chunk_tokens, head_impl=args.head_impl, layers=args.score_layers)
 
     def step(m, key):
         def run(clock=None):
             model.train()
             plan, _ = train_step(model, batches, m, step=0, total_steps=1, pad_token_id=0,
                                  chunk_tokens=args.chunk_tokens, head_impl=args.head_impl, clock=clock,
-                                 kept_row_layout=args.kept_row_layout)
+                                 kept_row_layout=args.kept_row_layout, scorer=scorer)
             if clock is not None:
                 with clock.phase("optimizer"):
                     optimizer.step()
@@ -149,6 +165,7 @@ def measure_step(args) -> dict:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             shares[key] = plan.record["trained_input_tokens"] / plan.record["input_tokens"]
+            padding[key] = 1 - plan.record["trained_input_tokens"] / plan.record["trained_positions"]
         return run
 
     def forward():
@@ -160,13 +177,7 @@ def measure_step(args) -> dict:
     variants = {"F": forward, "T": step(method("full", 1.0), "T")}
     for r in args.ratios:
         variants[f"Q{r:g}"] = step(method("qtuning", r), f"Q{r:g}")
-    for fn in variants.values():  # warm-up (kernels, allocator, optimizer state)
-        fn()
-    times = {k: [] for k in variants}
-    for _ in range(args.repeats):
-        for key, fn in variants.items():
-            times[key].append(timed(fn, args.device))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = alternating_medians(variants, args)
     phases = {}
     for key, fn in variants.items():  # once more with a clock: where the time goes
         if key != "F":
@@ -176,7 +187,7 @@ def measure_step(args) -> dict:
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     n_params = sum(p.numel() for p in model.parameters())
     out = {"forward_s": med["F"], "full_step_s": med["T"], "tokens_per_step": tokens, "params": n_params,
-           "phase_ms": phases,
+           "phase_ms": phases, "padding_share": padding,
            "full_tokens_per_s": tokens / med["T"], "ratios": []}
     peak = args.peak_tflops * 1e12
     for r in args.ratios:
@@ -186,7 +197,8 @@ def measure_step(args) -> dict:
         bound_measured = (med["F"] + share * med["T"]) / med["T"]
         row = {"r": r, "step_s": q, "step_vs_full": q / med["T"], "bound": bound, "vs_bound": q / med["T"] / bound,
                "trained_token_share": share, "bound_measured_share": bound_measured,
-               "vs_bound_measured_share": q / med["T"] / bound_measured, "tokens_per_s": tokens / q}
+               "vs_bound_measured_share": q / med["T"] / bound_measured, "tokens_per_s": tokens / q,
+               "padding_share": padding[f"Q{r:g}"]}
         if torch.device(args.device).type == "cuda":
             row["mfu"] = (6 * n_params * share * tokens + 2 * n_params * tokens) / q / peak
         out["ratios"].append(row)
@@ -312,6 +324,51 @@ def plot_vocab(rows: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+# --------------------------------------------------------------------------------------- 5. methods
+
+
+def measure_methods(args) -> dict:
+    """Each method's step (scoring if it asks, decision, training of what it keeps, optimizer)
+    against the full-data step of the same batch, variants alternating, medians. Rho-1's
+    reference model is a second random model of the same shape."""
+    from qtune.config import TrainConfig
+    from qtune.methods import build_method
+    from qtune.scorer import Scorer
+    from qtune.step import train_step
+
+    model = build_model(args)
+    vocab = model.config.vocab_size
+    batches = [make_batch(vocab, args.batch, args.length, args.prompt_share, args.device, seed=i)
+               for i in range(args.grad_accum)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    reference = None
+    kept = {}
+
+    def step(name):
+        nonlocal reference
+        cfg = TrainConfig(model="m", data="d", out="o", method=name, r_sample=0.25, r_token=0.7)
+        method = build_method(name, cfg)
+        if "reference_nll" in method.needs and reference is None:
+            reference = build_model(args).eval()
+        scorer = Scorer(chunk_tokens=args.chunk_tokens, head_impl=args.head_impl,
+                        reference=reference if "reference_nll" in method.needs else None)
+
+        def run():
+            model.train()
+            plan, _ = train_step(model, batches, method, step=0, total_steps=10, pad_token_id=0,
+                                 chunk_tokens=args.chunk_tokens, head_impl=args.head_impl, scorer=scorer)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            kept[name] = plan.record["kept_tokens"] / plan.record["response_tokens"]
+        return run
+
+    names = ["full", *[m for m in args.methods.split(",") if m != "full"]]
+    med = alternating_medians({name: step(name) for name in names}, args)
+    return {"full_step_s": med["full"], "r_sample": 0.25, "r_token": 0.7,
+            "methods": [{"method": k, "step_s": med[k], "vs_full": med[k] / med["full"],
+                         "loss_token_share": kept[k]} for k in names]}
+
+
 # ---------------------------------------------------------------------------------------- 4. triage
 
 
@@ -358,13 +415,14 @@ def machine(args) -> str:
 def print_tables(result: dict) -> None:
     if "step" in result:
         s = result["step"]
+        pad = s["padding_share"]
         print(f"\n1. step (F = {s['forward_s'] * 1000:.1f} ms, T = {s['full_step_s'] * 1000:.1f} ms, "
-              f"{s['tokens_per_step']} tokens)")
-        print("| r | step / T | bound | step / bound | trained token share | step / bound at that share |")
-        print("|---|---:|---:|---:|---:|---:|")
+              f"{s['tokens_per_step']} tokens, padding share of T {pad['T']:.3f})")
+        print("| r | step / T | bound | step / bound | trained token share | step / bound at that share | padding share |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for r in s["ratios"]:
             print(f"| {r['r']:g} | {r['step_vs_full']:.3f} | {r['bound']:.3f} | **{r['vs_bound']:.3f}** | "
-                  f"{r['trained_token_share']:.3f} | {r['vs_bound_measured_share']:.3f} |")
+                  f"{r['trained_token_share']:.3f} | {r['vs_bound_measured_share']:.3f} | {r['padding_share']:.3f} |")
         print("\nphases of one step (ms): " + "; ".join(
             f"{k}: " + ", ".join(f"{p} {v}" for p, v in ph.items()) for k, ph in s["phase_ms"].items()))
     if "scoring" in result:
@@ -385,6 +443,14 @@ def print_tables(result: dict) -> None:
         for r in result["vocab"]:
             value = r.get("error") or f"{r['peak_mib']:.0f} | {r['seconds'] * 1000:.1f}"
             print(f"| {r['vocab']} | {r['kind']} | {r['impl']} | {value} |")
+    if "methods" in result:
+        m = result["methods"]
+        print(f"\n5. cost per step against full data (r_sample {m['r_sample']}, r_token {m['r_token']}; "
+              f"full step {m['full_step_s'] * 1000:.1f} ms)")
+        print("| method | step ms | step / full | loss-token share |")
+        print("|---|---:|---:|---:|")
+        for row in m["methods"]:
+            print(f"| {row['method']} | {row['step_s'] * 1000:.1f} | {row['vs_full']:.3f} | {row['loss_token_share']:.3f} |")
     if "triage" in result:
         t = result["triage"]
         print(f"\n4. triage + token pruning, {t['samples']} samples x {t['response_tokens'] // t['samples']} response "
@@ -397,7 +463,7 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model shape (random weights)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--items", default="step,scoring,vocab,triage", help="which of the four to run")
+    parser.add_argument("--items", default="step,scoring,vocab,triage", help="which of the five to run (step, scoring, vocab, triage, methods)")
     parser.add_argument("--batch", type=int, default=8, help="rows per micro-batch of the step (item 1)")
     parser.add_argument("--grad-accum", type=int, default=2, help="micro-batches per step (item 1)")
     parser.add_argument("--length", type=int, default=256, help="tokens per row, items 1 and 3")
@@ -414,6 +480,12 @@ def main() -> None:
                              "matrix products keep the GPU busy and 1024 x 152k float32 is only 0.6 GB)")
     parser.add_argument("--head-impl", default="auto", help="head path of the step (item 1)")
     parser.add_argument("--kept-row-layout", default="auto", help="kept-row layout of the step (item 1)")
+    parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flex_attention, "
+                        "flash_attention_2 where installed)")
+    parser.add_argument("--score-layers", type=int, default=0,
+                        help="score with the first N decoder layers (item 1; 0: all, as the paper)")
+    parser.add_argument("--methods", default="random,qtuning,longest+perplexity,entropy+random,infobatch+all,"
+                        "random+rho1", help="methods of item 5 (full is always measured)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense bf16 TFLOP/s (for the MFU)")
     parser.add_argument("--out", default="runs/step_cost", help="folder for step_cost.json and the plot")
@@ -435,7 +507,8 @@ def main() -> None:
               "chunk_tokens": args.chunk_tokens}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for item, fn in (("triage", measure_triage), ("step", measure_step), ("scoring", measure_scoring),
+    for item, fn in (("triage", measure_triage), ("step", measure_step), ("methods", measure_methods),
+                     ("scoring", measure_scoring),
                      ("vocab", measure_vocab)):
         if item in items:
             print(f"running {item} ...", file=sys.stderr, flush=True)

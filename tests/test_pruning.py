@@ -10,6 +10,7 @@ import bisect
 import math
 import random
 
+import numpy
 import pytest
 import torch
 
@@ -86,9 +87,11 @@ def bf_min_max(values: list[float]) -> list[float]:
 
 
 def bf_partition(ppl: list[float], ent: list[float], a: float, strict: bool = False):
-    """(members of Q2 + Q4, labels, thresholds) at level a, precedence as documented."""
-    ppl_hi, ppl_lo = bf_quantile(ppl, 1 - a), bf_quantile(ppl, a)
-    ent_lo, ent_hi = bf_quantile(ent, a), bf_quantile(ent, 1 - a)
+    """(members of Q2 + Q4, labels, thresholds) at level a, precedence as documented; `strict`
+    (the authors' code) also takes numpy's linearly interpolated quantiles."""
+    quantile = (lambda v, g: float(numpy.quantile(numpy.array(v, dtype=numpy.float64), g))) if strict else bf_quantile
+    ppl_hi, ppl_lo = quantile(ppl, 1 - a), quantile(ppl, a)
+    ent_lo, ent_hi = quantile(ent, a), quantile(ent, 1 - a)
     tilt = [p - e for p, e in zip(bf_min_max(ppl), bf_min_max(ent))]
     members, labels = [], []
     for i, (p, e) in enumerate(zip(ppl, ent)):

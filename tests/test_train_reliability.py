@@ -282,9 +282,9 @@ def test_qtuning_divergence_is_reported_as_divergence(tiny_run_inputs, tmp_path)
 def test_nonfinite_scores_count_as_divergence(tiny_run_inputs, tmp_path, monkeypatch):
     """A NaN perplexity from the scoring pass (here injected at step 2) stops the run as a
     diverged one, or, with nonfinite="skip", skips the step: nothing is trained in it."""
-    import qtune.train
+    import qtune.scorer
 
-    score_batch = qtune.train.score_batch
+    score_batch = qtune.scorer.score_batch
     calls = []
 
     def nan_at_step_2(*args, **kwargs):
@@ -294,7 +294,7 @@ def test_nonfinite_scores_count_as_divergence(tiny_run_inputs, tmp_path, monkeyp
             scores.ppl[0] = math.nan
         return scores
 
-    monkeypatch.setattr(qtune.train, "score_batch", nan_at_step_2)
+    monkeypatch.setattr(qtune.scorer, "score_batch", nan_at_step_2)
     with pytest.raises(QTuneError, match=r"^training diverged at step 2 \(the scoring pass gave a non-finite PPL or "
                                          r"entropy for 1 of 8 samples\); stopped before updating the weights"):
         run_train(train_config(tiny_run_inputs, tmp_path / "stop", method="qtuning", max_steps=3))

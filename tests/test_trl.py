@@ -128,7 +128,7 @@ def test_prompt_completion_dataset_trains_on_completions_with_pruning(tiny_model
         assert set(labels[:prompt]) == {IGNORE_INDEX} and set(labels[prompt:]) != {IGNORE_INDEX}
 
 
-def test_packing_and_padding_free_are_refused_in_one_line(tiny_model_dir, tiny_tokenizer, tmp_path):
+def test_packing_padding_free_and_trl_loss_types_are_refused_in_one_line(tiny_model_dir, tiny_tokenizer, tmp_path):
     for option in ("packing", "padding_free"):
         args = QTuneSFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none",
                               **{option: True})
@@ -136,6 +136,10 @@ def test_packing_and_padding_free_are_refused_in_one_line(tiny_model_dir, tiny_t
             QTuneSFTTrainer(model=str(tiny_model_dir), args=args, train_dataset=messages_dataset(),
                             processing_class=tiny_tokenizer)
         assert "\n" not in str(error.value)
+    args = QTuneSFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", loss_type="dft")
+    with pytest.raises(QTuneError, match="set loss='dft' \\(qtune's token objective\\) instead of loss_type='dft'"):
+        QTuneSFTTrainer(model=str(tiny_model_dir), args=args, train_dataset=messages_dataset(),
+                        processing_class=tiny_tokenizer)
 
 
 def test_config_checks_pruning_options_and_parses_with_trl():
@@ -166,3 +170,19 @@ def test_resume_from_a_checkpoint_continues_the_step_log(tiny_model_dir, tiny_to
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
     assert [s["kept_ids"] for s in steps] == [s["kept_ids"] for s in expected]
+
+
+def test_score_sources_reach_the_trl_trainer(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """score_layers, score_model and rescore_drift are QTuneSFTConfig fields that build the
+    trainer's scorer: with a huge drift every sample's second visit reuses its scores."""
+    dataset = prompt_completion_dataset()
+    steps = 2 * len(dataset) // BATCH  # two epochs
+    trainer, changed = train(tiny_model_dir, tiny_tokenizer, dataset, tmp_path, score_layers=1,
+                             score_model=str(tiny_model_dir), rescore_drift=1e6, max_steps=steps)
+    assert changed
+    scorer = trainer.scorer
+    assert (scorer.layers, scorer.rescore_drift) == (1, 1e6) and scorer.proxy is not None
+    records = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert sum(r["reused_scores"] for r in records) == len(dataset) == scorer.reused
+    with pytest.raises(OptionError, match="score_layers must be"):
+        QTuneSFTConfig(output_dir="o", use_cpu=True, score_layers=-1)

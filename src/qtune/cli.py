@@ -7,7 +7,7 @@ import errno
 import importlib
 import sys
 
-from .config import EvalRunConfig, ScoreConfig, TrainConfig, add_arguments, build_config
+from .config import EvalRunConfig, ScoreConfig, SelectConfig, TrainConfig, add_arguments, build_config
 from .errors import QTuneError
 from .io import disk_full_message
 
@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Greedy generation with both lm-evaluation-harness answer "
                                     "extractors (strict '#### N' and flexible last number).")
 
+    _add_config_command(commands, "select", SelectConfig, "selection:run_select",
+                        help="Choose a subset of a dataset once, before training (static selection).",
+                        description="Score a dataset with a model, choose a subset with a selector (perplexity, "
+                                    "ifd, or a method's static selection) and write it in the input's format, "
+                                    "with the scores, a summary and a histogram.")
     methods = commands.add_parser("methods", help="List the registered pruning methods.")
     methods.set_defaults(func=_methods)
 
@@ -95,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     testbed = commands.add_parser("testbed", help="The micro testbed: task data and a tiny base model.")
     testbed_cmds = testbed.add_subparsers(dest="testbed_command", required=True, metavar="ACTION")
     build = testbed_cmds.add_parser("build", help="Build (or reuse from the cache) the testbed model and data.")
-    build.add_argument("--cache-dir", default=None, help="Cache root (default: $QTUNE_CACHE or ~/.cache/qtune).")
+    build.add_argument("--cache-dir", default=None, help="Cache root (default: $QTUNE_CACHE or ~/.cache/qtune/testbed).")
     build.add_argument("--force", action="store_true", help="Rebuild even if the cache has it.")
     # The names are checked by build_testbed: importing the testbed here would load transformers for --help.
     build.add_argument("--preset", default="data-starved",

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import OptionError, QTuneError
+from .objectives import OBJECTIVES
 
 
 def option(default=None, help: str = "", *, choices=None, bounds: str | None = None, check=None,
@@ -259,12 +260,62 @@ class ComputeConfig(Options):
 
 
 @dataclass
+class ScorerConfig(Options):
+    """Where a step's scores come from (`qtune.scorer`): cheaper sources than the paper's full
+    scoring pass, each measured for speed and testbed accuracy in docs/performance.md."""
+
+    score_layers: int = option(0, "Score with only the first N decoder layers of the scoring model, then its final "
+                               "norm and head (an early exit sharing every weight; the body costs about N/L). "
+                               "0: every layer, as the paper.", bounds="[0, inf)")
+    score_model: str | None = option(None, "A separate frozen model (local folder or hub id) that scores in place "
+                                     "of the model being trained; it must use the same tokenizer. Its scores do "
+                                     "not follow training. None: the model being trained, as the paper.")
+    rescore_drift: float = option(0.0, "Reuse a sample's scores from its previous visit while the weights have "
+                                  "moved less than this since then (summed update norms over the weights' norm; "
+                                  "costs one copy of the trainable weights). 0: score every visit, as the paper.",
+                                  bounds="[0, inf)")
+
+
+@dataclass
 class ScoreConfig(ComputeConfig, DataConfig, ModelConfig):
     out: str = option(help="Output folder for scores.parquet, summary and plot.", required=True)
     batch_size: int = option(8, "Samples per scoring batch (batches are bucketed by length).", bounds="[1, inf)")
     r_sample: float = option(0.25, "Sample keep ratio used to place samples in quadrants.", bounds="(0, 1]")
     per_token: bool = option(False, "Also write per-token NLL and entropy arrays.")
     plot: bool = option(True, "Write the EU-plane plot (needs matplotlib: pip install qtune[plots]).")
+
+
+#: What `qtune select` can name besides its registered selectors: methods with a static selection.
+STATIC_METHODS = ("full", "random", "qtuning")
+
+
+def _selector(value: str) -> str | None:
+    from .selectors import SELECTORS
+
+    names = sorted({*SELECTORS, *STATIC_METHODS})
+    return None if value in names else "one of " + ", ".join(names)
+
+
+@dataclass
+class SelectConfig(ComputeConfig, DataConfig, ModelConfig):
+    """Options of `qtune select` (`qtune.selection.run_select`)."""
+
+    out: str = option(help="Output folder: selected.jsonl, scores.parquet, summary.json, selection.png.",
+                      required=True)
+    selector: str = option("perplexity", "How to choose: perplexity (by the model's PPL, select_keep decides the "
+                           "side), ifd (Instruction-Following Difficulty, highest first), or a method's static "
+                           "selection over the whole dataset: full, random, qtuning (Stage 1 only: whole records).",
+                           check=_selector)
+    ratio: float = option(0.25, "Fraction of the samples to keep.", bounds="(0, 1]")
+    select_keep: str = option("lowest", "perplexity selector: keep the lowest PPL (a noise filter), the highest "
+                              "(the hardest) or the middle (both tails dropped).",
+                              choices=("lowest", "highest", "middle"))
+    ifd_max: float = option(1.0, "ifd selector: drop samples whose IFD is at least this (an answer that the "
+                            "instruction makes harder to predict).", bounds="(0, inf)")
+    seed: int = option(0, "random selector: the seed of the draw.")
+    batch_size: int = option(8, "Samples per scoring batch (batches are bucketed by length).", bounds="[1, inf)")
+    plot: bool = option(True, "Write selection.png, the score's histogram, kept and dropped (needs matplotlib: "
+                              "pip install qtune[plots]).")
 
 
 #: Strings that end a generation by default (besides EOS and the chat template's end of turn).
@@ -419,9 +470,26 @@ class TokenPruningConfig(Options):
 
 
 @dataclass
-class QTuningConfig(TokenPruningConfig, RandomConfig):
-    """Options of the `qtuning` method: the budget, Stage 1 and 2 choices, and (for the random steps
-    before `triage_start`) the seed."""
+class QTuningAblationConfig(Options):
+    """Q-Tuning's ablations (arXiv 2509.23873, Tables 4, 5 and 15, Fig. 6); the defaults are the
+    method itself."""
+
+    stages: str = option("both", "Which stages run: both (the method), sample (Stage 1 only: kept samples keep "
+                         "every response token; budget r_sample) or token (Stage 2 only, on every sample: each "
+                         "keeps its r_token lowest-score tokens; budget r_token).",
+                         choices=("both", "sample", "token"))
+    keep_q1: bool = option(False, "Stage 1 keeps Q1 (high PPL, high entropy) as well, its tokens pruned as Q2's "
+                                  "(the paper's 'keep Q1' ablation).")
+    prune_q4: bool = option(False, "Stage 2 prunes the tokens of the kept Q4 samples too (the paper's 'token-"
+                                   "prune Q4' ablation).")
+    reversed_tokens: bool = option(False, "Stage 2 keeps the tokens of HIGHEST neighbour-aware score (the "
+                                          "paper's 'Reversed PPL' ablation, Table 5).")
+
+
+@dataclass
+class QTuningConfig(QTuningAblationConfig, TokenPruningConfig, RandomConfig):
+    """Options of the `qtuning` method: the budget, Stage 1 and 2 choices, its ablations, and (for
+    the random steps before `triage_start`) the seed."""
 
 
 @dataclass
@@ -454,7 +522,15 @@ class PerplexityTokenConfig(Options):
 
 
 @dataclass
-class PruningConfig(PerplexitySampleConfig, InfoBatchConfig, PerplexityTokenConfig, TokenMatchedConfig,
+class Rho1Config(Options):
+    """Options of the `rho1` token rule (`qtune.methods.rho1`)."""
+
+    reference_model: str | None = option(None, "rho1 token rule: the reference model (local folder or hub id, same "
+                                               "tokenizer) whose token loss is subtracted from the current model's.")
+
+
+@dataclass
+class PruningConfig(PerplexitySampleConfig, InfoBatchConfig, PerplexityTokenConfig, Rho1Config, TokenMatchedConfig,
                     QTuningConfig):
     """The method and how the training step applies it. TrainConfig composes every method's
     options (so that each reaches the CLI and YAML); a method reads only its own config class."""
@@ -494,6 +570,19 @@ def _json_file(value: str) -> str | None:
 
 
 @dataclass
+class LossConfig(Options):
+    """The token objective (`qtune.objectives`), combinable with any pruning method."""
+
+    loss: str = option("nll", "Token objective on the kept tokens: nll (cross-entropy), dft (NLL weighted by the "
+                       "detached token probability, DFT), prob ((1 - p^a)/a, 'Beyond Log Likelihood'; a = "
+                       "loss_alpha: 1 is -p, 10 is -p^10), top_p / bottom_p ((1 - p) on tokens with p >= or <= "
+                       "loss_threshold), top_logp / bottom_logp (-log p on those tokens).",
+                       choices=OBJECTIVES)
+    loss_alpha: float = option(1.0, "a of --loss prob.", bounds="(0, inf)")
+    loss_threshold: float = option(0.5, "q (a probability) of the thresholded objectives.", bounds="[0, 1]")
+
+
+@dataclass
 class ParallelConfig(Options):
     """Options passed unchanged to transformers' `TrainingArguments` for large and multi-GPU runs
     (launched with torchrun or accelerate launch; see docs/training.md, Multi-process)."""
@@ -510,7 +599,8 @@ class ParallelConfig(Options):
 
 
 @dataclass
-class TrainConfig(ComputeConfig, ParallelConfig, OptimConfig, PruningConfig, DataConfig, ModelConfig):
+class TrainConfig(ScorerConfig, ComputeConfig, ParallelConfig, LossConfig, OptimConfig, PruningConfig, DataConfig,
+                  ModelConfig):
     out: str = option(help="Output folder: checkpoints, step log, final model in OUT/model.", required=True)
     merge_lora: bool = option(False, "Merge LoRA adapters into the base weights when saving the final model.")
     save_steps: int = option(200, "Save a checkpoint every N optimizer steps.", bounds="[1, inf)")

@@ -188,6 +188,17 @@ def open_records(
     return _records(rows, path, None if format == "auto" else format, skip_invalid, limit, report), report
 
 
+def source_rows(path, record_ids) -> Iterator[dict]:
+    """The rows of a dataset file as they are in the file (not normalised), for the record ids
+    (`Record.sample_id`: the row's position among the file's records) in `record_ids`, in file
+    order: what a subset of the file is made of."""
+    wanted = set(record_ids)
+    with contextlib.closing(_read_rows(Path(path))) as rows:
+        for record_id, (_, row) in enumerate(rows):
+            if record_id in wanted:
+                yield row
+
+
 def _records(rows, path: Path, chosen: str | None, skip_invalid: bool, limit: int | None,
              report: LoadReport) -> Iterator[Record]:
     """open_records' iterator: normalise `rows` (of `_read_rows`) and fill `report`."""

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from .console import log
 from .errors import QTuneError
 from .models import base_model
+from .objectives import Objective
 
 HEAD_IMPLS = ("auto", "chunked", "liger", "logits")
 
@@ -164,11 +165,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     For logits z = W h + b and p = softmax(z): dCE/dz = p - onehot(target), so per chunk
     g = w * (p - onehot) gives dh = g W, dW += g^T h and db += sum g. The backward multiplies
-    them by the incoming gradient (a scalar).
+    them by the incoming gradient (a scalar). With an `objective` other than NLL the sum is of
+    w_i * f(-CE_i), and each token's gradient weight is w_i * (-f') (`qtune.objectives`).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, token_weight, chunk_tokens):
+    def forward(ctx, hidden, weight, bias, target, token_weight, chunk_tokens, objective):
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if needs_hidden else None
         # In the weight's dtype, as autograd's own gradient: addmm_ adds each chunk's product with
@@ -184,7 +186,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             log_total = torch.logsumexp(logits, dim=-1)
             token_loss = log_total - logits.gather(1, t[:, None]).squeeze(1)
             w = None if token_weight is None else token_weight[part].float()
-            total += token_loss.sum() if w is None else (token_loss * w).sum()
+            if objective is not None:
+                token_loss, slope = objective.value_and_weight(token_loss)
+                w = slope if w is None else w * slope
+                total += (token_loss if token_weight is None else token_loss * token_weight[part].float()).sum()
+            else:
+                total += token_loss.sum() if w is None else (token_loss * w).sum()
             if not (needs_hidden or needs_weight or needs_bias):
                 continue
             grad_logits = logits.sub_(log_total[:, None]).exp_()  # softmax, in the logits' memory
@@ -214,16 +221,21 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_weight = grad_weight * grad_total.to(grad_weight.dtype)
         if grad_bias is not None:
             grad_bias = (grad_bias * grad_total).to(ctx.bias_dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, target: torch.Tensor,
                          token_weight: torch.Tensor | None = None, *, chunk_tokens: int,
-                         impl: str = "chunked") -> torch.Tensor:
+                         impl: str = "chunked", objective: Objective | None = None) -> torch.Tensor:
     """Summed cross-entropy of `head(hidden)` [n, d] against `target` [n] (each weighted by
     `token_weight` when given), in float32, differentiable in the hidden states and the head's
-    parameters, without the [n x V] logits. `impl`: "chunked" or "liger" (unweighted only)."""
+    parameters, without the [n x V] logits. `impl`: "chunked" or "liger" (unweighted NLL only).
+    `objective`: another token objective than NLL (`qtune.objectives`), chunked only."""
+    if objective is not None and objective.is_nll:
+        objective = None
     if impl == "liger":
+        if objective is not None:
+            raise ValueError("the Liger loss computes NLL only")
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
         if token_weight is not None:
@@ -231,4 +243,5 @@ def linear_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, target: to
         return LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight, hidden, target, head.bias).float()
     if impl != "chunked":
         raise ValueError(f"impl must be 'chunked' or 'liger', not {impl!r}")
-    return _ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, target, token_weight, chunk_tokens)
+    return _ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, target, token_weight, chunk_tokens,
+                                            objective)

@@ -55,6 +55,15 @@ def write_jsonl(path: str | os.PathLike, rows) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def write_parquet(path: str | os.PathLike, columns: dict) -> None:
+    """A table of equal-length columns as a parquet file, written atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.table(columns), tmp)
+
+
 def disk_full_message(path: str | os.PathLike | None = None) -> str:
     where = f" while writing {path}" if path else ""
     return (f"no space left on the device{where}; free some space (or choose another --out) and run the "

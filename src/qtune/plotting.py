@@ -78,6 +78,23 @@ def _save_figure(fig, path: str | Path) -> Path:
     return path
 
 
+def plot_selection(path: str | Path, score: Sequence[float], kept: Sequence[bool], *, title: str) -> Path:
+    """Histogram of a selector's per-sample score, kept and dropped samples stacked (`qtune
+    select`); infinite scores (an undefined IFD) are left out and counted in the legend."""
+    plt = _pyplot()
+    finite = [(v, k) for v, k in zip(score, kept) if math.isfinite(v)]
+    left_out = len(score) - len(finite)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
+    values = [[v for v, k in finite if k], [v for v, k in finite if not k]]
+    ax.hist(values, bins=40, stacked=True, color=["tab:green", "tab:gray"],
+            label=[f"kept ({len(values[0])})", f"dropped ({len(values[1])})"])
+    ax.set_xlabel("score")
+    ax.set_ylabel("samples")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, title=f"{left_out} not finite, left out" if left_out else None)
+    return _save_figure(fig, path)
+
+
 def _finish_line_plot(fig, ax, path: str | Path, xlabel: str, ylabel: str, title: str) -> Path:
     """Labels, legend and grid shared by the accuracy plots, then save."""
     ax.set_xlabel(xlabel)

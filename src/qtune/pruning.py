@@ -221,16 +221,31 @@ def _lower_quantile_index(level: float, n: int) -> int:
     return max(math.ceil(level * n), 1) - 1
 
 
+def _linear_quantile(values_sorted: torch.Tensor, level: float) -> torch.Tensor:
+    """numpy.quantile's default (linear interpolation between the two nearest ranks), as the
+    authors' code computes its thresholds: position level x (n - 1) in the sorted values."""
+    position = level * (values_sorted.numel() - 1)
+    below = math.floor(position)
+    above = min(below + 1, values_sorted.numel() - 1)
+    a, b, t = values_sorted[below], values_sorted[above], position - below
+    # Interpolated from the nearer end, as numpy does, so that the thresholds agree to the bit.
+    return b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t
+
+
 class _Partition:
     """The quadrants of one batch at one quantile level `a`."""
 
-    def __init__(self, ppl, ent, ppl_sorted, ent_sorted, level: float, reference: bool):
+    def __init__(self, ppl, ent, ppl_sorted, ent_sorted, level: float, reference: bool, keep_q1: bool = False):
         n = ppl.numel()
-        low_index = _lower_quantile_index(level, n)
-        high_index = _lower_quantile_index(1 - level, n)
         self.level = level
-        self.ppl_lo, self.ppl_hi = ppl_sorted[low_index], ppl_sorted[high_index]
-        self.ent_lo, self.ent_hi = ent_sorted[low_index], ent_sorted[high_index]
+        if reference:
+            self.ppl_lo, self.ppl_hi = _linear_quantile(ppl_sorted, level), _linear_quantile(ppl_sorted, 1 - level)
+            self.ent_lo, self.ent_hi = _linear_quantile(ent_sorted, level), _linear_quantile(ent_sorted, 1 - level)
+        else:
+            low_index = _lower_quantile_index(level, n)
+            high_index = _lower_quantile_index(1 - level, n)
+            self.ppl_lo, self.ppl_hi = ppl_sorted[low_index], ppl_sorted[high_index]
+            self.ent_lo, self.ent_hi = ent_sorted[low_index], ent_sorted[high_index]
         self.low_ppl, self.low_ent = ppl <= self.ppl_lo, ent <= self.ent_lo
         self.high_ppl, self.high_ent = ppl >= self.ppl_hi, ent >= self.ent_hi
         if reference:
@@ -240,7 +255,10 @@ class _Partition:
         else:
             self.q2 = self.high_ppl & self.low_ent
             self.q4 = self.low_ppl & self.high_ent
+        self.q1 = self.high_ppl & self.high_ent
         self.member = self.q2 | self.q4
+        if keep_q1:
+            self.member = self.member | self.q1
         self.kept_count = int(self.member.sum())
 
     def quadrant(self, tilt: torch.Tensor) -> torch.Tensor:
@@ -251,10 +269,9 @@ class _Partition:
         P^ > E^); Q1 wins over Q3. Q2 and Q4 cannot overlap in reference mode.
         """
         is_q2 = self.q2 & (~self.q4 | (tilt > 0))
-        q1 = self.high_ppl & self.high_ent
         q3 = self.low_ppl & self.low_ent
         middle = torch.zeros_like(tilt, dtype=torch.int64)
-        labels = torch.where(q1, 1, torch.where(q3, 3, middle))
+        labels = torch.where(self.q1, 1, torch.where(q3, 3, middle))
         return torch.where(is_q2, 2, torch.where(self.q4, 4, labels))
 
     def thresholds(self) -> dict[str, float]:
@@ -301,7 +318,7 @@ def _search_reference(partition_at, r_sample: float, n: int, max_iter: int) -> _
 
 
 def triage(
-    ppl, ent, r_sample: float, *, max_iter: int | None = None, reference: bool = False
+    ppl, ent, r_sample: float, *, max_iter: int | None = None, reference: bool = False, keep_q1: bool = False
 ) -> TriageResult:
     """Stage 1: choose the samples of one batch to train on.
 
@@ -309,6 +326,9 @@ def triage(
     r_sample: target fraction of samples kept, in (0, 1].
     max_iter: bisection steps; default 20, or 10 with reference=True.
     reference: reproduce the authors' code (see docs/pruning.md) instead of this project's rules.
+    keep_q1: the paper's "keep Q1" ablation: Q1 (high PPL, high entropy) counts as a kept quadrant
+        beside Q2 and Q4, in the level search and in the priority, and its tokens are pruned as
+        Q2's (both are high-error samples).
 
     By default exactly max(1, floor(r_sample * N)) samples are kept: the Q2 + Q4 samples at the
     smallest shared quantile level that yields enough of them, trimmed or topped up by
@@ -339,7 +359,7 @@ def triage(
     tilt = _min_max(ppl) - _min_max(ent)  # P^ - E^: > 0 leans to Q2, < 0 to Q4
 
     def partition_at(level: float) -> _Partition:
-        return _Partition(ppl, ent, ppl_sorted, ent_sorted, level, reference)
+        return _Partition(ppl, ent, ppl_sorted, ent_sorted, level, reference, keep_q1)
 
     if reference:
         partition = _search_reference(partition_at, r_sample, n, max_iter)
@@ -363,7 +383,8 @@ def triage(
     # A fallback sample is treated as Q2 when it leans to the high-PPL side; the authors' code
     # counts a tie as Q2, this project as Q4 (all tokens kept).
     leans_q2 = tilt >= 0 if reference else tilt > 0
-    prune = kept & ((quadrant == 2) | (fallback & leans_q2))
+    high_error = (quadrant == 2) | (quadrant == 1) if keep_q1 else quadrant == 2
+    prune = kept & (high_error | (fallback & leans_q2))
     return TriageResult(
         keep=keep,
         quadrant=quadrant,
@@ -384,12 +405,26 @@ def token_perplexity(nll) -> torch.Tensor:
     return torch.exp(nll.to(torch.float32).clamp(max=NLL_CLAMP))
 
 
-def _neighbour_scores(tokppl, response_mask, lam: float, neighbor: str, edge: str) -> torch.Tensor:
+def _neighbour_scores(tokppl, response_mask, lam: float, neighbor: str, edge: str,
+                      bridge: bool = True) -> torch.Tensor:
     """s_i at response positions, +inf elsewhere (inputs already checked)."""
     batch, length = tokppl.shape
     if tokppl.numel() == 0:
         return torch.full_like(tokppl, math.inf)
     device = tokppl.device
+    if not bridge:
+        # Only the adjacent positions are neighbours, and only when they are response positions.
+        missing = torch.zeros_like(tokppl) if edge == "zero" else tokppl
+        before = torch.zeros_like(response_mask)
+        before[:, 1:] = response_mask[:, :-1]
+        after = torch.zeros_like(response_mask)
+        after[:, :-1] = response_mask[:, 1:]
+        previous_value = torch.where(before, tokppl.roll(1, dims=1), missing)
+        following_value = torch.where(after, tokppl.roll(-1, dims=1), missing)
+        neighbours = previous_value + following_value
+        if neighbor == "mean":
+            neighbours = neighbours / 2
+        return torch.where(response_mask, (1 - lam) * tokppl + lam * neighbours, math.inf)
     positions = torch.arange(length, device=device).expand(batch, length)
     # The nearest response position at or before / at or after each position; shifting by one
     # gives the previous / next response position, across any prompt or padding in between.
@@ -445,6 +480,8 @@ def prune_tokens(
     budget: str = "sample",
     rows=None,
     batch_keep: int | None = None,
+    reverse: bool = False,
+    bridge: bool = True,
 ) -> torch.Tensor:
     """Stage 2: bool mask [B, L], True where a response token keeps its loss.
 
@@ -457,6 +494,11 @@ def prune_tokens(
         of the selected rows, highest score first (ties: later row, then later position, first).
         When the excess exceeds the pool, the whole pool is removed and more than `batch_keep`
         tokens survive; a selected row can lose all its tokens. r_token is only checked.
+    reverse: the paper's "Reversed PPL" ablation: the tokens of HIGHEST score keep their loss
+        (each rule above with the scores negated; ties still by position).
+    bridge: the neighbours of a token are the previous and next RESPONSE positions, across any
+        prompt in between (default); False: the adjacent positions only, a non-response one
+        counting as missing (the authors' code: no bridging across the turns of a conversation).
     The output is False outside response_mask.
     """
     tokppl, response_mask = _token_inputs(tokppl, response_mask)
@@ -492,13 +534,17 @@ def prune_tokens(
         # a device-to-host copy of the row lengths.
         chosen = rows.nonzero().squeeze(1)
         chosen_mask = response_mask[chosen]
-        scores = _neighbour_scores(tokppl[chosen], chosen_mask, lam, neighbor, edge)
+        scores = _neighbour_scores(tokppl[chosen], chosen_mask, lam, neighbor, edge, bridge)
+        if reverse:
+            scores = torch.where(chosen_mask, -scores, math.inf)
         count_for_length = torch.tensor(_keep_counts(r_token, tokppl.shape[1]), device=tokppl.device)
         n_keep = count_for_length[chosen_mask.sum(dim=1)]
         keeps_its_loss = response_mask.clone()
         keeps_its_loss[chosen] = chosen_mask & (_rank(scores, dim=1) < n_keep[:, None])
         return keeps_its_loss
-    scores = _neighbour_scores(tokppl, response_mask, lam, neighbor, edge)
+    scores = _neighbour_scores(tokppl, response_mask, lam, neighbor, edge, bridge)
+    if reverse:
+        scores = torch.where(response_mask, -scores, math.inf)
     selected = response_mask & rows[:, None]
     excess = response_mask.sum() - batch_keep
     pooled_scores = torch.where(selected, scores, math.inf).reshape(-1)

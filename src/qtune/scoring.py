@@ -34,6 +34,9 @@ class BatchScores:
     ppl: torch.Tensor            # float32 [B]: exp(mean nll over response positions)
     ent: torch.Tensor            # float32 [B]: mean entropy over response (or attended) positions
     n_response: torch.Tensor     # int64 [B]
+    # float32 [B, L]: a reference model's token NLL, zero outside `response_mask` (only when the
+    # method needs "reference_nll" and a reference model is given: `qtune.scorer.Scorer`).
+    reference_nll: torch.Tensor | None = None
 
 
 def gold_nll_and_entropy(
@@ -48,8 +51,8 @@ def gold_nll_and_entropy(
     entropy of the softmax, in float32, `chunk_tokens` rows at a time.
 
     With z = x - max(x), e = exp(z), s = sum(e):  nll = log s - z_gold  and
-    H = -sum p log p = log s - sum(e z) / s.  A float32 chunk and `e` are the only large
-    temporaries; `overwrite=True` lets float32 `logits` serve as the chunk itself (the caller
+    H = -sum p log p = log s - sum(e z) / s.  A float32 chunk and `e` (which then holds e z) are
+    the only large temporaries; `overwrite=True` lets float32 `logits` serve as the chunk itself (the caller
     gives them up), which saves a copy.
     """
     n = gold.numel() if index is None else index.numel()
@@ -63,14 +66,14 @@ def gold_nll_and_entropy(
         else:
             x = logits[part] if in_place else logits[part].to(torch.float32, copy=True)
         x.sub_(x.amax(dim=-1, keepdim=True))
+        gold_z = x.gather(1, gold[part, None]).squeeze(1)
+        # -inf logits (a masked vocabulary) would give e*z = 0*(-inf) = nan: made finite, exp 0.
+        x.clamp_(min=torch.finfo(torch.float32).min)
         e = torch.exp(x)
         total = e.sum(dim=-1)
-        expected = torch.linalg.vecdot(e, x)
-        if torch.isnan(expected).any():
-            # -inf logits (a masked vocabulary) give e*z = 0*(-inf): make them finite and redo.
-            expected = torch.linalg.vecdot(e, x.clamp_(min=torch.finfo(torch.float32).min))
+        expected = e.mul_(x).sum(dim=-1)  # e is not needed after: e*z in place, no third block
         log_total = total.log()
-        nll[part] = log_total - x.gather(1, gold[part, None]).squeeze(1)
+        nll[part] = log_total - gold_z
         entropy[part] = log_total - expected / total
     return nll, entropy
 

@@ -1,7 +1,7 @@
 """One training step with dynamic pruning, framework-free: plain functions on a model and the
 step's micro-batches, usable from the transformers Trainer (`qtune.train`), TRL or a plain loop.
 
-    scores   = score_step(...)        no-grad pass with the current weights, if the method asks
+    scores   = scorer(model, ...)     no-grad pass (`qtune.scorer.Scorer`), if the method asks
     plan     = plan_step(...)         gather (triage_scope) -> decide -> own rows -> pack -> count
     for mb in plan.micro_batches:     as few as hold the kept rows, as many on every process
         backward(micro_batch_loss(model, mb, plan.loss_tokens, plan.world_size))
@@ -35,10 +35,12 @@ import torch.nn.functional as F
 
 from .data import IGNORE_INDEX
 from .methods import Decision, Method, Selection, response_mask_of
+from .objectives import Objective
 from .head import accepts_logits_to_keep, head_forward, linear_cross_entropy, resolve_head_impl
 from .models import base_model
 from .phases import PhaseClock
-from .scoring import BatchScores, score_batch
+from .scorer import Scorer
+from .scoring import BatchScores
 
 TRIAGE_SCOPES = ("global", "local")
 
@@ -64,7 +66,8 @@ def _to(value, device):
     """Tensors of a batch dict or BatchScores moved to `device` (for gathering: on the CPU)."""
     if isinstance(value, dict):
         return {k: v.to(device) if torch.is_tensor(v) else v for k, v in value.items()}
-    return BatchScores(**{k: getattr(value, k).to(device) for k in BatchScores.__dataclass_fields__})
+    return BatchScores(**{k: None if getattr(value, k) is None else getattr(value, k).to(device)
+                          for k in BatchScores.__dataclass_fields__})
 
 
 @dataclass
@@ -87,19 +90,6 @@ class StepPlan:
     decision: Decision
     record: dict
     nonfinite: str | None = None
-
-
-@torch.no_grad()
-def score_step(model, batches: list[dict], method: Method, *, chunk_tokens: int = 128,
-               head_impl: str = "auto", score=score_batch) -> list[BatchScores]:
-    """The method's scores for each micro-batch, from a no-grad pass in eval mode (no dropout)."""
-    was_training = model.training
-    model.eval()
-    try:
-        return [score(model, b["input_ids"], b["attention_mask"], b["labels"], entropy_over=method.entropy_over,
-                      chunk_tokens=chunk_tokens, head_impl=head_impl) for b in batches]
-    finally:
-        model.train(was_training)
 
 
 def _nonfinite(bad: int, total: int) -> str | None:
@@ -319,11 +309,13 @@ def plan_step(batches: list[dict], scores: list[BatchScores] | None, method: Met
 
 
 def micro_batch_loss(model, micro_batch: dict, loss_tokens, world_size: int = 1, *, unwrapped=None,
-                     return_outputs: bool = False, head_impl: str = "auto", chunk_tokens: int = 128):
+                     return_outputs: bool = False, head_impl: str = "auto", chunk_tokens: int = 128,
+                     objective: Objective | None = None):
     """This process's share of the step's loss on one packed micro-batch: sum of (weighted) token
     cross-entropies / the step's kept tokens over every process, times the world size (see the
     module's rules). `unwrapped`: the model inside a DDP/FSDP wrapper, to see which arguments it
-    takes.
+    takes. `objective`: a token objective in place of cross-entropy (`qtune.objectives`; None or
+    "nll": cross-entropy).
 
     Only positions that predict a kept label reach the output projection (prompt, padding and
     pruned tokens cost none). `head_impl` (see `qtune.head`): "chunked" computes the loss and
@@ -343,7 +335,9 @@ def micro_batch_loss(model, micro_batch: dict, loss_tokens, world_size: int = 1,
     else:
         inputs["attention_mask"] = micro_batch["attention_mask"]
     target = unwrapped if unwrapped is not None else model
-    impl = resolve_head_impl(target, head_impl, weighted=weights is not None)
+    if objective is not None and objective.is_nll:
+        objective = None
+    impl = resolve_head_impl(target, head_impl, weighted=weights is not None or objective is not None)
     split = None
     if accepts_logits_to_keep(target):
         predicting = torch.zeros_like(labels, dtype=torch.bool)
@@ -351,18 +345,21 @@ def micro_batch_loss(model, micro_batch: dict, loss_tokens, world_size: int = 1,
         split = head_forward(model, inputs, predicting) if impl != "logits" else None
         if split is not None:
             outputs, hidden, head = split
-            loss = linear_cross_entropy(hidden, head, targets, weights, chunk_tokens=chunk_tokens, impl=impl)
+            loss = linear_cross_entropy(hidden, head, targets, weights, chunk_tokens=chunk_tokens, impl=impl,
+                                        objective=objective)
         else:
             outputs = model(**inputs, logits_to_keep=predicting)
             logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])
     else:
         outputs = model(**inputs)
         logits = outputs.logits[:, :-1][targets_mask]
-    if split is None:
-        if weights is None:
-            loss = F.cross_entropy(logits.float(), targets, reduction="sum")
-        else:
-            loss = (F.cross_entropy(logits.float(), targets, reduction="none") * weights).sum()
+    if split is None and objective is None and weights is None:
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+    elif split is None:
+        token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
+        if objective is not None:
+            token_loss = objective(-token_loss)
+        loss = token_loss.sum() if weights is None else (token_loss * weights).sum()
     loss = loss / loss_tokens * world_size
     return (loss, outputs) if return_outputs else loss
 
@@ -389,19 +386,23 @@ def reduce_sum(value: torch.Tensor) -> torch.Tensor:
 
 def train_step(model, batches: list[dict], method: Method, step: int, total_steps: int, *, pad_token_id: int,
                triage_scope: str = "global", chunk_tokens: int = 128, head_impl: str = "auto",
-               clock: PhaseClock | None = None, kept_row_layout: str = "auto") -> tuple[StepPlan, float]:
+               clock: PhaseClock | None = None, kept_row_layout: str = "auto",
+               scorer: Scorer | None = None, objective: Objective | None = None) -> tuple[StepPlan, float]:
     """Score, decide, and run forward and backward over this process's kept rows; returns the plan
     and the step's loss (mean over every kept token of every process). The caller then clips,
     steps the optimizer and zeroes the gradients. `model` may be wrapped in DDP: gradients are
     then reduced at the last micro-batch only. `chunk_tokens`, `head_impl`: see `qtune.head`.
     `clock` receives the phases' seconds (`qtune.phases`): score, select, pack, forward, backward.
-    `kept_row_layout`: see `concatenates_kept_rows`."""
+    `kept_row_layout`: see `concatenates_kept_rows`. `scorer`: where the scores come from
+    (default: the model itself, every layer, every visit). `objective`: the token objective
+    (`qtune.objectives`; default cross-entropy)."""
     clock = clock or PhaseClock()
+    scorer = scorer or Scorer(chunk_tokens=chunk_tokens, head_impl=head_impl)
     unwrapped = getattr(model, "module", model)  # the no-grad pass needs no DDP wrapper
     scores = None
     if method.needs_scores_at(step, total_steps):
         with clock.phase("score"):
-            scores = score_step(unwrapped, batches, method, chunk_tokens=chunk_tokens, head_impl=head_impl)
+            scores = scorer(unwrapped, batches, method.entropy_over)
     plan = plan_step(batches, scores, method, step, pad_token_id=pad_token_id, triage_scope=triage_scope,
                      clock=clock, concatenate=concatenates_kept_rows(unwrapped, kept_row_layout))
     total = torch.zeros((), device=batches[0]["input_ids"].device)
@@ -410,7 +411,8 @@ def train_step(model, batches: list[dict], method: Method, step: int, total_step
         with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
             with clock.phase("forward"):
                 loss = micro_batch_loss(model, micro_batch, plan.loss_tokens, plan.world_size,
-                                        unwrapped=unwrapped, head_impl=head_impl, chunk_tokens=chunk_tokens)
+                                        unwrapped=unwrapped, head_impl=head_impl, chunk_tokens=chunk_tokens,
+                                        objective=objective)
             with clock.phase("backward"):
                 loss.backward()
         total += loss.detach()

@@ -44,12 +44,13 @@ from .data import collate, require_pad_token
 from .errors import QTuneError
 from .io import claim_output_dir, write_json, write_text
 from .methods import Method, build_method
+from .objectives import Objective
 from .models import check_vocabulary, load_model, load_tokenizer, resolve_device, resolve_dtype
 from .phases import PhaseClock
 from .samples import load_samples
-from .scoring import score_batch
+from .scorer import DriftMeter, Scorer, build_scorer
 from .step import (concatenates_kept_rows, gather, loss_token_count, micro_batch_loss, pack_kept, placeholder_row,
-                   plan_step, reduce_sum, score_step, world)
+                   plan_step, reduce_sum, world)
 
 __all__ = ["QTuneTrainer", "pack_kept", "read_step_log", "run_train", "summarize_run"]
 
@@ -90,6 +91,7 @@ class QTuneTrainer(Trainer):
 
     def __init__(self, *args, method: Method, pad_token_id: int, triage_scope: str = "global",
                  chunk_tokens: int = 128, head_impl: str = "auto", kept_row_layout: str = "auto",
+                 scorer: Scorer | None = None, objective: Objective | None = None,
                  step_log: str | Path | None = None, nonfinite: str = "stop",
                  keep_checkpoints: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -99,6 +101,8 @@ class QTuneTrainer(Trainer):
         self.chunk_tokens = chunk_tokens
         self.head_impl = head_impl
         self.kept_row_layout = kept_row_layout
+        self.scorer = scorer or Scorer(chunk_tokens=chunk_tokens, head_impl=head_impl)
+        self.objective = objective
         self.step_log = Path(step_log) if step_log else Path(self.args.output_dir) / STEP_LOG
         self.nonfinite = nonfinite
         self.keep_checkpoints = keep_checkpoints
@@ -110,6 +114,7 @@ class QTuneTrainer(Trainer):
         # compute_loss divides by the step's kept-token count: already scaled for accumulation.
         self.loss_is_scaled_for_ga = True
         self.add_callback(_StepRecorder(self))
+        self.add_callback(_DriftRecorder(self))
 
     def _get_train_sampler(self, train_dataset=None):
         """Length-grouped order over the global batch of a step (micro-batch x accumulation x
@@ -135,12 +140,11 @@ class QTuneTrainer(Trainer):
         batches = [self._prepare_inputs(b) for b in batches]
         step = self.state.global_step
         scores = None
+        reused = self.scorer.reused
         self.clock = PhaseClock(batches[0]["input_ids"].device)
         if self.method.needs_scores_at(step, self.state.max_steps):
             with self.clock.phase("score"):
-                # score_batch is read here, not bound at import, so that a test can replace it.
-                scores = score_step(self.model, batches, self.method, chunk_tokens=self.chunk_tokens,
-                                    head_impl=self.head_impl, score=score_batch)
+                scores = self.scorer(self.model, batches, self.method.entropy_over)
         plan = plan_step(batches, scores, self.method, step, pad_token_id=self.pad_token_id,
                          triage_scope=self.triage_scope, clock=self.clock,
                          concatenate=concatenates_kept_rows(self.model, self.kept_row_layout))
@@ -152,6 +156,9 @@ class QTuneTrainer(Trainer):
             "skipped": plan.nonfinite is not None,
             "_selected_at": time.perf_counter(),
         }
+        if self.scorer.rescore_drift:
+            self.step_record["reused_scores"] = self.scorer.reused - reused
+            self.step_record["weights_path"] = self.scorer.path / self.scorer.weight_norm if self.scorer.path else 0.0
         self._step_loss = torch.zeros((), device=self.args.device)
         # The Trainer counts micro-batches to find the step's end: the kept rows' micro-batches come
         # last (the last one synchronises gradients), after markers that training_step skips.
@@ -263,9 +270,9 @@ class QTuneTrainer(Trainer):
         if num_items_in_batch is None:
             num_items_in_batch = max(loss_token_count([inputs]), 1)
         with self.clock.phase("forward") if model.training else contextlib.nullcontext():
-                return micro_batch_loss(model, inputs, num_items_in_batch, world()[1],
+            return micro_batch_loss(model, inputs, num_items_in_batch, world()[1],
                                     unwrapped=self.accelerator.unwrap_model(model), return_outputs=return_outputs,
-                                    head_impl=self.head_impl, chunk_tokens=self.chunk_tokens)
+                                    head_impl=self.head_impl, chunk_tokens=self.chunk_tokens, objective=self.objective)
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         """Add the pruning statistics since the last log to the Trainer's logs (tensorboard, ...)."""
@@ -317,6 +324,24 @@ class _StepRecorder(TrainerCallback):
                 f.write(json.dumps(record) + "\n")
         self.trainer._since_log.append(record)
         self.trainer.step_record = {}
+
+
+class _DriftRecorder(TrainerCallback):
+    """Tells the scorer how far each optimizer step moved the weights, when it reuses scores
+    (`rescore_drift`)."""
+
+    def __init__(self, trainer: QTuneTrainer):
+        # FSDP holds a shard of the weights on each process: the norms are summed over processes.
+        self.meter = DriftMeter(reduce_sum if trainer.is_fsdp_enabled else lambda t: t)
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.trainer.scorer.rescore_drift:
+            self.meter.before(self.trainer.model)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.trainer.scorer.rescore_drift:
+            self.trainer.scorer.moved(*self.meter.after(self.trainer.model))
 
 
 class _PruningProgress(ProgressCallback):
@@ -541,6 +566,9 @@ def _train(cfg: TrainConfig, out: Path, args: TrainingArguments, resume_from: Pa
         chunk_tokens=cfg.chunk_tokens,
         head_impl=cfg.head_impl,
         kept_row_layout=cfg.kept_row_layout,
+        scorer=build_scorer(cfg, tokenizer, args.device, needs=method.needs, dtype=cfg.dtype,
+                            trust_remote_code=cfg.trust_remote_code),
+        objective=Objective(cfg.loss, alpha=cfg.loss_alpha, threshold=cfg.loss_threshold),
         step_log=step_log,
         nonfinite=cfg.nonfinite,
         keep_checkpoints=cfg.save_total_limit,

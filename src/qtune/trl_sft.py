@@ -14,8 +14,9 @@ The positions TRL gives a label (not -100) are the response tokens that qtune sc
 so prompt and non-assistant tokens never receive loss. The pruning hooks are `QTuneTrainer`'s,
 reached by cooperative inheritance: `QTuneTrainer` comes first in the MRO and forwards the
 constructor's arguments to `SFTTrainer`, whose own `super()` calls reach `transformers.Trainer`.
-The loss is qtune's (mean over the kept tokens of the whole step), so TRL's `loss_type="dft"`,
-label smoothing and its entropy/token-accuracy metrics do not apply to training.
+The loss is qtune's (mean over the kept tokens of the whole step), so label smoothing and TRL's
+entropy/token-accuracy metrics do not apply to training, and TRL's `loss_type="dft"` is refused
+in favour of qtune's `loss="dft"` (`qtune.objectives`), which applies to the kept tokens.
 
 Samples need no `sample_id` column: each row of `train_dataset` gets its index as its id before
 TRL prepares it (a `sample_id` column of the user's is kept), so the step log names the same
@@ -35,16 +36,19 @@ import typing
 import torch
 import trl
 
-from .config import ComputeConfig, PruningConfig
+from .config import ComputeConfig, LossConfig, PruningConfig, ScorerConfig
 from .data import require_pad_token
 from .errors import QTuneError
 from .methods import build_method
+from .objectives import Objective
+from .scorer import build_scorer
 from .train import QTuneTrainer
 
 
 @dataclasses.dataclass
-class _QTuneOptions(ComputeConfig, PruningConfig):
-    """The options qtune adds to an SFTConfig: the pruning method and the output-projection path."""
+class _QTuneOptions(ScorerConfig, ComputeConfig, LossConfig, PruningConfig):
+    """The options qtune adds to an SFTConfig: the pruning method, the output-projection path, the
+    scores' source and the token objective."""
 
 
 def _check_qtune_fields(config) -> None:
@@ -81,8 +85,10 @@ QTuneSFTConfig = dataclasses.make_dataclass(
     namespace={
         "__module__": __name__,  # the Trainer pickles its args into checkpoints
         "__doc__": "`trl.SFTConfig` plus qtune's pruning options (`qtune.config.PruningConfig`: method, "
-                   "r_sample, r_token, lam, ...) and output-projection options (`qtune.config.ComputeConfig`: "
-                   "head_impl, chunk_tokens), checked as qtune checks them.",
+                   "r_sample, r_token, lam, ...), output-projection options (`qtune.config.ComputeConfig`: "
+                   "head_impl, chunk_tokens) and the scores' source (`qtune.config.ScorerConfig`: score_layers, "
+                   "score_model, rescore_drift) and the token objective (`qtune.config.LossConfig`: loss, "
+                   "loss_alpha, loss_threshold), checked as qtune checks them.",
         "__post_init__": _check_qtune_fields,
     },
 )
@@ -135,6 +141,9 @@ class QTuneSFTTrainer(QTuneTrainer, trl.SFTTrainer):
         if args.packing:
             raise QTuneError("QTuneSFTTrainer does not support packing=True: a packed row mixes samples, which "
                              "sample pruning cannot separate; set packing=False")
+        if args.loss_type != "nll":
+            raise QTuneError(f"QTuneSFTTrainer computes its own loss on the kept tokens: set loss={args.loss_type!r} "
+                             f"(qtune's token objective) instead of loss_type={args.loss_type!r}")
         if args.padding_free:
             raise QTuneError("QTuneSFTTrainer does not support padding_free=True: pruning selects rows of a "
                              "padded batch; set padding_free=False")
@@ -158,6 +167,9 @@ class QTuneSFTTrainer(QTuneTrainer, trl.SFTTrainer):
         self.pad_token_id = getattr(self.data_collator, "pad_token_id", None)
         if self.pad_token_id is None:
             self.pad_token_id = require_pad_token(getattr(self.processing_class, "tokenizer", self.processing_class))
+        self.objective = Objective(args.loss, alpha=args.loss_alpha, threshold=args.loss_threshold)
+        self.scorer = build_scorer(args, getattr(self.processing_class, "tokenizer", self.processing_class),
+                                   self.args.device, needs=method.needs, dtype="bfloat16" if args.bf16 else "float32")
         self.data_collator = _CollateWithIds(self.data_collator)
 
     def _set_signature_columns_if_needed(self):

@@ -12,7 +12,7 @@ import torch
 from .config import EvalConfig, EvalRunConfig, ScoreConfig
 from .console import log
 from .data import load_records, record_id_of, require_pad_token
-from .io import atomic_path, claim_output_dir, write_json, write_text
+from .io import claim_output_dir, write_json, write_parquet, write_text
 from .models import check_vocabulary, load_model, load_tokenizer
 from .pruning import QUADRANT_NAMES, triage
 from .report import category_quadrant_table, format_table, score_summary
@@ -26,13 +26,20 @@ def run_score(cfg: ScoreConfig) -> dict:
         return _score(cfg, Path(cfg.out))
 
 
-def _score(cfg: ScoreConfig, out: Path) -> dict:
-    """run_score's work, in its claimed folder."""
+def load_for_scoring(cfg):
+    """(tokenizer, its pad id, records, tokenized samples, model) of a config with model and data
+    fields: what a command that scores a dataset starts from."""
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code, pad_token=cfg.pad_token)
     pad_id = require_pad_token(tokenizer)
     records, samples = load_samples(cfg, tokenizer)
     model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
     check_vocabulary(model, tokenizer, cfg.model)
+    return tokenizer, pad_id, records, samples, model
+
+
+def _score(cfg: ScoreConfig, out: Path) -> dict:
+    """run_score's work, in its claimed folder."""
+    _, pad_id, records, samples, model = load_for_scoring(cfg)
     log(f"scoring {len(samples)} samples with {cfg.model} on {model.device} ({model.dtype})")
     scores = score_dataset(
         model, samples, pad_token_id=pad_id, batch_size=cfg.batch_size,
@@ -60,7 +67,7 @@ def _score(cfg: ScoreConfig, out: Path) -> dict:
     if cfg.per_token:
         columns["token_nll"] = scores.token_nll
         columns["token_entropy"] = scores.token_entropy
-    _write_parquet(out / "scores.parquet", columns)
+    write_parquet(out / "scores.parquet", columns)
 
     summary = score_summary(scores.ppl, scores.ent, quadrant, cfg.r_sample)
     if categories is not None:
@@ -88,14 +95,6 @@ def _score(cfg: ScoreConfig, out: Path) -> dict:
     print(summary)
     log(f"wrote {out / 'scores.parquet'}, {out / 'summary.md'}" + (f", {out / 'eu_plane.png'}" if cfg.plot else ""))
     return result
-
-
-def _write_parquet(path: Path, columns: dict) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    with atomic_path(path) as tmp:
-        pq.write_table(pa.table(columns), tmp)
 
 
 def corpus_perplexity(model, samples: list[dict], pad_token_id: int, batch_size: int) -> dict:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import ComputeConfig, OptimConfig, TokenPruningConfig, check_device, option
+from ..config import (ComputeConfig, LossConfig, OptimConfig, QTuningAblationConfig, ScorerConfig, TokenPruningConfig,
+                      check_device, option)
 from ..errors import QTuneError
 
 DEFAULT_BUDGETS = "0.125x0.5,0.125x0.7,0.25x0.5,0.25x0.7,0.5x0.5,0.5x0.7"
@@ -25,7 +26,7 @@ DEFAULT_TESTBED = "data-starved"
 
 
 @dataclass
-class BenchConfig(ComputeConfig, OptimConfig, TokenPruningConfig):
+class BenchConfig(ScorerConfig, ComputeConfig, LossConfig, OptimConfig, QTuningAblationConfig, TokenPruningConfig):
     """Options of `qtune bench`. Training and evaluation options are passed to every cell."""
 
     out: str = option("runs/bench", "Output folder: cells/, results.jsonl, results.md, results.csv, plots/, "

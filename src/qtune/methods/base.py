@@ -34,8 +34,9 @@ import torch
 from ..config import METHOD_NAMES, FullConfig
 from ..scoring import BatchScores, DatasetScores, response_positions
 
-#: The scores a method may ask the step for (`Method.needs`).
-SCORES = frozenset({"nll", "entropy"})
+#: The scores a method may ask the step for (`Method.needs`): the current model's token NLL and
+#: entropy, and a reference model's token NLL (`--reference-model`).
+SCORES = frozenset({"nll", "entropy", "reference_nll"})
 
 
 @dataclass

@@ -1,0 +1,203 @@
+"""Where a step's scores come from, and how much they cost.
+
+The paper scores every sample of every batch with the full model being trained. `Scorer` does
+that by default and offers three cheaper sources (issue 13, "below the bound"), each measured for
+speed and testbed accuracy in docs/performance.md:
+
+- `layers=N`: an early exit. The model being trained runs only its first N decoder layers, then
+  its own final norm and output projection. Every weight is shared, so the scores follow
+  training, and the body costs about N/L of a full scoring pass.
+- `proxy=model`: a separate frozen model that uses the same tokenizer (a smaller sibling, or the
+  base model). Its scores do not follow training.
+- `rescore_drift=d`: a sample's scores from its previous visit are reused while the weights have
+  moved less than `d` since then. "Moved" is the path length of the updates, the sum of
+  ||theta_{t+1} - theta_t|| over the optimizer steps since the visit, divided by ||theta|| now.
+  The path is at least the distance, so the test is conservative. `DriftMeter` measures it
+  around each optimizer step, at the cost of one copy of the trainable weights.
+
+A `reference` model (Rho-1's, `--reference-model`) adds its token NLL to the scores
+(`BatchScores.reference_nll`) for the methods that need it; it is frozen and never truncated.
+
+A reused sample keeps its token scores as well as its sample scores, so token pruning sees what
+it saw then. Each process keeps its own cache: under several processes a sample's scores are
+reused only when it comes back to the same process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .errors import QTuneError
+from .models import base_model, check_vocabulary, load_model
+from .scoring import BatchScores, score_batch
+
+
+def decoder_layers(model) -> tuple[torch.nn.Module, torch.nn.ModuleList]:
+    """(the module holding the decoder layers, the layers) of a transformers decoder, through DDP
+    and PEFT wrappers; QTuneError when it has no `layers` list (Llama, Qwen2, Mistral, Gemma,
+    Phi-3 and most decoders have one)."""
+    model = base_model(model)
+    body = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    layers = getattr(body, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise QTuneError(f"score_layers needs a decoder whose blocks are a `layers` list (Llama, Qwen2, Mistral, "
+                         f"...); {type(model).__name__} has none: score with every layer (score_layers=0)")
+    return body, layers
+
+
+@contextlib.contextmanager
+def first_layers(model, n: int):
+    """Inside the block, `model` runs only its first `n` decoder layers, then its final norm and
+    head (the weights are the model's own: nothing is copied). 0 leaves the model whole."""
+    if n == 0:
+        yield model
+        return
+    body, layers = decoder_layers(model)
+    if n >= len(layers):
+        raise QTuneError(f"score_layers={n} but the model has {len(layers)} decoder layers: pick fewer, or 0 "
+                         "for every layer")
+    body.layers = layers[:n]
+    try:
+        yield model
+    finally:
+        body.layers = layers
+
+
+def _rows(batch: dict, rows: torch.Tensor) -> dict:
+    return {k: batch[k][rows] for k in ("input_ids", "attention_mask", "labels")}
+
+
+class Scorer:
+    """The scores of each micro-batch of a step (see the module doc for the sources).
+
+    chunk_tokens, head_impl: as `qtune.score_batch`. layers: decoder layers of the early exit (0:
+    all). proxy: a frozen model that scores in place of the trained one (None: the trained one).
+    rescore_drift: reuse a visit's scores while the weights have moved less than this (0: never);
+    needs a `DriftMeter` to report each optimizer step through `moved`. reference: a frozen model
+    whose token NLL is added as `reference_nll` (None: not computed).
+    """
+
+    def __init__(self, *, chunk_tokens: int = 128, head_impl: str = "auto", layers: int = 0, proxy=None,
+                 rescore_drift: float = 0.0, reference=None):
+        if layers < 0 or rescore_drift < 0:
+            raise ValueError("layers and rescore_drift must be >= 0")
+        self.chunk_tokens = chunk_tokens
+        self.head_impl = head_impl
+        self.layers = layers
+        self.proxy = proxy
+        self.rescore_drift = rescore_drift
+        self.reference = reference
+        self.path = 0.0       # summed update norms so far
+        self.weight_norm = 0.0  # nothing is fresh before the first measured step
+        # sample id -> (path when scored, its row's tensors up to its last attended position)
+        self._cache: dict[int, tuple[float, dict]] = {}
+        self.reused = 0       # samples whose scores came from the cache, over the run
+        self.scored = 0       # samples scored afresh
+
+    def moved(self, step_norm: float, weight_norm: float) -> None:
+        """One optimizer step moved the weights by `step_norm`; they now have norm `weight_norm`."""
+        self.path += step_norm
+        self.weight_norm = weight_norm
+
+    def _fresh(self, sample_id: int) -> bool:
+        hit = self._cache.get(sample_id)
+        return hit is not None and self.path - hit[0] < self.rescore_drift * self.weight_norm
+
+    @torch.no_grad()
+    def __call__(self, model, batches: list[dict], entropy_over: str = "response") -> list[BatchScores]:
+        """Scores of each of `batches` (no-grad, eval mode: no dropout), with `model` or the proxy."""
+        scoring = self.proxy if self.proxy is not None else getattr(model, "module", model)
+        was_training = scoring.training
+        scoring.eval()
+        try:
+            with first_layers(scoring, self.layers):
+                return [self._score(scoring, b, entropy_over) for b in batches]
+        finally:
+            scoring.train(was_training)
+
+    def _score_rows(self, model, batch: dict, entropy_over: str) -> BatchScores:
+        def score(scoring):
+            return score_batch(scoring, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                               entropy_over=entropy_over, chunk_tokens=self.chunk_tokens, head_impl=self.head_impl)
+
+        scores = score(model)
+        if self.reference is not None:
+            scores.reference_nll = score(self.reference.eval()).nll
+        return scores
+
+    def _score(self, model, batch: dict, entropy_over: str) -> BatchScores:
+        if not self.rescore_drift:
+            scores = self._score_rows(model, batch, entropy_over)
+            self.scored += len(scores.ppl)
+            return scores
+        ids = batch["sample_id"].tolist()
+        stale = [i for i, sid in enumerate(ids) if not self._fresh(sid)]
+        width = batch["input_ids"].shape[1]
+        fields = [k for k in BatchScores.__dataclass_fields__ if k != "reference_nll" or self.reference is not None]
+        out = {k: [None] * len(ids) for k in fields}
+        if stale:
+            rows = torch.tensor(stale, device=batch["input_ids"].device)
+            new = self._score_rows(model, _rows(batch, rows), entropy_over)
+            for j, i in enumerate(stale):
+                kept = int(batch["attention_mask"][i].nonzero().max()) + 1 if batch["attention_mask"][i].any() else 0
+                row = {k: getattr(new, k)[j] for k in fields}
+                row = {k: v[:kept].clone() if v.dim() else v.clone() for k, v in row.items()}
+                self._cache[ids[i]] = (self.path, row)
+        self.scored += len(stale)
+        self.reused += len(ids) - len(stale)
+        for i, sid in enumerate(ids):
+            for key, value in self._cache[sid][1].items():
+                if value.dim():  # token tensors: padded back to this micro-batch's width with zeros
+                    value = torch.nn.functional.pad(value, (0, width - value.numel()))
+                out[key][i] = value
+        return BatchScores(**{k: torch.stack(v) for k, v in out.items()})
+
+
+class DriftMeter:
+    """How far one optimizer step moves the trainable weights: `before()` keeps a copy, `after()`
+    returns (||theta_new - theta_old||, ||theta_new||), summed over every process when the
+    weights are sharded (`reduce` sums a tensor over processes)."""
+
+    def __init__(self, reduce=lambda t: t):
+        self.reduce = reduce
+        self._copy: list[torch.Tensor] | None = None
+
+    def before(self, model) -> None:
+        self._copy = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+    def after(self, model) -> tuple[float, float]:
+        params = [p.detach() for p in model.parameters() if p.requires_grad]
+        if self._copy is None or len(params) != len(self._copy):
+            raise RuntimeError("DriftMeter.after without a matching before")
+        device = params[0].device
+        sums = torch.zeros(2, dtype=torch.float64, device=device)
+        for new, old in zip(params, self._copy):
+            sums[0] += (new.double() - old.double()).pow(2).sum()
+            sums[1] += new.double().pow(2).sum()
+        self._copy = None
+        step, norm = self.reduce(sums).sqrt().tolist()
+        return step, norm
+
+
+def _frozen(path: str, tokenizer, device, dtype: str, trust_remote_code: bool):
+    model = load_model(path, dtype=dtype, device=str(device), trust_remote_code=trust_remote_code)
+    check_vocabulary(model, tokenizer, path)
+    return model.requires_grad_(False)
+
+
+def build_scorer(cfg, tokenizer, device, *, needs=frozenset(), dtype: str = "auto",
+                 trust_remote_code: bool = False) -> Scorer:
+    """The `Scorer` of a config with `qtune.config.ScorerConfig` and `ComputeConfig` fields, for a
+    method that `needs` these scores; loads `cfg.score_model` and, when "reference_nll" is needed,
+    `cfg.reference_model` (frozen, on `device`), and checks that `tokenizer` fits them."""
+    proxy = _frozen(cfg.score_model, tokenizer, device, dtype, trust_remote_code) if cfg.score_model else None
+    reference = None
+    if "reference_nll" in needs:
+        if not getattr(cfg, "reference_model", None):
+            raise QTuneError(f"method {cfg.method!r} needs a reference model's token losses: give --reference-model "
+                             "(a model with the same tokenizer, e.g. the base model fine-tuned on a small clean subset)")
+        reference = _frozen(cfg.reference_model, tokenizer, device, dtype, trust_remote_code)
+    return Scorer(chunk_tokens=cfg.chunk_tokens, head_impl=cfg.head_impl, layers=cfg.score_layers, proxy=proxy,
+                  rescore_drift=cfg.rescore_drift, reference=reference)

@@ -1,0 +1,106 @@
+"""`qtune select` as a Python function: static data selection, `run_select(SelectConfig(...))`.
+
+One scoring pass of the whole dataset with the given model (`qtune.scoring.score_dataset`; the
+`ifd` selector scores the responses alone too), then the selector (`qtune.selectors`, or a
+method's `select_dataset`) chooses the samples. Written atomically into OUT:
+
+- selected.jsonl: the chosen records' rows as they are in the input (same fields, so `qtune
+  train` or any trainer reads them with the same --format), in input order; a record whose
+  conversation is split per assistant turn is written when any of its samples is chosen;
+- scores.parquet: per sample its id, record id, PPL, entropy, the selector's score, kept;
+- summary.json: selector, direction, ratio, counts, the selector's statistics, seconds, machine;
+- selection.png: the selector's score, histogram of kept and dropped samples (with --plot).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .config import STATIC_METHODS, SelectConfig, TrainConfig
+from .console import log
+from .data import record_id_of, source_rows
+from .io import claim_output_dir, write_json, write_jsonl, write_parquet
+from .scoring import IGNORE_INDEX, score_dataset
+from .selectors import SELECTORS, StaticChoice
+from .workflows import load_for_scoring
+
+
+def run_select(cfg: SelectConfig) -> dict:
+    """Score a dataset, choose a subset with `cfg.selector` and write it (see the module doc)."""
+    with claim_output_dir(cfg.out, "qtune select"):
+        return _select(cfg, Path(cfg.out))
+
+
+def answer_only(samples, bos_token_id: int | None) -> list[dict]:
+    """Each sample's response tokens alone (after BOS when there is one), every one a label: the
+    answer without its instruction, for s(A) of the IFD."""
+    out = []
+    for i in range(len(samples)):
+        sample = samples[i]
+        ids, labels = list(sample["input_ids"]), list(sample["labels"])
+        response = [t for t, label in zip(ids, labels) if label != IGNORE_INDEX]
+        start = [bos_token_id] if bos_token_id is not None else []
+        ids = start + response
+        out.append({"input_ids": ids, "attention_mask": [1] * len(ids),
+                    "labels": [IGNORE_INDEX] * len(start) + response, "sample_id": sample["sample_id"]})
+    return out
+
+
+def _method_choice(cfg: SelectConfig, scores) -> StaticChoice:
+    from .methods import build_method
+
+    method = build_method(cfg.selector, TrainConfig(model=cfg.model, data=cfg.data, out=cfg.out, method=cfg.selector,
+                                                    r_sample=cfg.ratio, seed=cfg.seed))
+    chosen = method.select_dataset(scores)
+    direction = {"full": "every sample", "random": "a uniform draw", "qtuning": "Q2 + Q4 of a dataset-wide triage"}
+    return StaticChoice(list(chosen.sample_ids), None, direction[cfg.selector])
+
+
+def _select(cfg: SelectConfig, out: Path) -> dict:
+    tokenizer, pad_id, records, samples, model = load_for_scoring(cfg)
+    log(f"scoring {len(samples)} samples with {cfg.model} on {model.device} for the {cfg.selector} selector")
+    score = dict(pad_token_id=pad_id, batch_size=cfg.batch_size, chunk_tokens=cfg.chunk_tokens,
+                 head_impl=cfg.head_impl)
+    scores = score_dataset(model, samples, per_token=cfg.selector == "qtuning", **score)
+    seconds = scores.seconds
+    if cfg.selector in STATIC_METHODS:
+        choice = _method_choice(cfg, scores)
+    else:
+        selector = SELECTORS[cfg.selector]()
+        answers = None
+        if getattr(selector, "needs_answer_scores", False):
+            log("scoring the answers without their instructions")
+            answers = score_dataset(model, answer_only(samples, tokenizer.bos_token_id), **score)
+            seconds += answers.seconds
+        choice = selector.choose(cfg, scores, answers)
+
+    kept = set(choice.kept)
+    kept_records = sorted({record_id_of(s) for s in kept})
+    write_jsonl(out / "selected.jsonl", source_rows(cfg.data, kept_records))
+    columns = {"sample_id": scores.sample_id, "record_id": [record_id_of(s) for s in scores.sample_id],
+               "ppl": scores.ppl, "entropy": scores.ent, "kept": [s in kept for s in scores.sample_id]}
+    if choice.score is not None:
+        columns["score"] = [float(v) for v in choice.score]
+    write_parquet(out / "scores.parquet", columns)
+    summary = {
+        "selector": cfg.selector, "direction": choice.direction, "ratio": cfg.ratio,
+        "n_samples": len(scores.sample_id), "n_kept": len(kept), "n_records": len(records),
+        "n_records_kept": len(kept_records), "kept_fraction": len(kept) / len(scores.sample_id),
+        "stats": choice.stats, "scoring_seconds": seconds, "config": asdict(cfg),
+        "machine": f"{platform.machine()}, torch {torch.__version__}",
+    }
+    write_json(out / "summary.json", summary)
+    if cfg.plot and choice.score is not None:
+        from .plotting import plot_selection
+
+        plot_selection(out / "selection.png", choice.score, columns["kept"],
+                       title=f"{cfg.selector} ({choice.direction}): {len(kept)} of {len(scores.sample_id)} kept")
+    print(json.dumps({k: summary[k] for k in ("selector", "direction", "n_samples", "n_kept", "n_records_kept")}))
+    log(f"wrote {out / 'selected.jsonl'} ({len(kept_records)} records), {out / 'scores.parquet'}, "
+        f"{out / 'summary.json'}")
+    return summary

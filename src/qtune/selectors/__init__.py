@@ -1,0 +1,46 @@
+"""Static selectors for `qtune select`: one file per selector, registered by name.
+
+A selector sees the whole dataset's scores once (no training) and returns a `StaticChoice`: the
+kept sample ids, one score per sample (what it ranks by, written to scores.parquet) and which
+direction it keeps. Besides the selectors registered here, every pruning method with a static
+selection (`Method.select_dataset`: `full`, `random`, `qtuning`) can be named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SELECTORS: dict[str, type] = {}
+
+
+@dataclass
+class StaticChoice:
+    """kept: the kept sample ids; score: the per-sample value ranked (in `scores.sample_id` order;
+    None when the selector ranks nothing); direction: what it keeps, in words; stats: numbers for
+    the summary."""
+
+    kept: list[int]
+    score: list[float] | None
+    direction: str
+    stats: dict = field(default_factory=dict)
+
+
+def register_selector(name: str):
+    def add(cls):
+        if name in SELECTORS:
+            raise ValueError(f"selector {name!r} is already registered")
+        cls.name = name
+        SELECTORS[name] = cls
+        return cls
+    return add
+
+
+def keep_top(values: list[float], count: int, *, highest: bool, allowed: list[bool] | None = None) -> list[int]:
+    """Positions of the `count` largest (highest=True) or smallest values among the allowed ones,
+    ties by position, returned in position order."""
+    order = sorted((i for i in range(len(values)) if allowed is None or allowed[i]),
+                   key=lambda i: (-values[i] if highest else values[i], i))
+    return sorted(order[:count])
+
+
+from . import ifd, perplexity  # noqa: E402,F401 (register the selectors)

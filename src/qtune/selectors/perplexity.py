@@ -1,0 +1,31 @@
+"""The `perplexity` selector: keep `ratio` of the samples by their perplexity under the scoring
+model, the lowest (default: a filter of what the model finds implausible, noise first), the
+highest (the hardest), or the middle (both tails dropped).
+
+Citation: the perplexity filters of data-selection surveys (e.g. Marion et al. 2023, "When Less
+is More: Investigating Data Pruning for Pretraining LLMs at Scale", arXiv 2309.04564, which keeps
+the middle); the static counterpart of the `perplexity` sample rule. Ties: earlier sample first.
+"""
+
+from __future__ import annotations
+
+from ..pruning import keep_count
+from . import StaticChoice, keep_top, register_selector
+
+
+@register_selector("perplexity")
+class PerplexitySelector:
+    """keep_count(ratio, N) samples of lowest, highest or middle PPL (select_keep; ties: earlier sample first)"""
+
+    def choose(self, cfg, scores, answer_scores=None) -> StaticChoice:
+        ppl = list(scores.ppl)
+        n = len(ppl)
+        count = keep_count(cfg.ratio, n)
+        if cfg.select_keep == "middle":
+            # Drop the same number from both tails: rank by distance from the median rank.
+            rank = {i: r for r, i in enumerate(sorted(range(n), key=lambda i: (ppl[i], i)))}
+            centre = (n - 1) / 2
+            positions = keep_top([abs(rank[i] - centre) for i in range(n)], count, highest=False)
+        else:
+            positions = keep_top(ppl, count, highest=cfg.select_keep == "highest")
+        return StaticChoice([scores.sample_id[i] for i in positions], ppl, f"{cfg.select_keep} perplexity")

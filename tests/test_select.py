@@ -1,0 +1,86 @@
+"""`qtune select`: the static selectors on hand-made scores, and the whole command on the tiny
+model (subset in the input's format, scores, summary, plot)."""
+
+import json
+import math
+
+import pyarrow.parquet as pq
+import pytest
+from test_train import tiny_run_inputs  # noqa: F401 (a fixture)
+
+from qtune.cli import main
+from qtune.config import SelectConfig
+from qtune.errors import OptionError
+from qtune.scoring import IGNORE_INDEX, DatasetScores
+from qtune.selection import answer_only, run_select
+from qtune.selectors import SELECTORS
+
+
+def scores(ppl):
+    n = len(ppl)
+    return DatasetScores(sample_id=list(range(10, 10 + n)), n_response=[3] * n, ppl=ppl, ent=[1.0] * n,
+                         token_nll=None, token_entropy=None, seconds=0.0, tokens=0)
+
+
+def cfg(**values):
+    return SelectConfig(model="m", data="d", out="o", **values)
+
+
+def test_perplexity_selector_keeps_each_side():
+    s = scores([5.0, 1.0, 3.0, 9.0, 2.0, 3.0, 7.0, 4.0])  # ranks: 1 4 2 5 7 0 3 6 -> sorted 1.0 2.0 3.0 3.0 4.0 ...
+    choose = SELECTORS["perplexity"]().choose
+    assert choose(cfg(ratio=0.25, select_keep="lowest"), s).kept == [11, 14]  # 1.0, 2.0
+    assert choose(cfg(ratio=0.25, select_keep="highest"), s).kept == [13, 16]  # 9.0, 7.0
+    # Middle: the ranks closest to the centre (3.5): 3.0 at index 5 (rank 3) and 4.0 at 7 (rank 4).
+    assert choose(cfg(ratio=0.25, select_keep="middle"), s).kept == [15, 17]
+    assert choose(cfg(ratio=0.5, select_keep="lowest"), s).kept == [11, 12, 14, 15]  # 3.0 = 3.0: earlier first
+
+
+def test_ifd_selector_ranks_loss_ratios_and_drops_those_at_least_one():
+    """Mean losses are log(ppl). With the instruction e^1, e^2, e^1, e^0.5; alone e^2, e^1, e^4, e^1:
+    IFD 0.5, 2.0 (dropped), 0.25, 0.5. Keep 2 of 4: 0.5 and 0.5 (earlier first among ties: 10, 13)."""
+    with_q = scores([math.e, math.e ** 2, math.e, math.e ** 0.5])
+    alone = scores([math.e ** 2, math.e, math.e ** 4, math.e])
+    choice = SELECTORS["ifd"]().choose(cfg(ratio=0.5), with_q, alone)
+    assert choice.kept == [10, 13]
+    assert choice.score == pytest.approx([0.5, 2.0, 0.25, 0.5])
+    assert choice.stats == {"dropped_ifd_at_least_max": 1}
+    # Fewer allowed samples than the ratio asks: only those.
+    assert SELECTORS["ifd"]().choose(cfg(ratio=1.0, ifd_max=0.4), with_q, alone).kept == [12]
+
+
+def test_answer_only_keeps_the_response_after_bos():
+    sample = {"input_ids": [1, 5, 6, 7, 8, 9], "labels": [IGNORE_INDEX] * 3 + [7, 8, 9], "sample_id": 4}
+    assert answer_only([sample], 1) == [{"input_ids": [1, 7, 8, 9], "attention_mask": [1, 1, 1, 1],
+                                         "labels": [IGNORE_INDEX, 7, 8, 9], "sample_id": 4}]
+    assert answer_only([sample], None)[0]["input_ids"] == [7, 8, 9]
+
+
+def test_select_writes_the_subset_in_the_inputs_format(tiny_run_inputs, tmp_path):
+    model, data = tiny_run_inputs
+    lines = [json.loads(line) for line in data.read_text().splitlines()]
+    for selector in ("perplexity", "ifd", "qtuning", "random"):
+        out = tmp_path / selector
+        summary = run_select(SelectConfig(model=str(model), data=str(data), out=str(out), selector=selector,
+                                          ratio=0.25))
+        table = pq.read_table(out / "scores.parquet").to_pydict()
+        kept_ids = [sid for sid, k in zip(table["sample_id"], table["kept"]) if k]
+        selected = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
+        assert selected == [lines[i] for i in sorted(kept_ids)]  # the input's own rows, in input order
+        assert summary["n_kept"] == len(kept_ids) and summary["n_samples"] == 48
+        if selector != "ifd":
+            assert len(kept_ids) == 12
+        if selector == "perplexity":
+            kept_ppl = [p for p, k in zip(table["ppl"], table["kept"]) if k]
+            dropped_ppl = [p for p, k in zip(table["ppl"], table["kept"]) if not k]
+            assert max(kept_ppl) <= min(dropped_ppl)
+            assert (out / "selection.png").stat().st_size > 0
+        if selector == "ifd":
+            assert all(s < 1 for s, k in zip(table["score"], table["kept"]) if k)
+    assert main(["select", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "cli"),
+                 "--selector", "perplexity", "--select-keep", "highest", "--no-plot"]) == 0
+
+
+def test_unknown_selector_is_refused():
+    with pytest.raises(OptionError, match="selector must be one of full, ifd, perplexity, qtuning, random"):
+        cfg(selector="lesss")
