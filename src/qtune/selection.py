@@ -26,7 +26,7 @@ from .console import log
 from .data import record_id_of, source_rows
 from .io import claim_output_dir, write_json, write_jsonl, write_parquet
 from .scoring import IGNORE_INDEX, score_dataset
-from .selectors import SELECTORS, StaticChoice
+from .selectors import SELECTORS, SelectorInputs, StaticChoice
 from .workflows import load_for_scoring
 
 
@@ -72,12 +72,15 @@ def _select(cfg: SelectConfig, out: Path) -> dict:
         choice = _method_choice(cfg, scores)
     else:
         selector = SELECTORS[cfg.selector]()
-        answers = None
-        if getattr(selector, "needs_answer_scores", False):
+        inputs = SelectorInputs(scores)
+        if "answer_scores" in selector.needs:
             log("scoring the answers without their instructions")
-            answers = score_dataset(model, answer_only(samples, tokenizer.bos_token_id), **score)
-            seconds += answers.seconds
-        choice = selector.choose(cfg, scores, answers)
+            inputs.answer_scores = score_dataset(model, answer_only(samples, tokenizer.bos_token_id), **score)
+            seconds += inputs.answer_scores.seconds
+        if "texts" in selector.needs:
+            text_of = {r.sample_id: "\n".join(m["content"] for m in r.messages) for r in records}
+            inputs.texts = [text_of[record_id_of(s)] for s in scores.sample_id]
+        choice = selector.choose(cfg, inputs)
 
     kept = set(choice.kept)
     kept_records = sorted({record_id_of(s) for s in kept})

@@ -1,8 +1,10 @@
 """Static selectors for `qtune select`: one file per selector, registered by name.
 
-A selector sees the whole dataset's scores once (no training) and returns a `StaticChoice`: the
-kept sample ids, one score per sample (what it ranks by, written to scores.parquet) and which
-direction it keeps. Besides the selectors registered here, every pruning method with a static
+A selector sees the whole dataset once (no training), as `SelectorInputs`, and returns a
+`StaticChoice`: the kept sample ids, one score per sample (what it ranks by, written to
+scores.parquet) and which direction it keeps. A selector declares what else it needs (`needs`:
+"answer_scores", the answers scored without their instructions; "texts", each sample's text) and
+`qtune.selection` builds only that. Besides the selectors registered here, every pruning method with a static
 selection (`Method.select_dataset`: `full`, `random`, `qtuning`) can be named.
 """
 
@@ -11,6 +13,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 SELECTORS: dict[str, type] = {}
+
+
+@dataclass
+class SelectorInputs:
+    """scores: the dataset's `DatasetScores` under the scoring model; answer_scores: the same for
+    the answers alone (when needed); texts: each sample's conversation as text, in `scores.sample_id`
+    order (when needed)."""
+
+    scores: object
+    answer_scores: object | None = None
+    texts: list[str] | None = None
 
 
 @dataclass
@@ -43,4 +56,4 @@ def keep_top(values: list[float], count: int, *, highest: bool, allowed: list[bo
     return sorted(order[:count])
 
 
-from . import ifd, perplexity  # noqa: E402,F401 (register the selectors)
+from . import diversity, ifd, perplexity  # noqa: E402,F401 (register the selectors)

@@ -24,11 +24,12 @@ from . import StaticChoice, keep_top, register_selector
 class IFDSelector:
     """keep_count(ratio, N) samples of highest IFD = loss(A|Q) / loss(A), those with IFD >= ifd_max dropped"""
 
-    needs_answer_scores = True
+    needs = frozenset({"answer_scores"})
 
-    def choose(self, cfg, scores, answer_scores=None) -> StaticChoice:
+    def choose(self, cfg, inputs) -> StaticChoice:
+        scores = inputs.scores
         ifd = [math.log(with_q) / math.log(alone) if alone > 1 else math.inf
-               for with_q, alone in zip(scores.ppl, answer_scores.ppl)]
+               for with_q, alone in zip(scores.ppl, inputs.answer_scores.ppl)]
         allowed = [value < cfg.ifd_max for value in ifd]
         count = keep_count(cfg.ratio, len(ifd))
         positions = keep_top(ifd, count, highest=True, allowed=allowed)

@@ -17,7 +17,10 @@ from . import StaticChoice, keep_top, register_selector
 class PerplexitySelector:
     """keep_count(ratio, N) samples of lowest, highest or middle PPL (select_keep; ties: earlier sample first)"""
 
-    def choose(self, cfg, scores, answer_scores=None) -> StaticChoice:
+    needs = frozenset()
+
+    def choose(self, cfg, inputs) -> StaticChoice:
+        scores = inputs.scores
         ppl = list(scores.ppl)
         n = len(ppl)
         count = keep_count(cfg.ratio, n)
