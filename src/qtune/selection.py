@@ -78,8 +78,12 @@ def _select(cfg: SelectConfig, out: Path) -> dict:
             inputs.answer_scores = score_dataset(model, answer_only(samples, tokenizer.bos_token_id), **score)
             seconds += inputs.answer_scores.seconds
         if "texts" in selector.needs:
-            text_of = {r.sample_id: "\n".join(m["content"] for m in r.messages) for r in records}
-            inputs.texts = [text_of[record_id_of(s)] for s in scores.sample_id]
+            by_id = {r.sample_id: r for r in records}
+            rows = [by_id[record_id_of(s)] for s in scores.sample_id]
+            inputs.texts = ["\n".join(m["content"] for m in r.messages) for r in rows]
+            inputs.pairs = [("\n".join(m["content"] for m in r.messages if m["role"] != "assistant"),
+                             "\n".join(m["content"] for m in r.messages if m["role"] == "assistant")) for r in rows]
+            inputs.metadata = [r.metadata for r in rows]
         choice = selector.choose(cfg, inputs)
 
     kept = set(choice.kept)

@@ -3,8 +3,8 @@
 A selector sees the whole dataset once (no training), as `SelectorInputs`, and returns a
 `StaticChoice`: the kept sample ids, one score per sample (what it ranks by, written to
 scores.parquet) and which direction it keeps. A selector declares what else it needs (`needs`:
-"answer_scores", the answers scored without their instructions; "texts", each sample's text) and
-`qtune.selection` builds only that. Besides the selectors registered here, every pruning method with a static
+"answer_scores", the answers scored without their instructions; "texts", each sample's text, its
+(instruction, response) pair and its record's metadata) and `qtune.selection` builds only that. Besides the selectors registered here, every pruning method with a static
 selection (`Method.select_dataset`: `full`, `random`, `qtuning`) can be named.
 """
 
@@ -18,12 +18,15 @@ SELECTORS: dict[str, type] = {}
 @dataclass
 class SelectorInputs:
     """scores: the dataset's `DatasetScores` under the scoring model; answer_scores: the same for
-    the answers alone (when needed); texts: each sample's conversation as text, in `scores.sample_id`
-    order (when needed)."""
+    the answers alone (when needed). With "texts", in `scores.sample_id` order: texts, each
+    sample's conversation as one text; pairs, its (instruction, response) texts (the user and
+    system turns, the assistant turns); metadata, its record's `metadata`."""
 
     scores: object
     answer_scores: object | None = None
     texts: list[str] | None = None
+    pairs: list[tuple[str, str]] | None = None
+    metadata: list[dict] | None = None
 
 
 @dataclass
@@ -56,4 +59,4 @@ def keep_top(values: list[float], count: int, *, highest: bool, allowed: list[bo
     return sorted(order[:count])
 
 
-from . import diversity, ifd, perplexity  # noqa: E402,F401 (register the selectors)
+from . import diversity, hardness, ifd, perplexity  # noqa: E402,F401 (register the selectors)
