@@ -3,6 +3,10 @@
 same epochs, dev and test exact match after every epoch.
 
     OMP_NUM_THREADS=1 python bench/saturated_a1.py [--records clean|all] [--epochs 3] [--seeds 0 1 2] [--out FILE]
+        [--lr 3e-4 --batch-size 4] [--dev-only] [--lora-r R --lora-alpha A] [--data FIELD=JSON ...]
+
+`--dev-only` skips the test split (for choosing settings on dev); `--lora-r` fine-tunes LoRA adapters
+on every linear layer instead of all weights, as `qtune train --lora-r` does.
 
 `--records clean` (A1): the training records whose `metadata.defective` is false (clean,
 misconception and redundant: 2250 of the default 3000); A1 asks that the random 25% reach full
@@ -29,10 +33,16 @@ from qtune.testbed.probe import replace_fields
 
 
 def train_and_track(paths, records: list[dict], dev: list[dict], test: list[dict], *, epochs: int, lr: float,
-                    batch_size: int, seed: int) -> tuple[list[float], list[float], float]:
-    """Fine-tune a fresh copy of the base model; dev and test exact match after each epoch, seconds."""
+                    batch_size: int, seed: int, lora_r: int = 0, lora_alpha: int = 16) -> tuple[list[float], list[float], float]:
+    """Fine-tune a fresh copy of the base model; dev and test exact match after each epoch (an empty
+    `test` list is not evaluated: its scores are NaN), seconds."""
     torch.manual_seed(seed)
     model, tokenizer = load_testbed_model(paths)
+    if lora_r:  # as `qtune train --lora-r` does (qtune.train._apply_lora, all linear layers)
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
     rng = random.Random(seed)
     samples = [encode(tokenizer, r) for r in records]
     lengths = [len(ids) for ids, _ in samples]
@@ -54,8 +64,10 @@ def train_and_track(paths, records: list[dict], dev: list[dict], test: list[dict
         seconds += time.perf_counter() - started
         model.eval()
         for records_, scores in ((dev, dev_scores), (test, test_scores)):
-            hits = exact_match(model, tokenizer, records_)
-            scores.append(sum(hits) / len(hits))
+            hits = exact_match(model, tokenizer, records_) if records_ else []
+            scores.append(sum(hits) / len(hits) if hits else float("nan"))
+        print(f"  epoch {len(dev_scores)}: dev {dev_scores[-1]:.1%} test {test_scores[-1]:.1%} "
+              f"({seconds:.0f} s training)", flush=True)
     return dev_scores, test_scores, seconds
 
 
@@ -68,10 +80,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
+    parser.add_argument("--lora-alpha", type=int, default=16)
     parser.add_argument("--fraction", type=float, default=0.25)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     parser.add_argument("--data", action="append", default=[], metavar="FIELD=VALUE")
+    parser.add_argument("--dev-only", action="store_true",
+                        help="evaluate dev only (for choosing settings; the test scores are NaN)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -79,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     paths = build_testbed(args.cache_dir, preset="saturated", recipe=replace_fields(args.set, preset.recipe),
                           config=replace_fields(args.data, preset.config))
     train = [r for r in read_jsonl(paths.train_path) if args.records == "all" or not r["metadata"]["defective"]]
-    dev, test = read_jsonl(paths.dev_path), read_jsonl(paths.test_path)
+    dev, test = read_jsonl(paths.dev_path), ([] if args.dev_only else read_jsonl(paths.test_path))
     runs = []
     for seed in args.seeds:
         subset = random.Random(f"a1-{seed}").sample(train, round(args.fraction * len(train)))
@@ -87,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
             if name.rstrip("%0123456789") not in args.runs.split(","):
                 continue
             dev_scores, test_scores, seconds = train_and_track(
-                paths, records, dev, test, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=seed)
+                paths, records, dev, test, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=seed,
+                lora_r=args.lora_r, lora_alpha=args.lora_alpha)
             best = max(range(len(dev_scores)), key=lambda e: (dev_scores[e], -e))  # earliest best dev epoch
             run = {"run": name, "seed": seed, "records": len(records), "dev_by_epoch": dev_scores,
                    "test_by_epoch": test_scores, "test": test_scores[-1], "best_dev_epoch": best + 1,

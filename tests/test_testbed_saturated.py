@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import re
 from fractions import Fraction
@@ -116,9 +117,9 @@ def test_splits_do_not_overlap_and_have_exact_counts(splits):
     assert not questions[0] & questions[1] and not questions[0] & questions[2] and not questions[1] & questions[2]
     assert len(questions[1]) == 100 and len(questions[2]) == 100
     categories = collections.Counter(r["metadata"]["category"] for r in train)
-    assert categories == {"clean": 300, "misconception": 60, "redundant": 90, "teacher_error": 90, "format": 36, "swapped": 24}
+    assert categories == {"clean": 240, "misconception": 60, "redundant": 90, "teacher_error": 150, "format": 36, "swapped": 24}
     kinds = collections.Counter(r["metadata"]["kind"] for r in train)
-    assert all(kinds[k] == 30 for k in CATEGORY_KINDS["teacher_error"])
+    assert [kinds[k] for k in CATEGORY_KINDS["teacher_error"]] == [100, 25, 25]  # teacher_kind_weights 4:1:1
     assert all(kinds[k] == 12 for k in CATEGORY_KINDS["format"])
     assert sum(kinds[k] for k in CATEGORY_KINDS["redundant"]) == 90 and kinds["repeat"] == 30
     assert len({r["metadata"]["id"] for r in train}) == 600
@@ -130,6 +131,10 @@ def test_splits_do_not_overlap_and_have_exact_counts(splits):
         assert collections.Counter(r["metadata"]["category"] for r in split) == {"clean": 90, "misconception": 10}
     with pytest.raises(ValueError):
         SaturatedConfig(shares=(0.5, 0.5, 0.5, 0, 0, 0))
+    with pytest.raises(ValueError):
+        SaturatedConfig(teacher_kind_weights=(1, 1))
+    with pytest.raises(ValueError):
+        SaturatedConfig(teacher_relations=("times",))
 
 
 def test_correct_records_are_correct(splits):
@@ -168,6 +173,7 @@ def test_teacher_errors_are_systematic_and_wrong(by_kind):
                 n, word = int(relation.group(1)), relation.group(2)
                 assert any(b == n and op == ("-" if word == "more" else "+") for _, op, b, _, _ in steps(answer)), answer
                 assert len(steps(answer)) == level
+                assert word in SMALL.teacher_relations == ("more",)  # one systematic rule: "n more than" subtracted
             else:  # an intermediate quantity answered, or one step left out: fewer steps than needed
                 assert len(steps(answer)) < level
     hard = collections.Counter(r["metadata"]["difficulty"] for k in CATEGORY_KINDS["teacher_error"] for r in by_kind[k])
@@ -210,6 +216,19 @@ def test_near_duplicates_copy_easy_clean_records(by_kind, splits):
                 assert numbers(r["question"]) == numbers(source["question"]) and r["question"] != source["question"]
             else:
                 assert skeleton(r["question"]) == skeleton(source["question"]) and numbers(r["question"]) != numbers(source["question"])
+
+
+def test_pretraining_config_reproduces_the_shipped_models_splits():
+    # The tokenizer's text and the corpus's excluded questions come from make_splits(pretraining_config(c)):
+    # byte for byte what generator 422b2a92... (before the defect fields existed) made for c, pinned here.
+    from qtune.testbed.saturated import pretraining_config
+
+    digest = lambda splits: hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest()  # noqa: E731
+    assert digest(make_splits(pretraining_config(SMALL))) == "6da0cdeac305f9988087c211d8af019469e50f8b5293ef277690ba2abf53c1a9"
+    tokenizer_text = SaturatedConfig(train_size=1000, dev_size=0, test_size=0, seed=10_000, annotations=True)
+    assert digest(make_splits(pretraining_config(tokenizer_text))) == "87c76ff728203c3c14cbbee05881b6cf910b2b0418d4f1197279bd336219c93e"
+    # The harsher defaults change the training split only: dev and test are the same problems.
+    assert make_splits(SMALL)[1:] == make_splits(pretraining_config(SMALL))[1:]
 
 
 def test_corpus_teaches_the_textbook_layout_and_the_misreading():
@@ -320,6 +339,23 @@ def test_preset_recipe_builds_from_the_shipped_model(tmp_path):
     assert cache_key(PRESETS["saturated"].recipe, config) == paths.root.name
     other = dataclasses.replace(PRESETS["saturated"].recipe, steps=5)
     assert cache_key(other, config) != paths.root.name
+    # The preset's chat template: no role tokens, not the pretraining layout, prefix-stable, and
+    # the trainable part (the {% generation %} mask) is exactly the answer and eos.
+    from transformers import AutoTokenizer
+
+    from qtune.chat_templates import render_segments
+    from qtune.testbed.model import SATURATED_CHAT_TEMPLATE
+
+    tokenizer = AutoTokenizer.from_pretrained(paths.model_dir)
+    assert tokenizer.chat_template == SATURATED_CHAT_TEMPLATE
+    record = json.loads(paths.train_path.read_text().splitlines()[0])
+    user = [{"role": "user", "content": record["question"]}]
+    prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": record["answer"]}], tokenize=False)
+    assert prompt == f"<s>{record['question']}\n" and full == prompt + record["answer"] + "</s>"
+    assert not any(word in full for word in ("<|", "Problem:", "Solution:", "Answer:"))
+    assert render_segments(user + [{"role": "assistant", "content": record["answer"]}], tokenizer) == [
+        (prompt, False), (record["answer"] + "</s>", True)]
 
 
 def test_rebuild_command_pretrains_a_loadable_model(tmp_path, capsys):

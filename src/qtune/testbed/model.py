@@ -52,7 +52,7 @@ from qtune.testbed.tasks import TestbedConfig, make_corpus, make_test_set, make_
 BUILD_VERSION = 1
 # The same for the saturated preset's build code (its tokenizer, its packing); its data generator is
 # covered by the generator's sha256. Kept apart so that data-starved keys never change with it.
-SATURATED_BUILD_VERSION = 2
+SATURATED_BUILD_VERSION = 3
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -75,6 +75,28 @@ CHAT_TEMPLATE = (
     "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+# The saturated preset's chat template: no role tokens at all, only text the base model was
+# pretrained on. A turn is its content and a line break ("<s>" + question + "\n"), the assistant's
+# content ends with the eos token, and the generation prompt is empty, so renders stay prefix-stable
+# and generation stops at eos. It is still not the pretraining layout (no "Problem:", "Solution:" or
+# "Answer:" lines; the answer ends "#### N"), but SFT no longer has to teach the meaning of role
+# tokens the base model never saw (they stay in the vocabulary, unused). On A1 it measured about
+# the same as the role-token template (docs/testbed.md, second calibration round). The data-starved
+# preset keeps CHAT_TEMPLATE.
+SATURATED_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role: ' + message['role']) }}"
+    "{% endif %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
+    "{% else %}"
+    "{{ message['content'] + '\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
 )
 
 
@@ -149,8 +171,9 @@ PRESETS = {
                     tokenizer_documents=3000),
         SaturatedConfig(),
         "a model pretrained to solve the problems in a textbook layout; SFT mostly teaches the GSM8K format",
-        # Chosen on the dev split with defect-free data (A1) before any pruning method ran (docs/testbed.md).
-        {"epochs": 3.0, "lr": 1e-3, "batch_size": 4, "warmup_ratio": 0.05, "max_new_tokens": 200,
+        # Chosen on the dev split with the ground-truth controls only, before any pruning method ran
+        # (docs/testbed.md): lr 1e-3 disturbed the base model's arithmetic for the first epoch.
+        {"epochs": 3.0, "lr": 3e-4, "batch_size": 4, "warmup_ratio": 0.05, "max_new_tokens": 200,
          "eval_batch_size": 64},
     ),
 }
@@ -344,7 +367,10 @@ def pretrain_saturated(recipe: ModelRecipe, config: SaturatedConfig, *, progress
     """The saturated preset's tokenizer and base model for `recipe`, pretrained on the textbook
     corpus of `config` (`saturated.make_textbook_corpus`), which never holds a question of the
     config's splits. `after_step(steps_done, model, tokenizer)`: as in `pretrain`."""
-    every_question = frozenset(r["question"] for split in saturated.make_splits(config) for r in split)
+    # Splits drawn with the defect fields the shipped model saw (`saturated.pretraining_config`): the
+    # tokenizer's text and the excluded questions do not follow later changes to the SFT data's defects.
+    pretraining = saturated.pretraining_config(config)
+    every_question = frozenset(r["question"] for split in saturated.make_splits(pretraining) for r in split)
     tokenizer_texts = saturated.make_textbook_corpus(recipe.tokenizer_documents, recipe.seed * 1000 + 999, config,
                                                      drill_share=recipe.drill_share)
     # The tokenizer also sees the GSM8K layout with its calculator annotations, so its words are
@@ -352,9 +378,10 @@ def pretrain_saturated(recipe: ModelRecipe, config: SaturatedConfig, *, progress
     # its leading space (tested); the model never trains on this text. (Annotated whatever the
     # config says: the shipped tokenizer was trained on exactly this text.)
     tokenizer_texts += [r["question"] + "\n" + r["answer"] for r in saturated.make_splits(dataclasses.replace(
-        config, train_size=1000, dev_size=0, test_size=0, seed=recipe.seed + 10_000, annotations=True))[0]]
+        pretraining, train_size=1000, dev_size=0, test_size=0, seed=recipe.seed + 10_000, annotations=True))[0]]
     tokenizer_texts += [" ".join(map(str, range(100))), "\n".join(map(str, range(100)))] * 20
     tokenizer = train_tokenizer(tokenizer_texts, recipe.vocab_size, recipe.max_length, whole_numbers=True)
+    tokenizer.chat_template = SATURATED_CHAT_TEMPLATE  # pretraining never uses it
 
     def corpus(seed: int) -> list[str]:
         return saturated.make_textbook_corpus(500, seed, config, drill_share=recipe.drill_share, exclude=every_question)
@@ -396,6 +423,10 @@ def _build(folder: Path, recipe: ModelRecipe, config: TestbedConfig | SaturatedC
         if recipe == PRESETS["saturated"].recipe:
             # Pretraining this recipe takes about an hour of CPU: its result ships with qtune.
             shipped.install(folder / "model")
+            # The shipped folder holds the role-token template it was saved with; the preset's
+            # template replaces it (chat_template.jinja is not pinned: the weights and
+            # tokenizer.json are, and stay byte-identical).
+            (folder / "model" / "chat_template.jinja").write_text(SATURATED_CHAT_TEMPLATE)
             extra["base_model"] = {"shipped": shipped.SHA256}
         else:
             model, tokenizer = pretrain_saturated(recipe, config, progress=progress)
@@ -477,6 +508,6 @@ def load_testbed_model(paths: TestbedPaths) -> tuple[LlamaForCausalLM, PreTraine
 
 
 __all__ = [
-    "BUILD_VERSION", "CHAT_TEMPLATE", "DEFAULT_PRESET", "PRESETS", "ModelRecipe", "Preset", "TestbedPaths", "build_testbed", "default_cache_root",
+    "BUILD_VERSION", "CHAT_TEMPLATE", "SATURATED_CHAT_TEMPLATE", "DEFAULT_PRESET", "PRESETS", "ModelRecipe", "Preset", "TestbedPaths", "build_testbed", "default_cache_root",
     "load_testbed_model", "pretrain", "cache_key", "train_tokenizer",
 ]

@@ -76,6 +76,16 @@ class SaturatedConfig:
         level_weights: share of each level among clean, misconception, dev and test problems.
         teacher_level_weights: share of each level among teacher errors, which are concentrated
             at the harder levels as a weaker teacher's would be.
+        teacher_kind_weights: relative share of each teacher-error kind (`wrong_operation`,
+            `intermediate_answer`, `dropped_step`); exact counts, largest remainders. Default 4:1:1,
+            so the weaker teacher's one systematic rule dominates its errors.
+        teacher_relations: the relation phrases the teacher's `wrong_operation` misreads ("more":
+            "n more than" subtracted; "fewer": "n fewer than" added), one drawn per record. Default
+            "more" only: 500 of the 3000 records subtract "n more than", against about 280 correct
+            records that add it, so full data learns the wrong rule, which about 13% of dev and
+            test problems need (docs/testbed.md, A2). Until generator 422b2a92... both phrases,
+            kinds in equal shares and `shares` (0.50, 0.10, 0.15, 0.15, 0.06, 0.04): defects then
+            cost full data only 1.4-2.5 points.
         shares: share of each training category, in the order of `CATEGORY_KINDS`: `clean`
             (correct), `misconception` (correct, with the phrase the pretraining corpus misreads),
             `redundant` (a near-duplicate of an easy clean record: identical, renamed, or numbers
@@ -83,7 +93,8 @@ class SaturatedConfig:
             to `#### N`: relation phrase read with the wrong operation, an intermediate quantity
             answered, one step dropped), `format` (cut before the final line, the answer in another
             format, an unrelated reply) and `swapped` (the answer of another training question).
-            Kinds within a category come in equal shares; counts are exact (largest remainders).
+            Kinds within a category come in equal shares (teacher errors: `teacher_kind_weights`);
+            counts are exact (largest remainders). Default 40/10/15/25/6/4%: 35% defective.
         misconception_share: share of dev and test problems that use the misread phrase, and of
             the pretraining corpus's problems (where it is always misread).
         drill_op_weights: how often the pretraining drills draw each operator (+, -, *, /); sums
@@ -103,7 +114,9 @@ class SaturatedConfig:
     levels: tuple[int, ...] = (2, 3, 4)
     level_weights: tuple[float, ...] = (0.3, 0.4, 0.3)
     teacher_level_weights: tuple[float, ...] = (0.1, 0.3, 0.6)
-    shares: tuple[float, ...] = (0.50, 0.10, 0.15, 0.15, 0.06, 0.04)
+    teacher_kind_weights: tuple[float, ...] = (4.0, 1.0, 1.0)
+    teacher_relations: tuple[str, ...] = ("more",)
+    shares: tuple[float, ...] = (0.40, 0.10, 0.15, 0.25, 0.06, 0.04)
     misconception_share: float = 0.1
     drill_op_weights: tuple[float, ...] = (0.4, 0.4, 0.1, 0.1)
     annotations: bool = False
@@ -116,6 +129,11 @@ class SaturatedConfig:
             raise ValueError("levels, level_weights and teacher_level_weights need the same length; levels >= 2 steps")
         if not 10 <= self.max_value <= _MAX_TOKEN // 2:
             raise ValueError(f"max_value must lie in [10, {_MAX_TOKEN // 2}] so that wrong values stay single tokens")
+        if len(self.teacher_kind_weights) != len(CATEGORY_KINDS["teacher_error"]) or min(self.teacher_kind_weights) < 0 \
+                or sum(self.teacher_kind_weights) <= 0:
+            raise ValueError(f"teacher_kind_weights must be {len(CATEGORY_KINDS['teacher_error'])} non-negative weights")
+        if not self.teacher_relations or not set(self.teacher_relations) <= {"more", "fewer"}:
+            raise ValueError('teacher_relations must name "more" and/or "fewer"')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,7 +426,7 @@ def _record(question: str, answer: str, rid: str, category: str, kind: str, diff
 def _teacher_error(rng: random.Random, kind: str, steps: int, config: SaturatedConfig) -> tuple[Problem, str]:
     """A problem with its true answer and the teacher's wrong GSM8K response of `kind`."""
     while True:
-        relation = rng.choice(["more", "fewer"]) if kind == "wrong_operation" else ""
+        relation = rng.choice(list(config.teacher_relations)) if kind == "wrong_operation" else ""
         plan, cast, problem = _problem(rng, steps, config, relation=relation)
         if kind == "wrong_operation":
             at = -1
@@ -501,7 +519,8 @@ def make_splits(config: SaturatedConfig = SaturatedConfig()) -> tuple[list[dict]
 
     def kinds(category: str) -> list[str]:
         options = CATEGORY_KINDS[category]
-        return [k for k, c in zip(options, _counts(counts[category], [1] * len(options))) for _ in range(c)]
+        weights = config.teacher_kind_weights if category == "teacher_error" else [1] * len(options)
+        return [k for k, c in zip(options, _counts(counts[category], weights)) for _ in range(c)]
 
     for kind in kinds("redundant"):
         source = rng.choice(easy)["metadata"]
@@ -549,6 +568,20 @@ def _held_out(config: SaturatedConfig, split: str, size: int, seen: set[str]) ->
         out.append(_record(problem.question, problem.answer, f"{split}-{i:05d}", category, CATEGORY_KINDS[category][0], d, problem.final))
     rng.shuffle(out)
     return out
+
+
+# The SFT-defect fields as the shipped base model's pretraining saw them. The tokenizer's text and
+# the questions the corpus excludes are drawn with `make_splits(pretraining_config(config))`, so
+# that changing how the training data's defects are made (the fields below) never changes the base
+# model's tokenizer or corpus: the shipped model stays reproducible (tests/test_testbed_saturated.py).
+_PRETRAINING_FIELDS = {"shares": (0.50, 0.10, 0.15, 0.15, 0.06, 0.04), "teacher_kind_weights": (1.0, 1.0, 1.0),
+                       "teacher_relations": ("more", "fewer")}
+
+
+def pretraining_config(config: SaturatedConfig) -> SaturatedConfig:
+    """`config` with the SFT-defect fields (shares, teacher kinds and relations) at the values the
+    shipped base model was pretrained with; the fields that shape the problems are kept."""
+    return replace(config, **_PRETRAINING_FIELDS)
 
 
 # ----------------------------------------------------------------------------------------------
