@@ -1,4 +1,5 @@
-"""Where a step's scores come from (`qtune.scorer`): early exit, proxy model, reuse across visits."""
+"""Where a step's scores come from (`qtune.scorer`): early exit, reuse across visits, a reference
+model's losses."""
 
 import pytest
 import torch
@@ -63,17 +64,6 @@ def test_first_layers_refuses_what_it_cannot_cut():
         assert isinstance(same, torch.nn.Linear)
 
 
-def test_proxy_scores_in_place_of_the_trained_model_and_modes_are_kept():
-    trained, proxy = llama(2), llama(1, seed=3)
-    trained.train()
-    proxy.train()
-    b = batch([10, 8])
-    got = Scorer(proxy=proxy)(trained, [b])[0]
-    assert_same(got, scores_of(proxy.eval(), b))
-    assert trained.training
-    assert not torch.equal(got.ppl, scores_of(trained.eval(), b).ppl)
-
-
 def test_reuse_follows_the_drift_of_the_weights():
     model = llama(2)
     scorer = Scorer(rescore_drift=0.1)
@@ -131,11 +121,9 @@ def test_drift_meter_measures_one_step():
 
 
 def test_training_with_each_source(tiny_run_inputs, tmp_path):
-    """The Trainer takes scores from the early exit, a proxy, or the cache: the run completes and
-    the step log counts reused scores (every sample comes back in the second epoch)."""
-    model_dir, _ = tiny_run_inputs
+    """The Trainer takes scores from the early exit or the cache: the run completes and the step
+    log counts reused scores (every sample comes back in the second epoch)."""
     run_train(train_config(tiny_run_inputs, tmp_path / "layers", method="qtuning", score_layers=1))
-    run_train(train_config(tiny_run_inputs, tmp_path / "proxy", method="qtuning", score_model=str(model_dir)))
     run_train(train_config(tiny_run_inputs, tmp_path / "reuse", method="qtuning", max_steps=-1, epochs=2,
                            rescore_drift=1e6))
     rows = read_step_log(tmp_path / "reuse" / "steps.jsonl")
@@ -144,15 +132,17 @@ def test_training_with_each_source(tiny_run_inputs, tmp_path):
     assert "reused_scores" not in read_step_log(tmp_path / "layers" / "steps.jsonl")[0]
 
 
-def test_score_model_must_fit_the_tokenizer(tiny_run_inputs, tmp_path, tiny_tokenizer):
+def test_reference_model_must_fit_the_tokenizer(tiny_run_inputs, tmp_path, tiny_tokenizer):
     small = tmp_path / "small"
     config = LlamaConfig(vocab_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1)
     LlamaForCausalLM(config).save_pretrained(small)
-    cfg = train_config(tiny_run_inputs, tmp_path / "run", score_model=str(small))
+    needs = frozenset({"nll", "reference_nll"})
+    cfg = train_config(tiny_run_inputs, tmp_path / "run", method="random+rho1", reference_model=str(small))
     with pytest.raises(QTuneError, match="embedding only 8 rows"):
-        build_scorer(cfg, tiny_tokenizer, "cpu")
-    proxy = build_scorer(train_config(tiny_run_inputs, tmp_path / "ok", score_model=str(tiny_run_inputs[0])),
-                         tiny_tokenizer, "cpu").proxy
-    assert isinstance(proxy, type(AutoModelForCausalLM.from_pretrained(tiny_run_inputs[0])))
-    assert not any(p.requires_grad for p in proxy.parameters())
+        build_scorer(cfg, tiny_tokenizer, "cpu", needs=needs)
+    ok = train_config(tiny_run_inputs, tmp_path / "ok", method="random+rho1", reference_model=str(tiny_run_inputs[0]))
+    reference = build_scorer(ok, tiny_tokenizer, "cpu", needs=needs).reference
+    assert isinstance(reference, type(AutoModelForCausalLM.from_pretrained(tiny_run_inputs[0])))
+    assert not any(p.requires_grad for p in reference.parameters())
+    assert build_scorer(ok, tiny_tokenizer, "cpu").reference is None  # not needed, not loaded

@@ -173,15 +173,15 @@ def test_resume_from_a_checkpoint_continues_the_step_log(tiny_model_dir, tiny_to
 
 
 def test_score_sources_reach_the_trl_trainer(tiny_model_dir, tiny_tokenizer, tmp_path):
-    """score_layers, score_model and rescore_drift are QTuneSFTConfig fields that build the
-    trainer's scorer: with a huge drift every sample's second visit reuses its scores."""
+    """score_layers and rescore_drift are QTuneSFTConfig fields that build the trainer's scorer:
+    with a huge drift every sample's second visit reuses its scores."""
     dataset = prompt_completion_dataset()
     steps = 2 * len(dataset) // BATCH  # two epochs
     trainer, changed = train(tiny_model_dir, tiny_tokenizer, dataset, tmp_path, score_layers=1,
-                             score_model=str(tiny_model_dir), rescore_drift=1e6, max_steps=steps)
+                             rescore_drift=1e6, max_steps=steps)
     assert changed
     scorer = trainer.scorer
-    assert (scorer.layers, scorer.rescore_drift) == (1, 1e6) and scorer.proxy is not None
+    assert (scorer.layers, scorer.rescore_drift) == (1, 1e6)
     records = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
     assert sum(r["reused_scores"] for r in records) == len(dataset) == scorer.reused
     with pytest.raises(OptionError, match="score_layers must be"):

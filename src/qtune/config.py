@@ -264,12 +264,9 @@ class ScorerConfig(Options):
     """Where a step's scores come from (`qtune.scorer`): cheaper sources than the paper's full
     scoring pass, each measured for speed and testbed accuracy in docs/performance.md."""
 
-    score_layers: int = option(0, "Score with only the first N decoder layers of the scoring model, then its final "
+    score_layers: int = option(0, "Score with only the first N decoder layers of the model being trained, then its final "
                                "norm and head (an early exit sharing every weight; the body costs about N/L). "
                                "0: every layer, as the paper.", bounds="[0, inf)")
-    score_model: str | None = option(None, "A separate frozen model (local folder or hub id) that scores in place "
-                                     "of the model being trained; it must use the same tokenizer. Its scores do "
-                                     "not follow training. None: the model being trained, as the paper.")
     rescore_drift: float = option(0.0, "Reuse a sample's scores from its previous visit while the weights have "
                                   "moved less than this since then (summed update norms over the weights' norm; "
                                   "costs one copy of the trainable weights). 0: score every visit, as the paper.",

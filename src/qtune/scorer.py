@@ -1,14 +1,13 @@
 """Where a step's scores come from, and how much they cost.
 
 The paper scores every sample of every batch with the full model being trained. `Scorer` does
-that by default and offers three cheaper sources (issue 13, "below the bound"), each measured for
-speed and testbed accuracy in docs/performance.md:
+that by default and offers two cheaper sources (issue 13, "below the bound"), kept because they
+lost no testbed accuracy beyond one standard deviation (docs/performance.md, which also has the
+one that did: a frozen smaller model scoring in place of the trained one, since removed):
 
 - `layers=N`: an early exit. The model being trained runs only its first N decoder layers, then
   its own final norm and output projection. Every weight is shared, so the scores follow
   training, and the body costs about N/L of a full scoring pass.
-- `proxy=model`: a separate frozen model that uses the same tokenizer (a smaller sibling, or the
-  base model). Its scores do not follow training.
 - `rescore_drift=d`: a sample's scores from its previous visit are reused while the weights have
   moved less than `d` since then. "Moved" is the path length of the updates, the sum of
   ||theta_{t+1} - theta_t|| over the optimizer steps since the visit, divided by ||theta|| now.
@@ -73,20 +72,18 @@ class Scorer:
     """The scores of each micro-batch of a step (see the module doc for the sources).
 
     chunk_tokens, head_impl: as `qtune.score_batch`. layers: decoder layers of the early exit (0:
-    all). proxy: a frozen model that scores in place of the trained one (None: the trained one).
-    rescore_drift: reuse a visit's scores while the weights have moved less than this (0: never);
+    all). rescore_drift: reuse a visit's scores while the weights have moved less than this (0: never);
     needs a `DriftMeter` to report each optimizer step through `moved`. reference: a frozen model
     whose token NLL is added as `reference_nll` (None: not computed).
     """
 
-    def __init__(self, *, chunk_tokens: int = 128, head_impl: str = "auto", layers: int = 0, proxy=None,
+    def __init__(self, *, chunk_tokens: int = 128, head_impl: str = "auto", layers: int = 0,
                  rescore_drift: float = 0.0, reference=None):
         if layers < 0 or rescore_drift < 0:
             raise ValueError("layers and rescore_drift must be >= 0")
         self.chunk_tokens = chunk_tokens
         self.head_impl = head_impl
         self.layers = layers
-        self.proxy = proxy
         self.rescore_drift = rescore_drift
         self.reference = reference
         self.path = 0.0       # summed update norms so far
@@ -107,8 +104,8 @@ class Scorer:
 
     @torch.no_grad()
     def __call__(self, model, batches: list[dict], entropy_over: str = "response") -> list[BatchScores]:
-        """Scores of each of `batches` (no-grad, eval mode: no dropout), with `model` or the proxy."""
-        scoring = self.proxy if self.proxy is not None else getattr(model, "module", model)
+        """Scores of each of `batches` (no-grad, eval mode: no dropout) with `model`'s current weights."""
+        scoring = getattr(model, "module", model)
         was_training = scoring.training
         scoring.eval()
         try:
@@ -181,23 +178,18 @@ class DriftMeter:
         return step, norm
 
 
-def _frozen(path: str, tokenizer, device, dtype: str, trust_remote_code: bool):
-    model = load_model(path, dtype=dtype, device=str(device), trust_remote_code=trust_remote_code)
-    check_vocabulary(model, tokenizer, path)
-    return model.requires_grad_(False)
-
-
 def build_scorer(cfg, tokenizer, device, *, needs=frozenset(), dtype: str = "auto",
                  trust_remote_code: bool = False) -> Scorer:
     """The `Scorer` of a config with `qtune.config.ScorerConfig` and `ComputeConfig` fields, for a
-    method that `needs` these scores; loads `cfg.score_model` and, when "reference_nll" is needed,
-    `cfg.reference_model` (frozen, on `device`), and checks that `tokenizer` fits them."""
-    proxy = _frozen(cfg.score_model, tokenizer, device, dtype, trust_remote_code) if cfg.score_model else None
+    method that `needs` these scores; when "reference_nll" is needed, loads `cfg.reference_model`
+    (frozen, on `device`) and checks that `tokenizer` fits it."""
     reference = None
     if "reference_nll" in needs:
         if not getattr(cfg, "reference_model", None):
             raise QTuneError(f"method {cfg.method!r} needs a reference model's token losses: give --reference-model "
                              "(a model with the same tokenizer, e.g. the base model fine-tuned on a small clean subset)")
-        reference = _frozen(cfg.reference_model, tokenizer, device, dtype, trust_remote_code)
-    return Scorer(chunk_tokens=cfg.chunk_tokens, head_impl=cfg.head_impl, layers=cfg.score_layers, proxy=proxy,
+        reference = load_model(cfg.reference_model, dtype=dtype, device=str(device),
+                               trust_remote_code=trust_remote_code).requires_grad_(False)
+        check_vocabulary(reference, tokenizer, cfg.reference_model)
+    return Scorer(chunk_tokens=cfg.chunk_tokens, head_impl=cfg.head_impl, layers=cfg.score_layers,
                   rescore_drift=cfg.rescore_drift, reference=reference)

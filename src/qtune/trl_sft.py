@@ -87,7 +87,7 @@ QTuneSFTConfig = dataclasses.make_dataclass(
         "__doc__": "`trl.SFTConfig` plus qtune's pruning options (`qtune.config.PruningConfig`: method, "
                    "r_sample, r_token, lam, ...), output-projection options (`qtune.config.ComputeConfig`: "
                    "head_impl, chunk_tokens) and the scores' source (`qtune.config.ScorerConfig`: score_layers, "
-                   "score_model, rescore_drift) and the token objective (`qtune.config.LossConfig`: loss, "
+                   "rescore_drift) and the token objective (`qtune.config.LossConfig`: loss, "
                    "loss_alpha, loss_threshold), checked as qtune checks them.",
         "__post_init__": _check_qtune_fields,
     },
