@@ -205,8 +205,8 @@ def test_unknown_names_and_bad_rules_are_refused():
     with pytest.raises(ValueError, match="already registered or holds a"):
         register_token_rule("a+b")(type("Plus", (TokenRule,), {}))
     with pytest.raises(ValueError, match="unknown scores"):
-        register_token_rule("attention")(type("Attention", (TokenRule,), {"needs": frozenset({"attention"})}))
-    assert "attention" not in TOKEN_RULES and "a+b" not in TOKEN_RULES
+        register_token_rule("gradient")(type("Gradient", (TokenRule,), {"needs": frozenset({"gradients"})}))
+    assert "gradient" not in TOKEN_RULES and "a+b" not in TOKEN_RULES
     with pytest.raises(OptionError, match="ppl_keep"):
         config(ppl_keep="top")
     with pytest.raises(OptionError, match="infobatch_prune"):

@@ -535,7 +535,7 @@ def test_an_invalid_option_fails_the_bench_before_any_cell_runs(tiny_bench_input
                                                         "method: anti_oracle, full, oracle, oracle_ratio, qtuning, "
                                                         "random, token_matched_random; or SAMPLE+TOKEN with SAMPLE one "
                                                         "of entropy, infobatch, infobatch_exact, longest, perplexity, "
-                                                        "random, shortest and TOKEN one of all, perplexity, random, rho1"),
+                                                        "random, shortest and TOKEN one of all, attention, perplexity, random, rho1"),
                            (["--methods", "random,token_matched_random"],
                             "--methods: token_matched_random keeps as many loss tokens as the qtuning cell of the same "
                             "budget and seed did, so it needs qtuning in --methods too (finished qtuning cells are "

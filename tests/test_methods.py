@@ -62,8 +62,8 @@ def test_needed_scores_entropy_positions_and_nominal_budget():
     assert build_method("random", config(r_sample=0.5, r_token=0.5)).nominal_budget == 0.25
     assert build_method("qtuning", config(r_sample=0.5, r_token=0.6)).nominal_budget == pytest.approx(0.3)
     with pytest.raises(ValueError, match="unknown scores"):
-        register("needs-attention")(type("Attention", (Method,), {"needs": frozenset({"attention"})}))
-    assert "needs-attention" not in METHODS
+        register("needs-gradients")(type("Gradients", (Method,), {"needs": frozenset({"gradients"})}))
+    assert "needs-gradients" not in METHODS
 
 
 def test_decision_measures_the_budget_it_kept():

@@ -110,6 +110,19 @@ def base_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def decoder_layers(model, purpose: str) -> tuple[torch.nn.Module, torch.nn.ModuleList]:
+    """(the module holding the decoder layers, the layers) of a transformers decoder, through DDP
+    and PEFT wrappers; QTuneError naming `purpose` when it has no `layers` list (Llama, Qwen2,
+    Mistral, Gemma, Phi-3 and most decoders have one)."""
+    model = base_model(model)
+    body = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    layers = getattr(body, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise QTuneError(f"{purpose} needs a decoder whose blocks are a `layers` list (Llama, Qwen2, Mistral, "
+                         f"...); {type(model).__name__} has none")
+    return body, layers
+
+
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

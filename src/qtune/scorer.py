@@ -16,6 +16,8 @@ one that did: a frozen smaller model scoring in place of the trained one, since 
 
 A `reference` model (Rho-1's, `--reference-model`) adds its token NLL to the scores
 (`BatchScores.reference_nll`) for the methods that need it; it is frozen and never truncated.
+`attention=True` adds the attention each position receives in the last layer that runs
+(`BatchScores.attention`, `qtune.attention`), from the same pass.
 
 A reused sample keeps its token scores as well as its sample scores, so token pruning sees what
 it saw then. Each process keeps its own cache: under several processes a sample's scores are
@@ -29,21 +31,9 @@ import contextlib
 import torch
 
 from .errors import QTuneError
-from .models import base_model, check_vocabulary, load_model
+from .attention import attention_probabilities, capture_last_layer, received_attention
+from .models import check_vocabulary, decoder_layers, load_model
 from .scoring import BatchScores, score_batch
-
-
-def decoder_layers(model) -> tuple[torch.nn.Module, torch.nn.ModuleList]:
-    """(the module holding the decoder layers, the layers) of a transformers decoder, through DDP
-    and PEFT wrappers; QTuneError when it has no `layers` list (Llama, Qwen2, Mistral, Gemma,
-    Phi-3 and most decoders have one)."""
-    model = base_model(model)
-    body = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
-    layers = getattr(body, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise QTuneError(f"score_layers needs a decoder whose blocks are a `layers` list (Llama, Qwen2, Mistral, "
-                         f"...); {type(model).__name__} has none: score with every layer (score_layers=0)")
-    return body, layers
 
 
 @contextlib.contextmanager
@@ -53,7 +43,7 @@ def first_layers(model, n: int):
     if n == 0:
         yield model
         return
-    body, layers = decoder_layers(model)
+    body, layers = decoder_layers(model, "score_layers")
     if n >= len(layers):
         raise QTuneError(f"score_layers={n} but the model has {len(layers)} decoder layers: pick fewer, or 0 "
                          "for every layer")
@@ -74,11 +64,12 @@ class Scorer:
     chunk_tokens, head_impl: as `qtune.score_batch`. layers: decoder layers of the early exit (0:
     all). rescore_drift: reuse a visit's scores while the weights have moved less than this (0: never);
     needs a `DriftMeter` to report each optimizer step through `moved`. reference: a frozen model
-    whose token NLL is added as `reference_nll` (None: not computed).
+    whose token NLL is added as `reference_nll` (None: not computed). attention: add the last
+    layer's received attention as `attention`.
     """
 
     def __init__(self, *, chunk_tokens: int = 128, head_impl: str = "auto", layers: int = 0,
-                 rescore_drift: float = 0.0, reference=None):
+                 rescore_drift: float = 0.0, reference=None, attention: bool = False):
         if layers < 0 or rescore_drift < 0:
             raise ValueError("layers and rescore_drift must be >= 0")
         self.chunk_tokens = chunk_tokens
@@ -86,6 +77,7 @@ class Scorer:
         self.layers = layers
         self.rescore_drift = rescore_drift
         self.reference = reference
+        self.attention = attention
         self.path = 0.0       # summed update norms so far
         self.weight_norm = 0.0  # nothing is fresh before the first measured step
         # sample id -> (path when scored, its row's tensors up to its last attended position)
@@ -119,7 +111,13 @@ class Scorer:
             return score_batch(scoring, batch["input_ids"], batch["attention_mask"], batch["labels"],
                                entropy_over=entropy_over, chunk_tokens=self.chunk_tokens, head_impl=self.head_impl)
 
-        scores = score(model)
+        if self.attention:
+            with capture_last_layer(model) as captured:
+                scores = score(model)
+            probs = attention_probabilities(captured, batch["attention_mask"])
+            scores.attention = received_attention(probs, batch["attention_mask"])
+        else:
+            scores = score(model)
         if self.reference is not None:
             scores.reference_nll = score(self.reference.eval()).nll
         return scores
@@ -132,7 +130,8 @@ class Scorer:
         ids = batch["sample_id"].tolist()
         stale = [i for i, sid in enumerate(ids) if not self._fresh(sid)]
         width = batch["input_ids"].shape[1]
-        fields = [k for k in BatchScores.__dataclass_fields__ if k != "reference_nll" or self.reference is not None]
+        optional = {"reference_nll": self.reference is not None, "attention": self.attention}
+        fields = [k for k in BatchScores.__dataclass_fields__ if optional.get(k, True)]
         out = {k: [None] * len(ids) for k in fields}
         if stale:
             rows = torch.tensor(stale, device=batch["input_ids"].device)
@@ -192,4 +191,4 @@ def build_scorer(cfg, tokenizer, device, *, needs=frozenset(), dtype: str = "aut
                                trust_remote_code=trust_remote_code).requires_grad_(False)
         check_vocabulary(reference, tokenizer, cfg.reference_model)
     return Scorer(chunk_tokens=cfg.chunk_tokens, head_impl=cfg.head_impl, layers=cfg.score_layers,
-                  rescore_drift=cfg.rescore_drift, reference=reference)
+                  rescore_drift=cfg.rescore_drift, reference=reference, attention="attention" in needs)

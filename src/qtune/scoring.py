@@ -37,6 +37,9 @@ class BatchScores:
     # float32 [B, L]: a reference model's token NLL, zero outside `response_mask` (only when the
     # method needs "reference_nll" and a reference model is given: `qtune.scorer.Scorer`).
     reference_nll: torch.Tensor | None = None
+    # float32 [B, L]: the attention each position receives in the last decoder layer (only when
+    # the method needs "attention": `qtune.attention`).
+    attention: torch.Tensor | None = None
 
 
 def gold_nll_and_entropy(

@@ -5,7 +5,8 @@ of experiments (`oracle.py`, `token_matched.py`). One registry (`METHODS`, `regi
 rules, one file per rule family, that `build_method` combines by name, "SAMPLE+TOKEN"
 (`rules.py`: `longest+perplexity`, `entropy+random`, `infobatch+all`)."""
 
-from . import entropy, infobatch, length, perplexity, random_rules, rho1, token_perplexity  # noqa: F401 (register rules)
+from . import (  # noqa: F401 (register rules)
+    entropy, infobatch, length, perplexity, random_rules, rho1, token_attention, token_perplexity)
 from .base import (
     METHODS,
     SCORES,

@@ -35,8 +35,9 @@ from ..config import METHOD_NAMES, FullConfig
 from ..scoring import BatchScores, DatasetScores, response_positions
 
 #: The scores a method may ask the step for (`Method.needs`): the current model's token NLL and
-#: entropy, and a reference model's token NLL (`--reference-model`).
-SCORES = frozenset({"nll", "entropy", "reference_nll"})
+#: entropy, a reference model's token NLL (`--reference-model`), and the attention each position
+#: receives in the last layer (`qtune.attention`).
+SCORES = frozenset({"nll", "entropy", "reference_nll", "attention"})
 
 
 @dataclass
