@@ -188,10 +188,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             w = None if token_weight is None else token_weight[part].float()
             if objective is not None:
                 token_loss, slope = objective.value_and_weight(token_loss)
+            total += token_loss.sum() if w is None else (token_loss * w).sum()
+            if objective is not None:  # the gradient's weight: the token's times the objective's slope
                 w = slope if w is None else w * slope
-                total += (token_loss if token_weight is None else token_loss * token_weight[part].float()).sum()
-            else:
-                total += token_loss.sum() if w is None else (token_loss * w).sum()
             if not (needs_hidden or needs_weight or needs_bias):
                 continue
             grad_logits = logits.sub_(log_total[:, None]).exp_()  # softmax, in the logits' memory

@@ -30,8 +30,8 @@ import contextlib
 
 import torch
 
-from .errors import QTuneError
 from .attention import attention_probabilities, capture_last_layer, received_attention
+from .errors import QTuneError
 from .models import check_vocabulary, decoder_layers, load_model
 from .scoring import BatchScores, score_batch
 
@@ -136,10 +136,12 @@ class Scorer:
         if stale:
             rows = torch.tensor(stale, device=batch["input_ids"].device)
             new = self._score_rows(model, _rows(batch, rows), entropy_over)
+            # Each row up to its last attended position (0 for an empty row), read in one transfer.
+            mask = batch["attention_mask"][rows].bool()
+            ends = (mask * torch.arange(1, width + 1, device=mask.device)).max(dim=1).values.tolist()
             for j, i in enumerate(stale):
-                kept = int(batch["attention_mask"][i].nonzero().max()) + 1 if batch["attention_mask"][i].any() else 0
                 row = {k: getattr(new, k)[j] for k in fields}
-                row = {k: v[:kept].clone() if v.dim() else v.clone() for k, v in row.items()}
+                row = {k: v[:ends[j]].clone() if v.dim() else v.clone() for k, v in row.items()}
                 self._cache[ids[i]] = (self.path, row)
         self.scored += len(stale)
         self.reused += len(ids) - len(stale)

@@ -15,11 +15,9 @@ floor((N - k) / 2) + k - 1 of the ascending PPL order (ties: the earlier sample 
 
 from __future__ import annotations
 
-import torch
-
 from ..config import PerplexitySampleConfig
 from ..pruning import keep_count
-from .rules import SampleChoice, SampleRule, register_sample_rule, top_samples
+from .rules import SampleChoice, SampleRule, middle_samples, register_sample_rule, top_samples
 
 
 @register_sample_rule("perplexity")
@@ -31,12 +29,7 @@ class PerplexitySamples(SampleRule):
 
     def choose(self, cfg, view):
         ppl = view.sample_scores("ppl")
-        n = ppl.numel()
-        k = keep_count(cfg.r_sample, n)
-        if cfg.ppl_keep != "middle":
-            return SampleChoice(top_samples(ppl, k, highest=cfg.ppl_keep == "high"))
-        order = torch.sort(ppl, stable=True).indices
-        start = (n - k) // 2
-        kept = torch.zeros(n, dtype=torch.bool)
-        kept[order[start:start + k]] = True
-        return SampleChoice(kept)
+        k = keep_count(cfg.r_sample, ppl.numel())
+        if cfg.ppl_keep == "middle":
+            return SampleChoice(middle_samples(ppl, k))
+        return SampleChoice(top_samples(ppl, k, highest=cfg.ppl_keep == "high"))

@@ -154,6 +154,16 @@ def top_samples(values: torch.Tensor, count: int, *, highest: bool) -> torch.Ten
     return kept
 
 
+def middle_samples(values: torch.Tensor, count: int) -> torch.Tensor:
+    """bool [N]: the `count` samples in the middle of the ascending order of `values`, positions
+    floor((N - count) / 2) to floor((N - count) / 2) + count - 1 (ties: the lower index first)."""
+    order = torch.sort(values, stable=True).indices
+    start = (values.numel() - count) // 2
+    kept = torch.zeros(values.numel(), dtype=torch.bool)
+    kept[order[start:start + count]] = True
+    return kept
+
+
 # --- the composed method ------------------------------------------------------------------------
 
 

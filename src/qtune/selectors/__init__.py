@@ -10,7 +10,12 @@ selection (`Method.select_dataset`: `full`, `random`, `qtuning`) can be named.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+import torch
+
+from ..methods.rules import top_samples
 
 SELECTORS: dict[str, type] = {}
 
@@ -52,11 +57,17 @@ def register_selector(name: str):
 
 
 def keep_top(values: list[float], count: int, *, highest: bool, allowed: list[bool] | None = None) -> list[int]:
-    """Positions of the `count` largest (highest=True) or smallest values among the allowed ones,
-    ties by position, returned in position order."""
-    order = sorted((i for i in range(len(values)) if allowed is None or allowed[i]),
-                   key=lambda i: (-values[i] if highest else values[i], i))
-    return sorted(order[:count])
+    """Positions of the `count` largest (highest=True) or smallest values among the allowed ones
+    (fewer when fewer are allowed), ties by position, in position order: the sample rules'
+    `top_samples` on a dataset's values."""
+    scores = torch.tensor(values, dtype=torch.float64)
+    if allowed is not None:
+        allowed = torch.tensor(allowed, dtype=torch.bool)
+        scores = scores.masked_fill(~allowed, -math.inf if highest else math.inf)  # ranked last
+    kept = top_samples(scores, count, highest=highest)
+    if allowed is not None:
+        kept &= allowed
+    return kept.nonzero().flatten().tolist()
 
 
 from . import diversity, hardness, ifd, perplexity  # noqa: E402,F401 (register the selectors)
