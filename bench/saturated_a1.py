@@ -2,15 +2,18 @@
 `qtune.testbed.calibrate`: full-data SFT against a random 25% of the same records (all tokens),
 same epochs, dev and test exact match after every epoch.
 
-    OMP_NUM_THREADS=1 python bench/saturated_a1.py [--records clean|all] [--epochs 3] [--seeds 0 1 2] [--out FILE]
+    OMP_NUM_THREADS=1 python bench/saturated_a1.py [--records defect-free|clean|all] [--epochs 3] [--seeds 0 1 2] [--out FILE]
         [--lr 3e-4 --batch-size 4] [--dev-only] [--lora-r R --lora-alpha A] [--data FIELD=JSON ...]
 
 `--dev-only` skips the test split (for choosing settings on dev); `--lora-r` fine-tunes LoRA adapters
 on every linear layer instead of all weights, as `qtune train --lora-r` does.
 
-`--records clean` (A1): the training records whose `metadata.defective` is false (clean,
-misconception and redundant: 2250 of the default 3000); A1 asks that the random 25% reach full
-data - 1 std and that full data's dev score after the first epoch reach >= 90% of its final value.
+`--records defect-free` (A1, the default): the defect-free version of the training set
+(`saturated.defect_free`: the same 3000 records' size and misconception and redundant shares, the
+defective categories' share drawn as clean records); A1 asks that the random 25% reach full data -
+1 std and that full data's dev score after the first epoch reach >= 90% of its final value.
+`--records clean`: the training set minus its defective records (1950 of the default 3000: what
+the `oracle` control keeps), the reading of A1 until generator 7455841f....
 `--records all` (A2): the whole noisy training set; the test score at the epoch with the best dev
 score is the "best early-stopped full-data checkpoint" the oracle must beat by 2 std.
 Prints one JSON line per run and a summary; `--out` writes them all as JSON.
@@ -30,6 +33,7 @@ import torch
 from qtune.testbed.calibrate import collate, encode, exact_match, length_batches, read_jsonl
 from qtune.testbed.model import PRESETS, build_testbed, load_testbed_model
 from qtune.testbed.probe import replace_fields
+from qtune.testbed.saturated import defect_free
 
 
 def train_and_track(paths, records: list[dict], dev: list[dict], test: list[dict], *, epochs: int, lr: float,
@@ -74,7 +78,7 @@ def train_and_track(paths, records: list[dict], dev: list[dict], test: list[dict
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", default=None)
-    parser.add_argument("--records", default="clean", choices=["clean", "all"])
+    parser.add_argument("--records", default="defect-free", choices=["defect-free", "clean", "all"])
     parser.add_argument("--runs", default="full,random", help="which of the two runs to make (comma-separated)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=3)
@@ -92,9 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     preset = PRESETS["saturated"]
+    config = replace_fields(args.data, preset.config)
     paths = build_testbed(args.cache_dir, preset="saturated", recipe=replace_fields(args.set, preset.recipe),
-                          config=replace_fields(args.data, preset.config))
-    train = [r for r in read_jsonl(paths.train_path) if args.records == "all" or not r["metadata"]["defective"]]
+                          config=defect_free(config) if args.records == "defect-free" else config)
+    train = [r for r in read_jsonl(paths.train_path) if args.records != "clean" or not r["metadata"]["defective"]]
     dev, test = read_jsonl(paths.dev_path), ([] if args.dev_only else read_jsonl(paths.test_path))
     runs = []
     for seed in args.seeds:

@@ -18,7 +18,7 @@ sft="--epochs 3 --lr 3e-4 --batch-size 4"  # PRESETS["saturated"].sft_settings
 qtune bench --testbed saturated --methods full,oracle,oracle_ratio,random,anti_oracle --budgets 0.25x1 \
     --seeds 0,1,2 $sft --warmup-ratio 0.05 --max-new-tokens 200 --eval-batch-size 64 --jobs 1 \
     --out "$out/controls"
-# A1 (defect-free records: full data vs a random 25%, dev after every epoch), then A2's
-# early-stopping baseline (all records, test at the epoch of the best dev score).
-[ -e "$out/a1.json" ] || python bench/saturated_a1.py --records clean --seeds 0 1 2 $sft --out "$out/a1.json"
-[ -e "$out/a2_early.json" ] || python bench/saturated_a1.py --records all --seeds 0 1 2 $sft --out "$out/a2_early.json"
+# A1 (the defect-free version of the training set: full data vs a random 25%, dev after every
+# epoch), then A2's early-stopping baseline (all records, test at the epoch of the best dev score).
+[ -e "$out/a1.json" ] || python bench/saturated_a1.py --records defect-free --seeds 0 1 2 $sft --out "$out/a1.json"
+[ -e "$out/a2_early.json" ] || python bench/saturated_a1.py --records all --runs full --seeds 0 1 2 $sft --out "$out/a2_early.json"

@@ -46,7 +46,7 @@ def main(argv: list[str]) -> None:
         epoch1 = statistics.fmean(r["dev_by_epoch"][0] for r in runs if r["run"] == "full")
         final = statistics.fmean(r["dev_by_epoch"][-1] for r in runs if r["run"] == "full")
         std = pooled(full, rand)
-        lines += ["A1 (defect-free records; test exact match, %):", "",
+        lines += ["A1 (the defect-free version of the training set; test exact match, %):", "",
                   f"- full data {pct(full)}, random 25% {pct(rand)}; random - full = "
                   f"{100 * (statistics.fmean(rand) - statistics.fmean(full)):+.1f} points, pooled std {100 * std:.1f}: "
                   f"{verdict(statistics.fmean(rand) >= statistics.fmean(full) - std)} (>= full - 1 std)",

@@ -52,7 +52,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "src"))
     from qtune.testbed import build_testbed
 
-    paths = build_testbed()
+    paths = build_testbed(preset="data-starved")  # the preset of the step-cost figures in docs/performance.md
     with tempfile.TemporaryDirectory(prefix="qtune-step-cost-") as tmp:
         tmp = Path(tmp)
         old_tree = tmp / "old"

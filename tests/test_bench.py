@@ -240,14 +240,14 @@ def test_the_testbed_option_picks_the_preset_and_a_folder_keeps_its_preset(tmp_p
     resolve_settings(BenchConfig(testbed="saturated", model="m", data="d", eval_data="e"))
     assert built == ["saturated"]  # nothing to stand in for: no testbed built
 
-    # bench.json: a run made before the option existed counts as made on the default preset.
-    old = resolve_settings(BenchConfig(model="m", data="d", eval_data="e"))
+    # bench.json: a run made before the option existed was made on the data-starved preset, the
+    # only one then, not on today's default.
+    old = resolve_settings(BenchConfig(model="m", data="d", eval_data="e", testbed="data-starved"))
     del old["testbed"]
     (tmp_path / "bench.json").write_text(json.dumps(old))
-    check_settings(tmp_path, resolve_settings(BenchConfig(model="m", data="d", eval_data="e")))
+    check_settings(tmp_path, resolve_settings(BenchConfig(model="m", data="d", eval_data="e", testbed="data-starved")))
     with pytest.raises(QTuneError, match=r"other settings: testbed \('data-starved' before, 'saturated' now\)"):
-        check_settings(tmp_path, resolve_settings(BenchConfig(model="m", data="d", eval_data="e",
-                                                              testbed="saturated")))
+        check_settings(tmp_path, resolve_settings(BenchConfig(model="m", data="d", eval_data="e")))
 
 
 # --- tables --------------------------------------------------------------------------------------
@@ -535,7 +535,8 @@ def test_an_invalid_option_fails_the_bench_before_any_cell_runs(tiny_bench_input
                                                         "method: anti_oracle, full, oracle, oracle_ratio, qtuning, "
                                                         "random, token_matched_random; or SAMPLE+TOKEN with SAMPLE one "
                                                         "of entropy, infobatch, infobatch_exact, longest, perplexity, "
-                                                        "random, shortest and TOKEN one of all, attention, perplexity, random, rho1"),
+                                                        "random, shortest and TOKEN one of all, attention, perplexity, random, rho1, "
+                                                        "token_cleaning"),
                            (["--methods", "random,token_matched_random"],
                             "--methods: token_matched_random keeps as many loss tokens as the qtuning cell of the same "
                             "budget and seed did, so it needs qtuning in --methods too (finished qtuning cells are "

@@ -104,7 +104,8 @@ def test_select_writes_the_subset_in_the_inputs_format(tiny_run_inputs, tmp_path
 
 
 def test_unknown_selector_is_refused():
-    with pytest.raises(OptionError, match="selector must be one of diversity, full, hardness, ifd, perplexity, qtuning, random"):
+    with pytest.raises(OptionError, match="selector must be one of diversity, full, hardness, ifd, less, perplexity, qtuning, "
+                                          "random"):
         cfg(selector="lesss")
 
 

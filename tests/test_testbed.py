@@ -243,7 +243,7 @@ def test_tiny_recipe_builds_caches_and_reloads(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     monkeypatch.setenv("QTUNE_CACHE", str(tmp_path / "cache"))
-    paths = build_testbed(recipe=TINY_RECIPE, config=TINY_DATA, progress=False)
+    paths = build_testbed(recipe=TINY_RECIPE, config=TINY_DATA, preset="data-starved", progress=False)
     assert paths.root == tmp_path / "cache" / cache_key(TINY_RECIPE, TINY_DATA)
     assert (paths.model_dir / "model.safetensors").is_file()
     assert len(paths.train_path.read_text().splitlines()) == TINY_DATA.train_size
@@ -261,15 +261,15 @@ def test_tiny_recipe_builds_caches_and_reloads(tmp_path, monkeypatch):
     weights = paths.model_dir / "model.safetensors"
     mtime = weights.stat().st_mtime_ns
     started = time.perf_counter()
-    again = build_testbed(recipe=TINY_RECIPE, config=TINY_DATA, progress=False)
+    again = build_testbed(recipe=TINY_RECIPE, config=TINY_DATA, preset="data-starved", progress=False)
     assert again == paths and time.perf_counter() - started < 0.5
     assert weights.stat().st_mtime_ns == mtime  # reused, not rebuilt
 
-    rebuilt = build_testbed(tmp_path / "other", recipe=TINY_RECIPE, config=TINY_DATA, progress=False, force=True)
+    rebuilt = build_testbed(tmp_path / "other", recipe=TINY_RECIPE, config=TINY_DATA, preset="data-starved", progress=False, force=True)
     reloaded = AutoModelForCausalLM.from_pretrained(rebuilt.model_dir)
     with torch.no_grad():
         assert torch.equal(reloaded(**inputs).logits, logits)  # same recipe, same model
     assert os.listdir(tmp_path / "other") == [rebuilt.root.name]
 
-    build_testbed(recipe=TINY_RECIPE, config=TINY_DATA, progress=False, force=True)
+    build_testbed(recipe=TINY_RECIPE, config=TINY_DATA, preset="data-starved", progress=False, force=True)
     assert weights.stat().st_mtime_ns != mtime  # force rebuilds in place

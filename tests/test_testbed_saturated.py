@@ -117,7 +117,7 @@ def test_splits_do_not_overlap_and_have_exact_counts(splits):
     assert not questions[0] & questions[1] and not questions[0] & questions[2] and not questions[1] & questions[2]
     assert len(questions[1]) == 100 and len(questions[2]) == 100
     categories = collections.Counter(r["metadata"]["category"] for r in train)
-    assert categories == {"clean": 240, "misconception": 60, "redundant": 90, "teacher_error": 150, "format": 36, "swapped": 24}
+    assert categories == {"clean": 180, "misconception": 120, "redundant": 90, "teacher_error": 150, "format": 36, "swapped": 24}
     kinds = collections.Counter(r["metadata"]["kind"] for r in train)
     assert [kinds[k] for k in CATEGORY_KINDS["teacher_error"]] == [100, 25, 25]  # teacher_kind_weights 4:1:1
     assert all(kinds[k] == 12 for k in CATEGORY_KINDS["format"])

@@ -84,8 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_command(commands, "select", SelectConfig, "selection:run_select",
                         help="Choose a subset of a dataset once, before training (static selection).",
                         description="Score a dataset with a model, choose a subset with a selector (perplexity, "
-                                    "ifd, or a method's static selection) and write it in the input's format, "
+                                    "ifd, diversity, hardness, less, or a method's static selection) and write "
+                                    "it in the input's format, "
                                     "with the scores, a summary and a histogram.")
+    from .rl.config import RLConfig
+
+    _add_config_command(commands, "rl", RLConfig, "rl.run:run_rl",
+                        help="Reinforcement learning with verifiable rewards (GRPO) from an SFT output.",
+                        description="GRPO (TRL's GRPOTrainer) on prompts with checkable answers, from full weights "
+                                    "or a LoRA adapter; rewards by name or module:function. Options can also come "
+                                    "from a YAML file (--config); flags override it. See docs/rl.md.")
+    from .pipeline import PipelineConfig
+
+    _add_config_command(commands, "pipeline", PipelineConfig, "pipeline:run_pipeline",
+                        help="Select or prune -> SFT -> RL -> evaluate, as one config, resumable by stage.",
+                        description="Runs qtune select, train, rl and eval in turn, each stage's output feeding the "
+                                    "next; each section (--select, --sft, --rl, --eval: a YAML mapping) holds that "
+                                    "command's options. A second run skips finished stages and resumes the "
+                                    "interrupted one. See docs/rl.md.")
     methods = commands.add_parser("methods", help="List the registered pruning methods.")
     methods.set_defaults(func=_methods)
 
@@ -103,9 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--cache-dir", default=None, help="Cache root (default: $QTUNE_CACHE or ~/.cache/qtune/testbed).")
     build.add_argument("--force", action="store_true", help="Rebuild even if the cache has it.")
     # The names are checked by build_testbed: importing the testbed here would load transformers for --help.
-    build.add_argument("--preset", default="data-starved",
-                       help="data-starved (default: a base model far from knowing the task) or saturated (a base "
-                            "model with a strong prior; in progress, see docs/testbed.md).")
+    build.add_argument("--preset", default="saturated",
+                       help="saturated (default: a base model that already solves the task in another layout, "
+                            "shipped with qtune) or data-starved (a base model far from knowing the task); see "
+                            "docs/testbed.md.")
     build.set_defaults(func=_testbed_build)
     return parser
 

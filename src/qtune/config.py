@@ -199,7 +199,7 @@ def _method(value: str) -> str | None:
     return None if value in METHOD_NAMES or composed_parts(value) else method_choices()
 
 
-def _lr_scheduler(value: str) -> str | None:
+def check_lr_scheduler(value: str) -> str | None:
     from transformers.trainer_utils import SchedulerType
 
     names = [s.value for s in SchedulerType]
@@ -294,15 +294,45 @@ def _selector(value: str) -> str | None:
 
 
 @dataclass
-class SelectConfig(ComputeConfig, DataConfig, ModelConfig):
+class LessConfig(Options):
+    """Options of the `less` selector (`qtune.selectors.less`); the defaults are the paper's (Xia et al.,
+    arXiv 2402.04333: 5% of the data, 4 epochs, LoRA rank 128 on the attention projections, lr 2e-5,
+    8,192 dimensions)."""
+
+    target_data: str | None = option(None, "less selector: the target set, a file in any format --data takes (e.g. "
+                                           "a dev split); the training samples whose gradients point where the "
+                                           "target samples' do are kept. Required by less.")
+    less_target_field: str | None = option(None, "less selector: a metadata field that splits the target set into "
+                                                 "subtasks; a training sample scores its highest mean similarity "
+                                                 "over the subtasks (the paper's max over subtasks). Default: one "
+                                                 "task, the mean over every target sample.")
+    less_fraction: float = option(0.05, "less selector: share of the training samples (a seeded uniform draw) the "
+                                        "LoRA warm-up trains on.", bounds="(0, 1]")
+    less_epochs: int = option(4, "less selector: warm-up epochs; the gradient features are taken after each one "
+                                 "(one checkpoint per epoch, weighted by the epoch's mean learning rate).",
+                              bounds="[1, inf)")
+    less_lora_r: int = option(128, "less selector: LoRA rank of the warm-up (alpha = 4 x rank, as the paper's "
+                                   "128/512); its LoRA weights are the parameters whose gradients are compared.",
+                              bounds="[1, inf)")
+    less_lora_target: str = option("q_proj,k_proj,v_proj,o_proj", "less selector: modules that get the warm-up's "
+                                   "LoRA adapters (comma-separated names, or all-linear).")
+    less_lr: float = option(2e-5, "less selector: peak learning rate of the warm-up (AdamW, linear warm-up over 3% "
+                                  "of the steps, then linear decay).", bounds="(0, inf)")
+    less_dim: int = option(8192, "less selector: dimensions of the random projection of the gradient features.",
+                           bounds="[1, inf)")
+
+
+@dataclass
+class SelectConfig(LessConfig, ComputeConfig, DataConfig, ModelConfig):
     """Options of `qtune select` (`qtune.selection.run_select`)."""
 
     out: str = option(help="Output folder: selected.jsonl, scores.parquet, summary.json, selection.png.",
                       required=True)
     selector: str = option("perplexity", "How to choose: perplexity (by the model's PPL, select_keep decides the "
                            "side), ifd (Instruction-Following Difficulty, highest first), diversity (k-center greedy "
-                           "on sentence embeddings), hardness (THTB's extrinsic hardness), or a method's static "
-                           "selection over the whole dataset: full, random, qtuning (Stage 1 only: whole records).",
+                           "on sentence embeddings), hardness (THTB's extrinsic hardness), less (gradient similarity to "
+                           "--target-data after a LoRA warm-up), or a method's static selection over the whole "
+                           "dataset: full, random, qtuning (Stage 1 only: whole records).",
                            check=_selector)
     ratio: float = option(0.25, "Fraction of the samples to keep.", bounds="(0, 1]")
     select_keep: str = option("lowest", "perplexity selector: keep the lowest PPL (a noise filter), the highest "
@@ -319,8 +349,10 @@ class SelectConfig(ComputeConfig, DataConfig, ModelConfig):
                                            "kept before hardness ranks them.")
     judge_keep: float = option(0.2, "hardness selector: share of the samples that pass the judge_field filter "
                                     "(THTB's quality stage keeps 20%).", bounds="(0, 1]")
-    seed: int = option(0, "random selector: the seed of the draw; hardness: of k-means' seeding.")
-    batch_size: int = option(8, "Samples per scoring batch (batches are bucketed by length).", bounds="[1, inf)")
+    seed: int = option(0, "random selector: the seed of the draw; hardness: of k-means' seeding; less: of the "
+                          "warm-up's subset, order and LoRA initialisation, and of the projection.")
+    batch_size: int = option(8, "Samples per scoring batch (batches are bucketed by length); less: also per "
+                                "warm-up step.", bounds="[1, inf)")
     plot: bool = option(True, "Write selection.png, the score's histogram, kept and dropped (needs matplotlib: "
                               "pip install qtune[plots]).")
 
@@ -368,7 +400,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if f.metadata.get("bounds"):
             notes.append(_bounds_text(f.metadata["bounds"]))
         text = f.metadata.get("help", "") + (f" ({'; '.join(notes)})" if notes else "")
-        common = dict(dest=f.name, help=text, default=argparse.SUPPRESS)
+        # argparse formats help texts with %: a literal one ("keeps 20%") must be doubled.
+        common = dict(dest=f.name, help=text.replace("%", "%%"), default=argparse.SUPPRESS)
         if kind is bool:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **common)
         elif typing.get_origin(kind) is tuple:
@@ -529,16 +562,20 @@ class PerplexityTokenConfig(Options):
 
 
 @dataclass
-class Rho1Config(Options):
-    """Options of the `rho1` token rule (`qtune.methods.rho1`)."""
+class ReferenceModelConfig(Options):
+    """Options of the token rules that compare the model with a reference model: `rho1` (each step,
+    `qtune.methods.rho1`) and `token_cleaning` (once, before the first step,
+    `qtune.methods.token_cleaning`)."""
 
-    reference_model: str | None = option(None, "rho1 token rule: the reference model (local folder or hub id, same "
-                                               "tokenizer) whose token loss is subtracted from the current model's.")
+    reference_model: str | None = option(None, "rho1 and token_cleaning token rules: the reference model (local "
+                                               "folder or hub id, same tokenizer) whose token loss is subtracted "
+                                               "from the model's (rho1: the current weights, each step; "
+                                               "token_cleaning: the initial weights, once).")
 
 
 @dataclass
-class PruningConfig(PerplexitySampleConfig, InfoBatchConfig, PerplexityTokenConfig, Rho1Config, TokenMatchedConfig,
-                    QTuningConfig):
+class PruningConfig(PerplexitySampleConfig, InfoBatchConfig, PerplexityTokenConfig, ReferenceModelConfig,
+                    TokenMatchedConfig, QTuningConfig):
     """The method and how the training step applies it. TrainConfig composes every method's
     options (so that each reaches the CLI and YAML); a method reads only its own config class."""
 
@@ -562,7 +599,7 @@ class OptimConfig(Options):
                               bounds="[1, inf)")
     lr: float = option(1e-4, "Peak learning rate.", bounds="(0, inf)")
     lr_scheduler: str = option("cosine", "Learning-rate schedule (any transformers scheduler name).",
-                                check=_lr_scheduler)
+                                check=check_lr_scheduler)
     warmup_ratio: float = option(0.0, "Fraction of the steps used for linear warm-up.", bounds="[0, 1)")
     weight_decay: float = option(0.0, "AdamW weight decay.", bounds="[0, inf)")
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables).", bounds="[0, inf)")

@@ -104,7 +104,7 @@ def _encode(tokenizer, prompt: str) -> list[int]:
     return tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
-def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`input_ids` and `attention_mask` [B, longest], padding on the left so every prompt ends
     at the last column and generation continues each one right after its own text."""
     width = max(len(ids) for ids in sequences)
@@ -154,7 +154,7 @@ def generate(
     try:
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            input_ids, attention_mask = _left_pad([encoded[i] for i in rows], pad_id)
+            input_ids, attention_mask = left_pad([encoded[i] for i in rows], pad_id)
             with torch.inference_mode():
                 generated = model.generate(
                     input_ids=input_ids.to(device),

@@ -16,6 +16,8 @@ one that did: a frozen smaller model scoring in place of the trained one, since 
 
 A `reference` model (Rho-1's, `--reference-model`) adds its token NLL to the scores
 (`BatchScores.reference_nll`) for the methods that need it; it is frozen and never truncated.
+Token Cleaning needs it only in its one pass over the training set before training
+(`build_scorer(training_set_pass=True)`), then no more.
 `attention=True` adds the attention each position receives in the last layer that runs
 (`BatchScores.attention`, `qtune.attention`), from the same pass.
 
@@ -179,11 +181,13 @@ class DriftMeter:
         return step, norm
 
 
-def build_scorer(cfg, tokenizer, device, *, needs=frozenset(), dtype: str = "auto",
-                 trust_remote_code: bool = False) -> Scorer:
+def build_scorer(cfg, tokenizer, device, *, needs=frozenset(), dtype: str = "auto", trust_remote_code: bool = False,
+                 training_set_pass: bool = False) -> Scorer:
     """The `Scorer` of a config with `qtune.config.ScorerConfig` and `ComputeConfig` fields, for a
     method that `needs` these scores; when "reference_nll" is needed, loads `cfg.reference_model`
-    (frozen, on `device`) and checks that `tokenizer` fits it."""
+    (frozen, on `device`) and checks that `tokenizer` fits it. `training_set_pass`: the Scorer of
+    a method's one-time pass over the training set (`Method.pass_needs`), which scores the initial
+    weights once: every layer, every sample afresh, whatever `score_layers` and `rescore_drift` say."""
     reference = None
     if "reference_nll" in needs:
         if not getattr(cfg, "reference_model", None):
@@ -192,5 +196,6 @@ def build_scorer(cfg, tokenizer, device, *, needs=frozenset(), dtype: str = "aut
         reference = load_model(cfg.reference_model, dtype=dtype, device=str(device),
                                trust_remote_code=trust_remote_code).requires_grad_(False)
         check_vocabulary(reference, tokenizer, cfg.reference_model)
-    return Scorer(chunk_tokens=cfg.chunk_tokens, head_impl=cfg.head_impl, layers=cfg.score_layers,
-                  rescore_drift=cfg.rescore_drift, reference=reference, attention="attention" in needs)
+    cheaper = {} if training_set_pass else {"layers": cfg.score_layers, "rescore_drift": cfg.rescore_drift}
+    return Scorer(chunk_tokens=cfg.chunk_tokens, head_impl=cfg.head_impl, reference=reference,
+                  attention="attention" in needs, **cheaper)

@@ -1,7 +1,8 @@
 """`qtune select` as a Python function: static data selection, `run_select(SelectConfig(...))`.
 
 One scoring pass of the whole dataset with the given model (`qtune.scoring.score_dataset`; the
-`ifd` selector scores the responses alone too), then the selector (`qtune.selectors`, or a
+`ifd` selector scores the responses alone too; `less` trains LoRA adapters on the model and takes
+per-sample gradients, of --target-data's samples too), then the selector (`qtune.selectors`, or a
 method's `select_dataset`) chooses the samples. Written atomically into OUT:
 
 - selected.jsonl: the chosen records' rows as they are in the input (same fields, so `qtune
@@ -14,9 +15,9 @@ method's `select_dataset`) chooses the samples. Written atomically into OUT:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -24,7 +25,9 @@ import torch
 from .config import STATIC_METHODS, SelectConfig, TrainConfig
 from .console import log
 from .data import record_id_of, source_rows
+from .errors import QTuneError
 from .io import claim_output_dir, write_json, write_jsonl, write_parquet
+from .samples import load_samples
 from .scoring import IGNORE_INDEX, score_dataset
 from .selectors import SELECTORS, SelectorInputs, StaticChoice
 from .workflows import load_for_scoring
@@ -49,6 +52,18 @@ def answer_only(samples, bos_token_id: int | None) -> list[dict]:
         out.append({"input_ids": ids, "attention_mask": [1] * len(ids),
                     "labels": [IGNORE_INDEX] * len(start) + response, "sample_id": sample["sample_id"]})
     return out
+
+
+def load_target(cfg: SelectConfig, tokenizer) -> tuple[object, list[dict]]:
+    """The tokenized samples of --target-data (read with the data options of --data, every record)
+    and each one's record's metadata."""
+    if not cfg.target_data:
+        raise QTuneError(f"the {cfg.selector} selector needs --target-data: a file of examples of the target task "
+                         "(e.g. a dev split, in any format --data takes)")
+    log(f"reading the target set {cfg.target_data}")
+    records, samples = load_samples(dataclasses.replace(cfg, data=cfg.target_data, limit=None), tokenizer)
+    metadata = {r.sample_id: r.metadata for r in records}
+    return samples, [metadata[record_id_of(samples[i]["sample_id"])] for i in range(len(samples))]
 
 
 def _method_choice(cfg: SelectConfig, scores) -> StaticChoice:
@@ -84,6 +99,10 @@ def _select(cfg: SelectConfig, out: Path) -> dict:
             inputs.pairs = [("\n".join(m["content"] for m in r.messages if m["role"] != "assistant"),
                              "\n".join(m["content"] for m in r.messages if m["role"] == "assistant")) for r in rows]
             inputs.metadata = [r.metadata for r in rows]
+        if "model" in selector.needs:
+            inputs.model, inputs.samples, inputs.pad_token_id = model, samples, pad_id
+        if "target" in selector.needs:
+            inputs.target_samples, inputs.target_metadata = load_target(cfg, tokenizer)
         choice = selector.choose(cfg, inputs)
 
     kept = set(choice.kept)
@@ -98,7 +117,7 @@ def _select(cfg: SelectConfig, out: Path) -> dict:
         "selector": cfg.selector, "direction": choice.direction, "ratio": cfg.ratio,
         "n_samples": len(scores.sample_id), "n_kept": len(kept), "n_records": len(records),
         "n_records_kept": len(kept_records), "kept_fraction": len(kept) / len(scores.sample_id),
-        "stats": choice.stats, "scoring_seconds": seconds, "config": asdict(cfg),
+        "stats": choice.stats, "scoring_seconds": seconds, "config": dataclasses.asdict(cfg),
         "machine": f"{platform.machine()}, torch {torch.__version__}",
     }
     write_json(out / "summary.json", summary)

@@ -14,10 +14,15 @@ Once the gradients are in, the step's loss (summed over processes) and gradient 
 together (the step's one host sync); a non-finite value stops the run before the optimizer moves
 (`nonfinite="stop"`) or drops the step's gradients (`"skip"`). Non-finite scores count the same.
 
+A method that decides once before training (`Method.pass_needs`, e.g. Token Cleaning) gets its
+pass in `QTuneTrainer.train`, before the first step: each process scores its share of the
+training set with the initial weights, the values are gathered, every process fixes the same
+label masks and the main process saves them (`TOKEN_MASKS`); --resume reads them back.
+
 Everything else (optimizer, schedule, checkpoints, resume, logging integrations) is the Trainer's;
 checkpoints are written through `qtune.checkpoints`, so that each one is complete or absent, and
 hold the method's state (`METHOD_STATE`). Only the main process writes files: step log, run
-config, checkpoints' own files, summary and model.
+config, token masks, checkpoints' own files, summary and model.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -40,10 +46,10 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from . import checkpoints
 from .config import TrainConfig
 from .console import log
-from .data import collate, require_pad_token
+from .data import collate, length_bucketed_batches, require_pad_token
 from .errors import QTuneError
-from .io import claim_output_dir, write_json, write_text
-from .methods import Method, build_method
+from .io import atomic_path, claim_output_dir, write_json, write_text
+from .methods import Method, TokenMasks, build_method
 from .objectives import Objective
 from .models import check_vocabulary, load_model, load_tokenizer, resolve_device, resolve_dtype
 from .phases import PhaseClock
@@ -57,6 +63,9 @@ __all__ = ["QTuneTrainer", "pack_kept", "read_step_log", "run_train", "summarize
 STEP_LOG = "steps.jsonl"
 #: The method's state in a checkpoint: {"states": [one state_dict per process]}.
 METHOD_STATE = "qtune-method-state.json"
+#: The label masks a method fixed before the first step (`Method.pass_needs`), in the run's folder:
+#: safetensors `sample_id`, `offsets`, `keep` (`qtune.methods.TokenMasks`), its `info` as metadata.
+TOKEN_MASKS = "qtune-token-masks.safetensors"
 
 
 class SampleDataset(torch.utils.data.Dataset):
@@ -86,16 +95,59 @@ def divergence_message(step: int, what: str, lr: float, bf16: bool, last_checkpo
 SKIP = "qtune_skip"
 
 
-class QTuneTrainer(Trainer):
+class StagedCheckpoints:
+    """Mixin for a `transformers.Trainer` (or a TRL trainer built on it), before it in the bases:
+    checkpoints staged so that `checkpoint-N` appears complete or not at all, then the oldest
+    complete ones beyond `self.keep_checkpoints` deleted (`qtune.checkpoints`). The main process
+    stages, seals and rotates; every process writes its own files (the Trainer's per-process RNG
+    states) between two barriers. A subclass adds files through `_checkpoint_extra`."""
+
+    keep_checkpoints: int | None = None
+    _staging: Path | None = None  # the staging folder while _save_checkpoint runs
+
+    def _checkpoint_extra(self) -> Callable[[Path], None] | None:
+        """Called by every process before a checkpoint is staged (it may gather); returns what the
+        main process then writes into the checkpoint's folder, or None."""
+        return None
+
+    def _save_checkpoint(self, model, trial):
+        out = Path(self.args.output_dir)
+        main = self.args.should_save
+        extra = self._checkpoint_extra()
+        staged = (checkpoints.staged_checkpoint(out, self.state.global_step) if main
+                  else contextlib.nullcontext(out / checkpoints.STAGING))
+        with staged as staging:
+            self.accelerator.wait_for_everyone()  # the staging folder exists before anyone writes
+            self._staging = staging
+            try:
+                super()._save_checkpoint(model, trial)
+                if main and extra is not None:
+                    extra(staging / f"checkpoint-{self.state.global_step}")
+            finally:
+                self._staging = None
+            self.accelerator.wait_for_everyone()  # every file is written before the main process seals
+        if main:
+            checkpoints.rotate(out, self.keep_checkpoints)
+
+    def _get_output_dir(self, trial):
+        # The Trainer saves a checkpoint under this folder: the staging one while _save_checkpoint runs.
+        return str(self._staging) if self._staging else super()._get_output_dir(trial)
+
+
+class QTuneTrainer(StagedCheckpoints, Trainer):
     """A `transformers.Trainer` whose steps train only what a pruning `Method` keeps."""
 
     def __init__(self, *args, method: Method, pad_token_id: int, triage_scope: str = "global",
                  chunk_tokens: int = 128, head_impl: str = "auto", kept_row_layout: str = "auto",
-                 scorer: Scorer | None = None, objective: Objective | None = None,
-                 step_log: str | Path | None = None, nonfinite: str = "stop",
+                 scorer: Scorer | None = None, pass_scorer: Callable[[torch.device], Scorer] | None = None,
+                 objective: Objective | None = None, step_log: str | Path | None = None, nonfinite: str = "stop",
                  keep_checkpoints: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.method = method
+        # Builds the scorer of the method's pass over the training set on a device, when it has one
+        # (`qtune.scorer.build_scorer(training_set_pass=True)`): called only when the pass runs.
+        self.pass_scorer = pass_scorer
+        self.pass_seconds: float | None = None  # of that pass (also read back on --resume)
         self.pad_token_id = pad_token_id
         self.triage_scope = triage_scope
         self.chunk_tokens = chunk_tokens
@@ -110,7 +162,6 @@ class QTuneTrainer(Trainer):
         self.clock = PhaseClock()  # a step's own, on its device, from get_batch_samples on
         self._step_loss = torch.zeros(())
         self._since_log: list[dict] = []
-        self._staging: Path | None = None
         # compute_loss divides by the step's kept-token count: already scaled for accumulation.
         self.loss_is_scaled_for_ga = True
         self.add_callback(_StepRecorder(self))
@@ -206,28 +257,10 @@ class QTuneTrainer(Trainer):
         if self.args.should_save:
             log(f"step {step} skipped: {what} (--nonfinite skip)")
 
-    def _save_checkpoint(self, model, trial):
-        """The Trainer's checkpoint plus the method's state, staged so that `checkpoint-N` appears
-        complete or not at all; then the oldest complete checkpoints beyond `keep_checkpoints` are
-        deleted. The main process stages, seals and rotates; every process writes its own files
-        (the Trainer's per-process RNG states) between two barriers."""
-        out = Path(self.args.output_dir)
-        main = self.args.should_save
+    def _checkpoint_extra(self):
+        """The method's state of every process, in each checkpoint (METHOD_STATE)."""
         states = gather(self.method.state_dict())
-        staged = (checkpoints.staged_checkpoint(out, self.state.global_step) if main
-                  else contextlib.nullcontext(out / checkpoints.STAGING))
-        with staged as staging:
-            self.accelerator.wait_for_everyone()  # the staging folder exists before anyone writes
-            self._staging = staging
-            try:
-                super()._save_checkpoint(model, trial)
-                if main:
-                    write_json(staging / f"checkpoint-{self.state.global_step}" / METHOD_STATE, {"states": states})
-            finally:
-                self._staging = None
-            self.accelerator.wait_for_everyone()  # every file is written before the main process seals
-        if main:
-            checkpoints.rotate(out, self.keep_checkpoints)
+        return lambda folder: write_json(folder / METHOD_STATE, {"states": states})
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """The Trainer's `train`, resuming the pruning state too, so that every front end (`qtune
@@ -242,12 +275,67 @@ class QTuneTrainer(Trainer):
             resume_from_checkpoint = str(complete[-1])
         if resume_from_checkpoint:
             self.load_method_state(Path(resume_from_checkpoint))
+        if self.method.pass_needs:
+            self._fix_token_masks(resumed=bool(resume_from_checkpoint))
         if self.is_world_process_zero():
             if resume_from_checkpoint:
-                _truncate_step_log(self.step_log, checkpoints.checkpoint_step(Path(resume_from_checkpoint)))
+                truncate_step_log(self.step_log, checkpoints.checkpoint_step(Path(resume_from_checkpoint)))
             else:
                 self.step_log.unlink(missing_ok=True)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _fix_token_masks(self, resumed: bool) -> None:
+        """The one-time pass of a method that decides before training (`Method.pass_needs`): on a
+        new run, every process scores its share of the training set with the initial weights,
+        the values are gathered, every process fixes the same masks (`Method.fix_masks`) and the
+        main process saves them (OUT/TOKEN_MASKS); on --resume every process reads them back."""
+        path = Path(self.args.output_dir) / TOKEN_MASKS
+        if resumed:
+            masks = read_token_masks(path)
+        else:
+            start = time.perf_counter()
+            values = {}
+            for share in gather(self._pass_values()):
+                values.update(share)
+            masks = self.method.fix_masks(values)
+            del values
+            masks.info["seconds"] = repr(time.perf_counter() - start)
+            if self.args.should_save:
+                write_token_masks(path, masks)
+        self.pass_seconds = float(masks.info["seconds"])
+        if self.args.should_save:
+            details = ", ".join(f"{k} {v}" for k, v in masks.info.items() if k != "seconds")
+            log(f"{self.method.name}: token masks fixed before the first step by a pass over the training set of "
+                f"{self.pass_seconds:.1f} s ({details}){'; read back from' if resumed else '; saved to'} {path}")
+        self.method.use_masks(masks)
+
+    def _pass_values(self) -> dict[int, torch.Tensor]:
+        """`Method.pass_values` of this process's share of the training set (every world-size-th
+        sample, from its rank on), scored with the model as it is before the first step, in
+        micro-batches of the training size grouped by length (little padding)."""
+        import datasets
+        from tqdm.auto import tqdm
+
+        if self.pass_scorer is None:
+            raise QTuneError(f"method {self.method.name!r} decides from a pass over the training set before "
+                             "training; give QTuneTrainer pass_scorer= (see qtune.scorer.build_scorer)")
+        device = next(self.model.parameters()).device
+        scorer = self.pass_scorer(device)
+        dataset = self.train_dataset
+        if isinstance(dataset, datasets.Dataset):  # the columns the collator takes, as the training loader keeps them
+            dataset = self._remove_unused_columns(dataset, description="the pass over the training set")
+        rank, size = world()
+        share = range(rank, len(dataset), size)
+        groups = length_bucketed_batches([len(dataset[i]["input_ids"]) for i in share],
+                                         self.args.per_device_train_batch_size)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=[[share[j] for j in group] for group in groups],
+                                             collate_fn=self.data_collator)
+        values = {}
+        for batch in tqdm(loader, desc=f"{self.method.name}: pass over the training set", unit="batch",
+                          disable=not self.is_world_process_zero()):
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            values.update(self.method.pass_values(batch, scorer(self.model, [batch])[0]))
+        return values
 
     def load_method_state(self, checkpoint: Path) -> None:
         """Restore this process's method state from `checkpoint`. Nothing to restore for a
@@ -259,10 +347,6 @@ class QTuneTrainer(Trainer):
                 raise QTuneError(f"--resume: {checkpoint} was saved by {len(states)} process(es); resume it with "
                                  f"as many, not {self.args.world_size}")
             self.method.load_state_dict(states[self.args.process_index])
-
-    def _get_output_dir(self, trial):
-        # The Trainer saves a checkpoint under this folder: the staging one while _save_checkpoint runs.
-        return str(self._staging) if self._staging else super()._get_output_dir(trial)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """This process's share of the mean loss over the step's kept tokens (`qtune.step`);
@@ -376,19 +460,44 @@ def read_step_log(path: str | Path) -> list[dict]:
     return rows
 
 
-def _truncate_step_log(path: Path, last_step: int) -> None:
+def truncate_step_log(path: Path, last_step: int) -> None:
     """On resume, forget steps after the checkpoint: they are about to be trained again."""
     rows = [r for r in read_step_log(path) if r["step"] <= last_step]
     write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _apply_lora(model, cfg: TrainConfig):
+def write_token_masks(path: Path, masks: TokenMasks) -> None:
+    """Save `masks` as safetensors (their `info` as the file's metadata), atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({"sample_id": masks.sample_id, "offsets": masks.offsets, "keep": masks.keep}, str(tmp),
+                  metadata=masks.info)
+
+
+def read_token_masks(path: Path) -> TokenMasks:
+    """The masks `write_token_masks` saved; QTuneError when the file is missing."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise QTuneError(f"--resume: {path} is missing: it holds the token masks this run fixed before its first step "
+                         "(from the initial weights), which a resume reads instead of recomputing; start a new run in "
+                         "another --out")
+    with safe_open(str(path), framework="pt") as f:
+        return TokenMasks(f.get_tensor("sample_id"), f.get_tensor("offsets"), f.get_tensor("keep"), f.metadata())
+
+
+def apply_lora(model, *, r: int, alpha: float, dropout: float, target: str):
+    """`model` with LoRA adapters of rank `r` on the modules named in `target` (comma-separated, or
+    all-linear); QTuneError when the model has none of them."""
     from peft import LoraConfig, get_peft_model
 
-    target = cfg.lora_target if cfg.lora_target == "all-linear" else [t.strip() for t in cfg.lora_target.split(",")]
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=target, task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    modules = target if target == "all-linear" else [t.strip() for t in target.split(",")]
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        raise QTuneError(f"LoRA on {target!r}: {str(exc).strip().splitlines()[0]}") from exc
 
 
 def _save_final_model(trainer: QTuneTrainer, tokenizer, cfg: TrainConfig, out: Path) -> None:
@@ -441,7 +550,7 @@ def _config_record(cfg: TrainConfig) -> dict:
     return json.loads(json.dumps(asdict(cfg)))
 
 
-def _prepare_folder(cfg: TrainConfig, out: Path) -> Path | None:
+def prepare_folder(cfg: TrainConfig, out: Path) -> Path | None:
     """Check the claimed OUT for this run and return the checkpoint to resume from (None for a new
     run). Refuses a new run over checkpoints, a resume without a complete checkpoint, and a resume
     whose options differ from the recorded ones beyond --allow-config-change. On resume, incomplete
@@ -471,7 +580,7 @@ def _prepare_folder(cfg: TrainConfig, out: Path) -> Path | None:
 
 
 # transformers 5 renames `gradient_checkpointing` to `activation_checkpointing` (the old name warns).
-_CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
                   else "gradient_checkpointing")
 
 
@@ -504,7 +613,7 @@ def _training_arguments(cfg: TrainConfig, out: Path, device: torch.device, mixed
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=True,  # replaced by _PruningProgress below
-        **{_CHECKPOINTING: cfg.gradient_checkpointing},
+        **{CHECKPOINTING: cfg.gradient_checkpointing},
         ddp_find_unused_parameters=cfg.ddp_find_unused_parameters,
         fsdp=cfg.fsdp or "",
         fsdp_config=cfg.fsdp_config,
@@ -526,11 +635,11 @@ def run_train(cfg: TrainConfig) -> dict:
     main = args.should_save
     with claim_output_dir(cfg.out, "qtune train") if main else contextlib.nullcontext():
         with args.main_process_first(desc="preparing the output folder"):
-            resume_from = _prepare_folder(cfg, out) if main else _resume_point(cfg, out)
+            resume_from = prepare_folder(cfg, out) if main else resume_point(cfg, out)
         return _train(cfg, out, args, resume_from)
 
 
-def _resume_point(cfg: TrainConfig, out: Path) -> Path | None:
+def resume_point(cfg: TrainConfig, out: Path) -> Path | None:
     """The checkpoint to resume from, in a folder the main process has prepared."""
     return checkpoints.scan(out)[0][-1] if cfg.resume else None
 
@@ -552,7 +661,7 @@ def _train(cfg: TrainConfig, out: Path, args: TrainingArguments, resume_from: Pa
     model = load_model(cfg.model, dtype="float32", device="cpu", trust_remote_code=cfg.trust_remote_code)
     check_vocabulary(model, tokenizer, cfg.model)
     if cfg.lora_r > 0:
-        model = _apply_lora(model, cfg)
+        model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target=cfg.lora_target)
 
     trainer = QTuneTrainer(
         model=model,
@@ -568,6 +677,8 @@ def _train(cfg: TrainConfig, out: Path, args: TrainingArguments, resume_from: Pa
         kept_row_layout=cfg.kept_row_layout,
         scorer=build_scorer(cfg, tokenizer, args.device, needs=method.needs, dtype=cfg.dtype,
                             trust_remote_code=cfg.trust_remote_code),
+        pass_scorer=lambda device: build_scorer(cfg, tokenizer, device, needs=method.pass_needs, dtype=cfg.dtype,
+                                                trust_remote_code=cfg.trust_remote_code, training_set_pass=True),
         objective=Objective(cfg.loss, alpha=cfg.loss_alpha, threshold=cfg.loss_threshold),
         step_log=step_log,
         nonfinite=cfg.nonfinite,
@@ -588,6 +699,8 @@ def _train(cfg: TrainConfig, out: Path, args: TrainingArguments, resume_from: Pa
     trainer.accelerator.wait_for_everyone()  # the step log and the model are complete for every process
 
     summary = summarize_run(read_step_log(step_log), method)
+    if trainer.pass_seconds is not None:
+        summary["training_set_pass_seconds"] = trainer.pass_seconds
     summary.update({
         "config": asdict(cfg),
         "model_dir": str(final),
@@ -604,6 +717,8 @@ def _train(cfg: TrainConfig, out: Path, args: TrainingArguments, resume_from: Pa
     log(f"nominal budget {summary['nominal_budget']:.3f} (the method's); response tokens that received "
         f"loss: {100 * summary['loss_token_fraction']:.1f}%; samples trained: "
         f"{100 * summary['kept_sample_fraction']:.1f}%")
+    before = (f", after a pass over the training set of {trainer.pass_seconds:.1f} s"
+              if trainer.pass_seconds is not None else "")
     log(f"wall time {summary['wall_seconds']:.1f} s = scoring {summary['scoring_seconds']:.1f} s + training "
-        f"{summary['training_seconds']:.1f} s; model saved to {final}")
+        f"{summary['training_seconds']:.1f} s{before}; model saved to {final}")
     return summary

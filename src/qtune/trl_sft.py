@@ -168,8 +168,11 @@ class QTuneSFTTrainer(QTuneTrainer, trl.SFTTrainer):
         if self.pad_token_id is None:
             self.pad_token_id = require_pad_token(getattr(self.processing_class, "tokenizer", self.processing_class))
         self.objective = Objective(args.loss, alpha=args.loss_alpha, threshold=args.loss_threshold)
-        self.scorer = build_scorer(args, getattr(self.processing_class, "tokenizer", self.processing_class),
-                                   self.args.device, needs=method.needs, dtype="bfloat16" if args.bf16 else "float32")
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        dtype = "bfloat16" if args.bf16 else "float32"
+        self.scorer = build_scorer(args, tokenizer, self.args.device, needs=method.needs, dtype=dtype)
+        self.pass_scorer = lambda device: build_scorer(args, tokenizer, device, needs=method.pass_needs, dtype=dtype,
+                                                       training_set_pass=True)
         self.data_collator = _CollateWithIds(self.data_collator)
 
     def _set_signature_columns_if_needed(self):

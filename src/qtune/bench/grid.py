@@ -22,7 +22,7 @@ MATCHED = {"token_matched_random": "qtuning"}
 #: because importing the testbed loads transformers, which `qtune --help` must not (a test checks
 #: that they agree).
 TESTBED_PRESETS = ("data-starved", "saturated")
-DEFAULT_TESTBED = "data-starved"
+DEFAULT_TESTBED = "saturated"
 
 
 @dataclass

@@ -6,7 +6,7 @@ rules, one file per rule family, that `build_method` combines by name, "SAMPLE+T
 (`rules.py`: `longest+perplexity`, `entropy+random`, `infobatch+all`)."""
 
 from . import (  # noqa: F401 (register rules)
-    entropy, infobatch, length, perplexity, random_rules, rho1, token_attention, token_perplexity)
+    entropy, infobatch, length, perplexity, random_rules, rho1, token_attention, token_cleaning, token_perplexity)
 from .base import (
     METHODS,
     SCORES,
@@ -14,6 +14,7 @@ from .base import (
     Decision,
     Method,
     Selection,
+    TokenMasks,
     register,
     response_mask_of,
     split_rows,
@@ -29,6 +30,6 @@ from .token_matched import TokenMatchedRandom
 __all__ = [
     "METHODS", "SAMPLE_RULES", "SCORES", "TOKEN_RULES", "AntiOracle", "ComposedMethod", "DatasetSelection",
     "Decision", "FullData", "Method", "Oracle", "OracleRatio", "QTuning", "RandomPruning", "Selection",
-    "TokenMatchedRandom", "build_method", "method_class", "register", "register_sample_rule", "register_token_rule",
-    "response_mask_of", "split_rows",
+    "TokenMasks", "TokenMatchedRandom", "build_method", "method_class", "register", "register_sample_rule",
+    "register_token_rule", "response_mask_of", "split_rows",
 ]

@@ -14,6 +14,13 @@ Rules a method follows:
 - its state (`state_dict`) is JSON-serialisable; the trainer saves it in each checkpoint and
   restores it on `--resume`.
 
+A method may decide once, before the first step, from a pass over the whole training set with
+the initial weights (`pass_needs`: Token Cleaning's global threshold). The trainer then scores
+every training micro-batch once, hands each to `pass_values`, and `fix_masks` turns what they gave
+into fixed label masks (`TokenMasks`), which the trainer saves in the run's folder and gives back
+through `use_masks` (on --resume, read from that file instead); the steps apply them with no
+scoring pass of their own.
+
 Controls (`Method.control`) are registered like methods but serve experiments: they bound or
 calibrate what a method is compared with. A control that reads the ground truth of the training
 records (`needs_metadata`, e.g. `oracle`) gets every record's `metadata` once from the training
@@ -32,6 +39,7 @@ from typing import Callable
 import torch
 
 from ..config import METHOD_NAMES, FullConfig
+from ..errors import QTuneError
 from ..scoring import BatchScores, DatasetScores, response_positions
 
 #: The scores a method may ask the step for (`Method.needs`): the current model's token NLL and
@@ -95,6 +103,40 @@ class DatasetSelection:
     token_masks: dict[int, list[bool]]
 
 
+@dataclass
+class TokenMasks:
+    """Label masks fixed once for the whole run, one per training sample (a method with
+    `pass_needs`): the response tokens of sample `sample_id[i]`, in response order, keep their loss
+    where keep[offsets[i]:offsets[i + 1]] is True.
+
+    sample_id: int64 [N], ascending. offsets: int64 [N + 1]. keep: bool [T], T the response
+    tokens of the training set. What they hold for the run: 1 byte per response token plus 16
+    bytes per sample. info: how they were decided (strings: the log, the saved file's metadata).
+    """
+
+    sample_id: torch.Tensor
+    offsets: torch.Tensor
+    keep: torch.Tensor
+    info: dict[str, str] = field(default_factory=dict)
+
+    def label_mask(self, batch: dict) -> torch.Tensor:
+        """bool [B, L], on the batch's device: each row's stored mask on its response positions.
+        QTuneError for a row whose sample the pass did not see, or saw with another number of
+        response tokens (the data or its tokenization changed since the masks were fixed)."""
+        response = response_mask_of(batch).cpu()
+        ids = batch["sample_id"].cpu()
+        where = torch.searchsorted(self.sample_id, ids).clamp(max=self.sample_id.numel() - 1)
+        mask = torch.zeros_like(response)
+        for row, (sample, i) in enumerate(zip(ids.tolist(), where.tolist())):
+            start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+            count = int(response[row].sum())
+            if int(self.sample_id[i]) != sample or end - start != count:
+                raise QTuneError(f"sample {sample} ({count} response tokens) is not among the token masks fixed before "
+                                 "training; the training data or its tokenization changed since: start a new run")
+            mask[row, response[row]] = self.keep[start:end]
+        return mask.to(batch["labels"].device)
+
+
 def response_mask_of(batch: dict) -> torch.Tensor:
     """Positions that receive loss in the unpruned batch (`qtune.scoring.response_positions`)."""
     return response_positions(batch["labels"])
@@ -113,6 +155,9 @@ class Method:
     config_class: type = FullConfig
     #: The scores the step must compute before `select` (a subset of `SCORES`); empty: none.
     needs: frozenset[str] = frozenset()
+    #: The scores of a one-time pass over the training set with the initial weights, before the
+    #: first step (a subset of `SCORES`); empty: no such pass (see the module doc).
+    pass_needs: frozenset[str] = frozenset()
     #: A control of an experiment, not a pruning method: `qtune methods` marks it, and `qtune bench`
     #: runs it only when named.
     control: bool = False
@@ -140,6 +185,19 @@ class Method:
         """Whether the step runs the scoring pass before `select` at this step."""
         return bool(self.needs)
 
+    def pass_values(self, batch: dict, scores: BatchScores) -> dict[int, torch.Tensor]:
+        """What the method keeps of one micro-batch of the pass: per sample_id, float32 values of
+        its response tokens (response order, on the CPU)."""
+        raise NotImplementedError(f"method {self.name!r} has no pass over the training set")
+
+    def fix_masks(self, values: dict[int, torch.Tensor]) -> TokenMasks:
+        """The label masks of the whole run, from `pass_values` of every training sample."""
+        raise NotImplementedError(f"method {self.name!r} has no pass over the training set")
+
+    def use_masks(self, masks: TokenMasks) -> None:
+        """Apply `masks` (from `fix_masks`, or read back on --resume) from the next step on."""
+        raise NotImplementedError(f"method {self.name!r} has no pass over the training set")
+
     def select(self, batches: list[dict], scores: list[BatchScores] | None, step: int) -> Decision:
         """The dynamic decision for one step (`scores` is None when no scoring pass ran)."""
         raise NotImplementedError
@@ -163,7 +221,7 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
     def add(cls: type[Method]) -> type[Method]:
         if name in METHODS:
             raise ValueError(f"pruning method {name!r} is already registered")
-        unknown = set(cls.needs) - SCORES
+        unknown = (set(cls.needs) | set(cls.pass_needs)) - SCORES
         if unknown:
             raise ValueError(f"pruning method {name!r} needs unknown scores {sorted(unknown)}; known: {sorted(SCORES)}")
         cls.name = name

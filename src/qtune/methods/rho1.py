@@ -17,7 +17,7 @@ lam = 0 on the negated excess).
 
 from __future__ import annotations
 
-from ..config import Rho1Config
+from ..config import ReferenceModelConfig
 from ..pruning import prune_tokens
 from .rules import TokenRule, register_token_rule
 
@@ -26,7 +26,7 @@ from .rules import TokenRule, register_token_rule
 class Rho1Tokens(TokenRule):
     """keep_count(r_token, n) tokens of highest excess loss (current NLL - reference NLL) per kept sample"""
 
-    config_class = Rho1Config
+    config_class = ReferenceModelConfig
     needs = frozenset({"nll", "reference_nll"})
 
     def masks(self, cfg, batch, scores, generator):

@@ -11,6 +11,12 @@ its label mask (bool [B, L], True where a response token keeps its loss), read o
 only; the rules that keep a share keep `keep_count(r_token, n)` tokens of a row of n response
 tokens. Every rule states its tie rule.
 
+A token rule may instead decide once, before the first step, over the response tokens of the
+whole training set (`TokenRule.pass_needs`, e.g. `token_cleaning`'s global threshold): it turns the
+scores of a pass with the initial weights into one value per token (`pass_values`), then fixes
+every sample's mask from all of them (`fix_masks`); the steps apply the stored masks
+(`qtune.methods.base.TokenMasks`) and call no `masks`.
+
 Random draws come from one generator per step, seeded by (seed, step) (`step_generator`): the
 sample rule draws first, then the token rule, micro-batch by micro-batch, so `random+random`
 decides exactly as the `random` method. No rule keeps state across steps.
@@ -31,7 +37,7 @@ from ..config import SAMPLE_RULE_NAMES, TOKEN_RULE_NAMES, RandomConfig, composed
 from ..errors import QTuneError
 from ..phases import PhaseClock
 from ..scoring import BatchScores
-from .base import SCORES, Decision, Method, Selection, response_mask_of, split_rows
+from .base import SCORES, Decision, Method, Selection, TokenMasks, response_mask_of, split_rows
 from .random import step_generator
 
 
@@ -100,11 +106,14 @@ class SampleRule:
 
 
 class TokenRule:
-    """Base of the token rules. Subclasses set `config_class`, `needs` and `masks`."""
+    """Base of the token rules. Subclasses set `config_class`, `needs` and `masks`, or, for a rule
+    that decides once before training, `pass_needs`, `pass_values` and `fix_masks`."""
 
     name = "base"
     config_class: type | None = None
     needs: frozenset[str] = frozenset()
+    #: The scores of the one-time pass over the training set (a subset of SCORES); empty: none.
+    pass_needs: frozenset[str] = frozenset()
 
     def share(self, cfg) -> float:
         """The share of a kept sample's response tokens the rule means to keep (nominal budget)."""
@@ -113,6 +122,15 @@ class TokenRule:
     def masks(self, cfg, batch: dict, scores: BatchScores | None, generator: torch.Generator) -> torch.Tensor:
         """bool [B, L]: True where a response token of the micro-batch keeps its loss (every row;
         only the kept rows are read)."""
+        raise NotImplementedError
+
+    def pass_values(self, cfg, scores: BatchScores) -> list[torch.Tensor]:
+        """Per row of a micro-batch of the pass, float32 values of its response tokens (response
+        order, on the CPU)."""
+        raise NotImplementedError
+
+    def fix_masks(self, cfg, values: dict[int, torch.Tensor]) -> TokenMasks:
+        """The masks of every training sample from the values of all of them (keyed by sample_id)."""
         raise NotImplementedError
 
 
@@ -124,7 +142,7 @@ def _register(kind: str, registry: dict, names: set[str], name: str):
     def add(cls):
         if "+" in name or name in registry:
             raise ValueError(f"{kind} rule {name!r} is already registered or holds a '+'")
-        unknown = set(cls.needs) - SCORES
+        unknown = (set(cls.needs) | set(getattr(cls, "pass_needs", ()))) - SCORES
         if unknown:
             raise ValueError(f"{kind} rule {name!r} needs unknown scores {sorted(unknown)}; known: {sorted(SCORES)}")
         cls.name = name
@@ -178,6 +196,8 @@ class ComposedMethod(Method):
         # The step calls needs_scores_at(step, total_steps) before select: the run's length is
         # learnt there, for the rules that depend on it (InfoBatch's annealing).
         self.total_steps: int | None = None
+        # The token rule's fixed masks, when it decides before training (`use_masks`).
+        self.token_masks: TokenMasks | None = None
 
     @property
     def nominal_budget(self) -> float:
@@ -197,10 +217,30 @@ class ComposedMethod(Method):
         selections = []
         with clock.phase("token_select"):
             for j, (batch, kept) in enumerate(zip(batches, split_rows(choice.kept, batches))):
-                mask = self.token_rule.masks(cfg, batch, None if scores is None else scores[j], generator)
+                if self.token_rule.pass_needs:
+                    mask = self._fixed_masks().label_mask(batch)
+                else:
+                    mask = self.token_rule.masks(cfg, batch, None if scores is None else scores[j], generator)
                 selections.append(Selection(kept.nonzero().flatten(), mask, weights[j]))
         stats = {"samples": choice.kept.numel(), "kept": int(choice.kept.sum()), **choice.stats}
         return Decision.over(batches, selections, self.nominal_budget, stats, clock.seconds)
+
+    def pass_values(self, batch, scores):
+        values = self.token_rule.pass_values(self.config, scores)
+        return dict(zip(batch["sample_id"].tolist(), values))
+
+    def fix_masks(self, values):
+        return self.token_rule.fix_masks(self.config, values)
+
+    def use_masks(self, masks):
+        self.token_masks = masks
+
+    def _fixed_masks(self) -> TokenMasks:
+        if self.token_masks is None:
+            raise QTuneError(f"method {self.name!r}: the {self.token_rule.name} token rule decides once, over the "
+                             "whole training set, before the first step; this training loop did not run that pass "
+                             "(qtune train and QTuneSFTTrainer do: QTuneTrainer.train)")
+        return self.token_masks
 
 
 _CLASSES: dict[str, type[ComposedMethod]] = {}
@@ -220,7 +260,7 @@ def composed_class(name: str) -> type[ComposedMethod]:
             namespace={"__doc__": f"Options of `{name}`: those of its rules, r_sample, r_token and seed."})
         _CLASSES[name] = type(f"{_title(name)}Method", (ComposedMethod,), {
             "__doc__": f"{_summary(sample)}; {_summary(token)}", "name": name, "config_class": config_class, "needs": sample.needs | token.needs,
-            "sample_rule": sample, "token_rule": token})
+            "pass_needs": token.pass_needs, "sample_rule": sample, "token_rule": token})
     return _CLASSES[name]
 
 

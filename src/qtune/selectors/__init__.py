@@ -4,8 +4,11 @@ A selector sees the whole dataset once (no training), as `SelectorInputs`, and r
 `StaticChoice`: the kept sample ids, one score per sample (what it ranks by, written to
 scores.parquet) and which direction it keeps. A selector declares what else it needs (`needs`:
 "answer_scores", the answers scored without their instructions; "texts", each sample's text, its
-(instruction, response) pair and its record's metadata) and `qtune.selection` builds only that. Besides the selectors registered here, every pruning method with a static
-selection (`Method.select_dataset`: `full`, `random`, `qtuning`) can be named.
+(instruction, response) pair and its record's metadata; "model", the scoring model itself and the
+tokenized samples, for a selector that computes with them (gradients); "target", the tokenized
+samples of `--target-data` and their records' metadata) and `qtune.selection` builds only that.
+Besides the selectors registered here, every pruning method with a static selection
+(`Method.select_dataset`: `full`, `random`, `qtuning`) can be named.
 """
 
 from __future__ import annotations
@@ -25,13 +28,21 @@ class SelectorInputs:
     """scores: the dataset's `DatasetScores` under the scoring model; answer_scores: the same for
     the answers alone (when needed). With "texts", in `scores.sample_id` order: texts, each
     sample's conversation as one text; pairs, its (instruction, response) texts (the user and
-    system turns, the assistant turns); metadata, its record's `metadata`."""
+    system turns, the assistant turns); metadata, its record's `metadata`. With "model": model,
+    the scoring model; samples, the tokenized samples (in load order, each with its sample_id);
+    pad_token_id. With "target": target_samples, the tokenized samples of --target-data, and
+    target_metadata, each one's record's `metadata`."""
 
     scores: object
     answer_scores: object | None = None
     texts: list[str] | None = None
     pairs: list[tuple[str, str]] | None = None
     metadata: list[dict] | None = None
+    model: object | None = None
+    samples: object | None = None
+    pad_token_id: int | None = None
+    target_samples: object | None = None
+    target_metadata: list[dict] | None = None
 
 
 @dataclass
@@ -70,4 +81,4 @@ def keep_top(values: list[float], count: int, *, highest: bool, allowed: list[bo
     return kept.nonzero().flatten().tolist()
 
 
-from . import diversity, hardness, ifd, perplexity  # noqa: E402,F401 (register the selectors)
+from . import diversity, hardness, ifd, less, perplexity  # noqa: E402,F401 (register the selectors)

@@ -2,8 +2,8 @@
 
     python -m qtune.testbed.calibrate [--epochs 5] [--lr 1e-3] [--batch-size 16]
 
-Builds (or reuses) the default testbed, measures greedy exact match on the held-out test set
-before and after fine-tuning on the whole default training set, and prints the timings. It is a
+Builds (or reuses) the data-starved testbed, measures greedy exact match on the held-out test set
+before and after fine-tuning on its whole training set, and prints the timings. It is a
 deliberately small, self-contained PyTorch loop (the chat template renders each record, the loss
 is on the answer only, AdamW with warmup and cosine decay, batches of similar lengths); the real
 trainer is `qtune train`.
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
 
     started = time.perf_counter()
-    paths = build_testbed(args.cache_dir)
+    paths = build_testbed(args.cache_dir, preset="data-starved")
     print(f"testbed: {paths.root} ({time.perf_counter() - started:.0f}s, cached builds take ~0s)")
     model, tokenizer = load_testbed_model(paths)
     train, test = read_jsonl(paths.train_path), read_jsonl(paths.test_path)
