@@ -48,7 +48,7 @@ from .config import TrainConfig
 from .console import log
 from .data import collate, length_bucketed_batches, require_pad_token
 from .errors import QTuneError
-from .io import atomic_path, claim_output_dir, write_json, write_text
+from .io import atomic_path, claim_output_dir, replace_dir, write_json, write_text
 from .methods import Method, TokenMasks, build_method
 from .objectives import Objective
 from .models import check_vocabulary, load_model, load_tokenizer, resolve_device, resolve_dtype
@@ -100,7 +100,9 @@ class StagedCheckpoints:
     checkpoints staged so that `checkpoint-N` appears complete or not at all, then the oldest
     complete ones beyond `self.keep_checkpoints` deleted (`qtune.checkpoints`). The main process
     stages, seals and rotates; every process writes its own files (the Trainer's per-process RNG
-    states) between two barriers. A subclass adds files through `_checkpoint_extra`."""
+    states) between two barriers. A subclass adds files through `_checkpoint_extra`. Its `train`
+    resolves `resume_from_checkpoint` with `_checkpoint_to_resume` and restarts its step log
+    (`self.step_log`, the subclass's) with `_restart_step_log`."""
 
     keep_checkpoints: int | None = None
     _staging: Path | None = None  # the staging folder while _save_checkpoint runs
@@ -132,6 +134,24 @@ class StagedCheckpoints:
     def _get_output_dir(self, trial):
         # The Trainer saves a checkpoint under this folder: the staging one while _save_checkpoint runs.
         return str(self._staging) if self._staging else super()._get_output_dir(trial)
+
+    def _checkpoint_to_resume(self, resume_from_checkpoint: str | bool | None) -> str | None:
+        """`train`'s argument with `True` made the newest complete checkpoint of `output_dir`."""
+        if resume_from_checkpoint is True:
+            complete, _ = checkpoints.scan(Path(self.args.output_dir))
+            if not complete:
+                raise QTuneError(f"no complete checkpoint in {self.args.output_dir} to resume from")
+            return str(complete[-1])
+        return resume_from_checkpoint or None
+
+    def _restart_step_log(self, resumed_from: str | None) -> None:
+        """Main process: cut the step log back to the checkpoint's step (those steps are about to be
+        trained again), or start a new one for a fresh run."""
+        if self.is_world_process_zero():
+            if resumed_from:
+                truncate_step_log(self.step_log, checkpoints.checkpoint_step(Path(resumed_from)))
+            else:
+                self.step_log.unlink(missing_ok=True)
 
 
 class QTuneTrainer(StagedCheckpoints, Trainer):
@@ -268,20 +288,12 @@ class QTuneTrainer(StagedCheckpoints, Trainer):
         back from the checkpoint and the step log is cut back to the checkpoint's step (those steps
         are about to be trained again); a fresh run starts a new step log. `True` means the newest
         complete checkpoint of `output_dir`."""
-        if resume_from_checkpoint is True:
-            complete, _ = checkpoints.scan(Path(self.args.output_dir))
-            if not complete:
-                raise QTuneError(f"no complete checkpoint in {self.args.output_dir} to resume from")
-            resume_from_checkpoint = str(complete[-1])
+        resume_from_checkpoint = self._checkpoint_to_resume(resume_from_checkpoint)
         if resume_from_checkpoint:
             self.load_method_state(Path(resume_from_checkpoint))
         if self.method.pass_needs:
             self._fix_token_masks(resumed=bool(resume_from_checkpoint))
-        if self.is_world_process_zero():
-            if resume_from_checkpoint:
-                truncate_step_log(self.step_log, checkpoints.checkpoint_step(Path(resume_from_checkpoint)))
-            else:
-                self.step_log.unlink(missing_ok=True)
+        self._restart_step_log(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _fix_token_masks(self, resumed: bool) -> None:
@@ -500,19 +512,24 @@ def apply_lora(model, *, r: int, alpha: float, dropout: float, target: str):
         raise QTuneError(f"LoRA on {target!r}: {str(exc).strip().splitlines()[0]}") from exc
 
 
-def _save_final_model(trainer: QTuneTrainer, tokenizer, cfg: TrainConfig, out: Path) -> None:
-    """Write OUT/model atomically: build it beside, then swap it in."""
+def save_model_folder(model, tokenizer, out: Path) -> Path:
+    """Write `model` and `tokenizer` to OUT/model atomically (safetensors): built beside, then
+    swapped in (`io.replace_dir`), so OUT/model is complete or the previous one. Returns its path."""
     final, tmp = out / "model", out / ".model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model = trainer.model
-    if cfg.lora_r > 0 and cfg.merge_lora:
-        model = model.merge_and_unload()
     with checkpoints.discard_on_failure(tmp, final):
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    replace_dir(tmp, final)
+    return final
+
+
+def _save_final_model(trainer: QTuneTrainer, tokenizer, cfg: TrainConfig, out: Path) -> None:
+    """OUT/model: the trained weights (with LoRA, the adapter, or the merged model with --merge-lora)."""
+    model = trainer.model
+    if cfg.lora_r > 0 and cfg.merge_lora:
+        model = model.merge_and_unload()
+    save_model_folder(model, tokenizer, out)
 
 
 def _sum_phases(rows: list[dict], key: str, combine) -> dict:

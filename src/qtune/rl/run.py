@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import platform
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -30,15 +29,14 @@ from pathlib import Path
 import torch
 from transformers.trainer_callback import PrinterCallback
 
-from .. import checkpoints
 from ..config import EvalConfig
 from ..console import log
 from ..data import load_records
 from ..errors import QTuneError
-from ..io import claim_output_dir, replace_dir, write_json
+from ..io import claim_output_dir, write_json
 from ..models import resolve_device, resolve_dtype
 from ..rewards import bind_options, parse_spec, resolve
-from ..train import CHECKPOINTING, prepare_folder, resume_point, read_step_log
+from ..train import CHECKPOINTING, prepare_folder, read_step_log, resume_point, save_model_folder
 from .config import RLConfig
 from .prompts import load_policy, load_prompts
 from .trainer import HELDOUT, STEP_LOG, QTuneGRPOTrainer, RewardProgress
@@ -241,15 +239,10 @@ def summarize_rl(rows: list[dict], zero_variance: dict | None) -> dict:
 
 
 def save_policy(model, tokenizer, out: Path, *, merge: bool = False) -> None:
-    """Write OUT/model atomically (built beside, then swapped in): full weights; for a PEFT model its
-    trained adapter (TRL's frozen `ref` copy left out), or the merged weights with `merge`."""
-    final, tmp = out / "model", out / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Write OUT/model atomically (`qtune.train.save_model_folder`): full weights; for a PEFT model
+    its trained adapter (TRL's frozen `ref` copy left out), or the merged weights with `merge`."""
     if hasattr(model, "peft_config") and "ref" in model.peft_config:
         model.delete_adapter("ref")
     if merge and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    with checkpoints.discard_on_failure(tmp, final):
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    replace_dir(tmp, final)
+    save_model_folder(model, tokenizer, out)

@@ -27,10 +27,8 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 from trl import GRPOTrainer
 
-from .. import checkpoints
-from ..errors import QTuneError
 from ..evaluate import evaluate_exact_match
-from ..train import StagedCheckpoints, truncate_step_log
+from ..train import StagedCheckpoints
 
 STEP_LOG = "steps.jsonl"
 HELDOUT = "heldout_exact_match"
@@ -57,16 +55,8 @@ class QTuneGRPOTrainer(StagedCheckpoints, GRPOTrainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """TRL's `train`; `True` resumes from the newest complete checkpoint of `output_dir`. Resuming
         cuts the step log back to the checkpoint's step; a fresh run starts a new step log."""
-        if resume_from_checkpoint is True:
-            complete, _ = checkpoints.scan(Path(self.args.output_dir))
-            if not complete:
-                raise QTuneError(f"no complete checkpoint in {self.args.output_dir} to resume from")
-            resume_from_checkpoint = str(complete[-1])
-        if self.is_world_process_zero():
-            if resume_from_checkpoint:
-                truncate_step_log(self.step_log, checkpoints.checkpoint_step(Path(resume_from_checkpoint)))
-            else:
-                self.step_log.unlink(missing_ok=True)
+        resume_from_checkpoint = self._checkpoint_to_resume(resume_from_checkpoint)
+        self._restart_step_log(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
