@@ -650,6 +650,9 @@ class TrainConfig(ScorerConfig, ComputeConfig, ParallelConfig, LossConfig, Optim
     save_steps: int = option(200, "Save a checkpoint every N optimizer steps.", bounds="[1, inf)")
     save_total_limit: int = option(2, "Checkpoints kept on disk (oldest deleted first).", bounds="[1, inf)")
     logging_steps: int = option(10, "Average and report the loss every N steps.", bounds="[1, inf)")
+    log_token_masks: bool = option(False, "Also write, for each kept sample of each step, which of its response "
+                                          "tokens kept their loss (kept_token_masks in steps.jsonl, a 0/1 string "
+                                          "per sample id; the bench's token-level audit reads it).")
     report_to: str = option("none", "Where transformers reports metrics: none, tensorboard, wandb, ...")
     resume: bool = option(False, "Resume from the last complete checkpoint in --out.")
     progress: bool = option(True, "Show a progress bar.")

@@ -81,3 +81,52 @@ def pruning_audit(step_rows: Sequence[dict], category_of: dict[int, str]) -> dic
         kept.update(category_of[record_id_of(i)] for i in row["kept_ids"])
     return {cat: {"seen": seen[cat], "kept": kept[cat], "dropped_share": 1 - kept[cat] / seen[cat]}
             for cat in sorted(seen)}
+
+
+#: Roles of a response token in the token-level audit: on the answer's final line, elsewhere in
+#: the response, or a special token (end of turn) that belongs to neither.
+FINAL, OTHER, SPECIAL = "f", "o", "s"
+
+
+def response_token_roles(pieces: Sequence[str]) -> str:
+    """One role per response token, given each token's text ("" for a special token): FINAL for
+    the tokens after the last one that holds a line break (the answer's last line, e.g. `#### 9`),
+    OTHER before, SPECIAL for the empty ones. A token holding a line break counts as OTHER, so a
+    token that joins the last break and the start of the last line is not counted in it."""
+    start = max((i + 1 for i, p in enumerate(pieces) if "\n" in p), default=0)
+    return "".join(SPECIAL if not p else FINAL if i >= start else OTHER for i, p in enumerate(pieces))
+
+
+def token_audit(step_rows: Sequence[dict], group_of: dict[int, str], roles: dict[int, str]) -> dict[str, dict]:
+    """Per group (e.g. category/kind, keyed by record id): over the appearances of its samples that
+    a step trained on, the share of final-line response tokens (`response_token_roles`) that kept
+    their loss, and the share of the other, non-special response tokens, from the step log's
+    `kept_token_masks` (a step without it, or a sample without roles, is not counted). Groups
+    with no trained appearance are left out; a share whose tokens never appeared is None."""
+    counts: dict[str, Counter] = {}
+    for row in step_rows:
+        for sample_id, mask in row.get("kept_token_masks", {}).items():
+            role = roles.get(int(sample_id))
+            if role is None or len(role) != len(mask):
+                continue
+            c = counts.setdefault(group_of[record_id_of(int(sample_id))], Counter())
+            c["appearances"] += 1
+            for r, m in zip(role, mask):
+                c[r] += 1
+                c[r + m] += 1  # e.g. "f1": a final-line token that kept its loss
+
+    def share(c: Counter, role: str):
+        return c[role + "1"] / c[role] if c[role] else None
+
+    return {group: {"appearances": c["appearances"], "final_kept": share(c, FINAL), "other_kept": share(c, OTHER)}
+            for group, c in sorted(counts.items())}
+
+
+def accuracy_by(predictions: Sequence[dict], field: str, metric: str = "strict") -> dict[str, float] | None:
+    """Accuracy (`correct_<metric>` of `qtune eval`'s predictions.jsonl rows) per value of a
+    metadata `field` of the evaluation records (e.g. difficulty), None when no record has it."""
+    groups: dict[str, list[bool]] = {}
+    for p in predictions:
+        if p.get(field) is not None:
+            groups.setdefault(str(p[field]), []).append(bool(p[f"correct_{metric}"]))
+    return {k: sum(v) / len(v) for k, v in sorted(groups.items())} or None

@@ -229,9 +229,22 @@ def loss_token_count(batches: list[dict]) -> int:
     return sum(int(response_mask_of(b).sum()) for b in batches)
 
 
+def kept_token_masks(batches: list[dict], selections: list[Selection]) -> dict[str, str]:
+    """For each kept row with a token left: which of its response tokens keep their loss, in order,
+    as a string of "0" and "1" keyed by the sample id (a string, as JSON keys are)."""
+    masks = {}
+    for batch, selection in zip(batches, selections):
+        response = response_mask_of(batch)
+        for row in selection.rows.tolist():
+            kept = selection.label_mask[row][response[row]].tolist()
+            if any(kept):
+                masks[str(int(batch["sample_id"][row]))] = "".join("1" if k else "0" for k in kept)
+    return masks
+
+
 def plan_step(batches: list[dict], scores: list[BatchScores] | None, method: Method, step: int, *,
               pad_token_id: int, triage_scope: str = "global", clock: PhaseClock | None = None,
-              concatenate: bool = False) -> StepPlan:
+              concatenate: bool = False, log_token_masks: bool = False) -> StepPlan:
     """Decide what this process trains in this step, from its micro-batches and their scores.
 
     Every process must call it at the same step (it gathers). `clock` receives the seconds of
@@ -241,7 +254,8 @@ def plan_step(batches: list[dict], scores: list[BatchScores] | None, method: Met
     response_tokens, kept_tokens, input_tokens, trained_input_tokens, trained_positions (the
     positions the training forward runs over, padding included), sample_ids and kept_ids (in
     rank order), and the method's statistics (global scope: the method's own; local scope:
-    integer counts summed, other values those of process 0).
+    integer counts summed, other values those of process 0). `log_token_masks`: the record also
+    holds kept_token_masks (`kept_token_masks`, every process's rows).
     """
     if triage_scope not in TRIAGE_SCOPES:
         raise ValueError(f"triage_scope must be one of {TRIAGE_SCOPES}, not {triage_scope!r}")
@@ -294,9 +308,13 @@ def plan_step(batches: list[dict], scores: list[BatchScores] | None, method: Met
         "kept_ids": torch.cat([p["sample_id"] for p in packed]).tolist(),
         "stats": decision.stats,
     }
+    if log_token_masks:
+        local["kept_token_masks"] = kept_token_masks(batches, selections)
     everyone = gather(local)
     record = {key: sum((r[key] for r in everyone), [] if key.endswith("_ids") else 0)
-              for key in local if key != "stats"}
+              for key in local if key not in ("stats", "kept_token_masks")}
+    if log_token_masks:
+        record["kept_token_masks"] = {k: v for r in everyone for k, v in r["kept_token_masks"].items()}
     stats = dict(everyone[0]["stats"])
     if triage_scope == "local":
         for key, value in stats.items():

@@ -161,9 +161,10 @@ class QTuneTrainer(StagedCheckpoints, Trainer):
                  chunk_tokens: int = 128, head_impl: str = "auto", kept_row_layout: str = "auto",
                  scorer: Scorer | None = None, pass_scorer: Callable[[torch.device], Scorer] | None = None,
                  objective: Objective | None = None, step_log: str | Path | None = None, nonfinite: str = "stop",
-                 keep_checkpoints: int | None = None, **kwargs):
+                 keep_checkpoints: int | None = None, log_token_masks: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.method = method
+        self.log_token_masks = log_token_masks
         # Builds the scorer of the method's pass over the training set on a device, when it has one
         # (`qtune.scorer.build_scorer(training_set_pass=True)`): called only when the pass runs.
         self.pass_scorer = pass_scorer
@@ -218,7 +219,8 @@ class QTuneTrainer(StagedCheckpoints, Trainer):
                 scores = self.scorer(self.model, batches, self.method.entropy_over)
         plan = plan_step(batches, scores, self.method, step, pad_token_id=self.pad_token_id,
                          triage_scope=self.triage_scope, clock=self.clock,
-                         concatenate=concatenates_kept_rows(self.model, self.kept_row_layout))
+                         concatenate=concatenates_kept_rows(self.model, self.kept_row_layout),
+                         log_token_masks=self.log_token_masks)
         if plan.nonfinite:
             self._nonfinite_step(plan.nonfinite)
         self.step_record = {
@@ -692,6 +694,7 @@ def _train(cfg: TrainConfig, out: Path, args: TrainingArguments, resume_from: Pa
         chunk_tokens=cfg.chunk_tokens,
         head_impl=cfg.head_impl,
         kept_row_layout=cfg.kept_row_layout,
+        log_token_masks=cfg.log_token_masks,
         scorer=build_scorer(cfg, tokenizer, args.device, needs=method.needs, dtype=cfg.dtype,
                             trust_remote_code=cfg.trust_remote_code),
         pass_scorer=lambda device: build_scorer(cfg, tokenizer, device, needs=method.pass_needs, dtype=cfg.dtype,

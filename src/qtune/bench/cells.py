@@ -20,10 +20,12 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 from ..config import EvalRunConfig, TrainConfig
+from ..data import IGNORE_INDEX
 from ..errors import QTuneError
 from ..io import write_json
 from .grid import BenchConfig, Cell
-from .results import append_result, cell_folder, check_settings, finished_row, resolve_settings, sync_results
+from .results import (append_result, cell_folder, check_settings, finished_row, read_jsonl, resolve_settings,
+                      sync_results)
 
 
 def train_config(cell: Cell, settings: dict, out: str | Path):
@@ -36,7 +38,7 @@ def train_config(cell: Cell, settings: dict, out: str | Path):
         values["match_run"] = str(cell_folder(out, cell.source) / "train")
     values.update(
         out=str(cell_folder(out, cell) / "train"), method=cell.method, r_sample=cell.r_sample, r_token=cell.r_token,
-        seed=cell.seed,
+        seed=cell.seed, log_token_masks=True,  # for the token-level audit (`qtune.report.token_audit`)
         # The bench resumes by cell, not inside a cell: no checkpoint is ever needed.
         save_steps=10**9, save_total_limit=1, resume=False, progress=False, report_to="none",
         merge_lora=True,  # evaluation loads plain weights
@@ -68,8 +70,28 @@ def training_labels(settings: dict) -> tuple[dict[int, str] | None, dict[int, st
             kinds if any("kind" in r.metadata for r in records) else None)
 
 
+def response_roles(settings: dict) -> dict[int, str]:
+    """sample_id -> the role of each of its response tokens (`qtune.report.response_token_roles`:
+    final line, other, special), with the training's tokenisation."""
+    from ..data import load_records, tokenize_records
+    from ..models import load_tokenizer
+    from ..report import response_token_roles
+
+    tokenizer = load_tokenizer(settings["model"], trust_remote_code=settings["trust_remote_code"],
+                               pad_token=settings["pad_token"])
+    records, _ = load_records(settings["data"], settings["format"], limit=settings["limit"])
+    samples, _ = tokenize_records(records, tokenizer, max_length=settings["max_length"])
+    roles = {}
+    for sample in samples:
+        ids = [int(i) for i, label in zip(sample["input_ids"], sample["labels"]) if label != IGNORE_INDEX]
+        roles[int(sample["sample_id"])] = response_token_roles(
+            tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=True))
+    return roles
+
+
 def result_row(cell: Cell, summary: dict, steps: list[dict], metrics: dict, audit: dict | None,
-               seconds: float, audit_kind: dict | None = None) -> dict:
+               seconds: float, audit_kind: dict | None = None, audit_tokens: dict | None = None,
+               accuracy_by_difficulty: dict | None = None) -> dict:
     """The cell's row of results.jsonl."""
     return {
         "cell": cell.name,
@@ -94,8 +116,11 @@ def result_row(cell: Cell, summary: dict, steps: list[dict], metrics: dict, audi
         "eval_seconds": metrics["seconds"],
         "cell_seconds": seconds,
         "final_loss": summary["final_loss"],
+        "format_compliance": 1 - metrics["invalid_strict"],
+        "accuracy_by_difficulty": accuracy_by_difficulty,
         "audit": audit,
         "audit_kind": audit_kind,
+        "audit_tokens": audit_tokens,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
@@ -107,7 +132,7 @@ def run_cell(cell: Cell, settings: dict, out: str | Path, keep_model: bool = Fal
     """
     import gc
 
-    from ..report import pruning_audit
+    from ..report import accuracy_by, pruning_audit, token_audit
     from ..train import read_step_log, run_train
     from ..workflows import run_eval
 
@@ -130,7 +155,10 @@ def run_cell(cell: Cell, settings: dict, out: str | Path, keep_model: bool = Fal
     categories, kinds = training_labels(settings)
     audit = pruning_audit(steps, categories) if categories else None
     audit_kind = pruning_audit(steps, kinds) if kinds else None
-    row = result_row(cell, summary, steps, metrics, audit, time.perf_counter() - started, audit_kind)
+    audit_tokens = token_audit(steps, kinds, response_roles(settings)) if kinds else None
+    by_difficulty = accuracy_by(read_jsonl(cell_dir / "eval" / "predictions.jsonl"), "difficulty")
+    row = result_row(cell, summary, steps, metrics, audit, time.perf_counter() - started, audit_kind, audit_tokens,
+                     by_difficulty)
     write_json(cell_dir / "result.json", row)
     return row
 

@@ -13,8 +13,8 @@ from ..errors import QTuneError
 from ..io import write_text
 from .grid import BUDGET_FREE, FULL, BenchConfig, budget_label
 from .results import RESULTS_FILE, load_settings, read_jsonl, read_results
-from .stats import (COMPARISON_NOTE, GroupStats, audit_rows, comparison_rows, csv_results, markdown_results,
-                    phase_rows, results_table, summarize_results)
+from .stats import (COMPARISON_NOTE, TOKEN_AUDIT_NOTE, GroupStats, answer_rows, audit_rows, comparison_rows,
+                    csv_results, markdown_results, phase_rows, results_table, summarize_results, token_audit_rows)
 
 #: The budget whose Q2 samples the HTML report shows with their pruned tokens, when it is in the grid.
 EXAMPLE_BUDGET = (0.25, 0.7)
@@ -43,6 +43,14 @@ def write_reports(out: Path, cfg: BenchConfig) -> dict[str, Path]:
     if audit_kind is not None:
         markdown += ("\n## Pruning audit per kind (dropped share per category/kind)\n\n"
                      + format_table(*audit_rows(rows, stats, markdown_text, key="audit_kind")) + "\n")
+    answers = answer_rows(rows, stats)
+    if answers is not None:
+        markdown += ("\n## Answers: format compliance and accuracy per difficulty (strict)\n\n"
+                     + format_table(*answers) + "\n")
+    token_audit_table = token_audit_rows(rows, stats, markdown_text)
+    if token_audit_table is not None:
+        markdown += ("\n## Token-level audit (loss kept on final-line tokens / on the other response tokens)\n\n"
+                     + TOKEN_AUDIT_NOTE + "\n\n" + format_table(*token_audit_table) + "\n")
     phases = phase_rows(rows, stats)
     if phases is not None:
         markdown += ("\n## Time per phase (seconds per run; triage and token_select are part of select)\n\n"

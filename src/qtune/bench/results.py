@@ -34,8 +34,9 @@ def resolve_settings(cfg: BenchConfig) -> dict:
         paths = build_testbed(preset=cfg.testbed)
         defaults = {"model": paths.model_dir, "data": paths.train_path, "eval_data": paths.test_path}
         settings.update({k: str(v) for k, v in defaults.items() if settings[k] is None})
-    for key in ("model", "data", "eval_data"):
-        settings[key] = _resolve_path(settings[key])
+    for key in ("model", "data", "eval_data", "reference_model"):
+        if settings[key] is not None:
+            settings[key] = _resolve_path(settings[key])
     return settings
 
 

@@ -121,6 +121,11 @@ def csv_results(stats: list[GroupStats]) -> str:
     return buffer.getvalue()
 
 
+def _members(rows: list[dict], g: GroupStats) -> list[dict]:
+    """The rows of `g`'s (method, r_sample, r_token), one per seed."""
+    return [r for r in rows if (r["method"], r["r_sample"], r["r_token"]) == (g.method, g.r_sample, g.r_token)]
+
+
 def audit_rows(rows: list[dict], stats: list[GroupStats], text=str,
                key: str = "audit") -> tuple[list[str], list[list[str]]] | None:
     """Per (method, budget): the share of each category's sample appearances that were not trained
@@ -133,7 +138,7 @@ def audit_rows(rows: list[dict], stats: list[GroupStats], text=str,
     categories = sorted({c for r in audited for c in r[key]})
     table = []
     for g in stats:
-        members = [r for r in audited if (r["method"], r["r_sample"], r["r_token"]) == (g.method, g.r_sample, g.r_token)]
+        members = _members(audited, g)
         if not members:
             continue
         cells = []
@@ -157,7 +162,7 @@ def phase_rows(rows: list[dict], stats: list[GroupStats]) -> tuple[list[str], li
     phases = [p for p in PHASES if any(p in r["phase_seconds"] for r in timed)]
     table = []
     for g in stats:
-        members = [r for r in timed if (r["method"], r["r_sample"], r["r_token"]) == (g.method, g.r_sample, g.r_token)]
+        members = _members(timed, g)
         if members:
             table.append([g.method, g.budget_label] + [
                 _format_stat(*_mean_std([r["phase_seconds"].get(p, 0.0) for r in members]), 1, 2) for p in phases])
@@ -205,3 +210,58 @@ def comparison_rows(stats: list[GroupStats], metric: str) -> tuple[list[str], li
         return None
     return (["method", "r_sample x r_token", "vs random (pp)", "in std", "verdict", "vs full (pp)", "in std",
              "verdict", "wall vs full"], table)
+
+
+def answer_rows(rows: list[dict], stats: list[GroupStats]) -> tuple[list[str], list[list[str]]] | None:
+    """Per (method, budget), mean ± std over seeds: format compliance (answers with a `#### N`
+    line) and the strict accuracy per difficulty level of the evaluation records. None when no
+    cell recorded them (cells from before they were)."""
+    recorded = [r for r in rows if r.get("format_compliance") is not None]
+    if not recorded:
+        return None
+    levels = sorted({k for r in recorded for k in (r.get("accuracy_by_difficulty") or {})})
+    table = []
+    for g in stats:
+        members = _members(recorded, g)
+        if members:
+            cells = [_format_stat(*_mean_std([r["format_compliance"] for r in members]), 100, 1)]
+            for level in levels:
+                values = [r["accuracy_by_difficulty"][level] for r in members
+                          if level in (r.get("accuracy_by_difficulty") or {})]
+                cells.append(_format_stat(*_mean_std(values), 100, 1))
+            table.append([g.method, g.budget_label] + cells)
+    return ["method", "r_sample x r_token", "format %"] + [f"difficulty {level} %" for level in levels], table
+
+
+TOKEN_AUDIT_NOTE = (
+    "For the samples a step trained on: the share of the tokens of the answer's final line (e.g. `#### N`) "
+    "that kept their loss, then the share of the other response tokens, in percent, averaged over seeds. "
+    "The final line is where every teacher error, swapped answer and format defect is certainly wrong; a "
+    "method that recognises wrong tokens keeps fewer final-line tokens of defective records than of clean "
+    "ones. Off-task and swapped records are wrong throughout; a truncated record's defect is its missing line.")
+
+
+def token_audit_rows(rows: list[dict], stats: list[GroupStats], text=str) -> tuple[list[str], list[list[str]]] | None:
+    """Per (method, budget) and category/kind, averaged over seeds: the share of the final-line
+    tokens of the trained appearances that kept their loss / the same share of the other response
+    tokens (`qtune.report.token_audit`), as "final/other" in percent. None when no cell has it."""
+    audited = [r for r in rows if r.get("audit_tokens")]
+    if not audited:
+        return None
+    kinds = sorted({k for r in audited for k in r["audit_tokens"]})
+    table = []
+    for g in stats:
+        members = _members(audited, g)
+        if not members:
+            continue
+        cells = []
+        for kind in kinds:
+            shares = []
+            for part in ("final_kept", "other_kept"):
+                values = [r["audit_tokens"][kind][part] for r in members
+                          if kind in r["audit_tokens"] and r["audit_tokens"][kind][part] is not None]
+                mean, _ = _mean_std(values)
+                shares.append("-" if mean is None else f"{100 * mean:.0f}")
+            cells.append("/".join(shares))
+        table.append([g.method, g.budget_label] + cells)
+    return ["method", "r_sample x r_token"] + [f"{text(k)} final/other %" for k in kinds], table
