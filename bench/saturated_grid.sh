@@ -24,7 +24,7 @@ methods=full,oracle,random,qtuning,token_matched_random,oracle_ratio,anti_oracle
 methods+=,random+perplexity,longest+random,longest+perplexity,entropy+random,entropy+perplexity
 methods+=,infobatch+random,infobatch+perplexity,random+rho1,random+token_cleaning
 common="--testbed saturated --methods $methods --seeds 0,1,2 $sft --reference-model $out/reference/model"
-common+=" --log-token-masks --jobs $jobs"
+common+=" --jobs $jobs"
 if [ "$part" = A ] || [ "$part" = all ]; then
     qtune bench $common --batch-size 4 --budgets 0.25x0.5,0.25x0.7 --out "$out/b4"
 fi
