@@ -520,6 +520,13 @@ def test_controls_run_in_a_grid_on_labelled_data(tiny_bench_inputs, tmp_path, co
     assert abs(t["loss_tokens"] - q["loss_tokens"]) <= t["steps"]  # up to rounding, half a token per step
     assert set(q["audit_kind"]) == {f"{c}/k{k}" for c in ("clean", "noise", "redundant") for k in (0, 1)}
     assert "clean data" in (out / "results.md").read_text()
+    # The token-level audit: the oracle trains every token of what it keeps, and keeps no noise.
+    assert set(oracle["audit_tokens"]) == {f"{c}/k{k}" for c in ("clean", "redundant") for k in (0, 1)}
+    assert all(a["other_kept"] == 1.0 and a["final_kept"] in (1.0, None) for a in oracle["audit_tokens"].values())
+    assert all(0 < a["other_kept"] < 1 for a in t["audit_tokens"].values() if a["other_kept"] is not None)
+    assert 0 <= q["format_compliance"] <= 1 and q["accuracy_by_difficulty"] is None  # no difficulty in the data
+    markdown = (out / "results.md").read_text()
+    assert "## Token-level audit" in markdown and "## Answers: format compliance" in markdown
 
 
 def test_an_invalid_option_fails_the_bench_before_any_cell_runs(tiny_bench_inputs, tmp_path, count_training, capsys):
@@ -558,3 +565,54 @@ def test_a_second_bench_on_the_same_folder_is_refused(tiny_bench_inputs, tmp_pat
         with pytest.raises(QTuneError, match=f"is in use by process {os.getpid()} qtune bench"):
             run_bench(BenchConfig(out=str(out), report_only=True))
     assert count_training == [] and not (out / "cells").exists()
+
+
+def test_response_token_roles_mark_the_last_line_and_leave_special_tokens_out():
+    from qtune.report import response_token_roles
+
+    pieces = ["He", " has", " 9", ".", "\n", "####", " 9", ""]  # "" is the end-of-turn token
+    assert response_token_roles(pieces) == "oooooffs"
+    assert response_token_roles(["no", " break", ""]) == "ffs"  # one line: all of it is the last line
+    assert response_token_roles(["a", ".\n", "b", "\n"]) == "oooo"  # ends with a break: no last line
+
+
+def test_token_audit_counts_final_line_and_other_tokens_of_trained_appearances():
+    from qtune.report import token_audit
+
+    roles = {0: "ooffs", 1: "offs", 2: "off"}
+    group_of = {0: "clean", 1: "noise", 2: "noise"}
+    steps = [{"kept_token_masks": {"0": "11001", "1": "1101"}},
+             {"kept_token_masks": {"1": "0111", "2": "1"}},  # sample 2: length differs, not counted
+             {"sample_ids": [0]}]  # a step without masks (logged before they were) counts nothing
+    audit = token_audit(steps, group_of, roles)
+    assert audit == {"clean": {"appearances": 1, "final_kept": 0.0, "other_kept": 1.0},
+                     "noise": {"appearances": 2, "final_kept": 0.75, "other_kept": 0.5}}
+
+
+def test_accuracy_by_groups_the_predictions_by_a_metadata_field():
+    from qtune.report import accuracy_by
+
+    predictions = [{"difficulty": 1, "correct_strict": True}, {"difficulty": 1, "correct_strict": False},
+                   {"difficulty": 3, "correct_strict": True}, {"correct_strict": False}]
+    assert accuracy_by(predictions, "difficulty") == {"1": 0.5, "3": 1.0}
+    assert accuracy_by(predictions, "level") is None
+
+
+def test_answer_and_token_audit_tables_average_over_seeds():
+    from qtune.bench.stats import answer_rows, summarize_results, token_audit_rows
+
+    rows = [r | {"format_compliance": f, "accuracy_by_difficulty": {"1": a, "2": 0.5},
+                 "audit_tokens": {"noise/k0": {"appearances": 3, "final_kept": fk, "other_kept": 0.5}}}
+            for r, f, a, fk in zip(HAND_ROWS, [1.0, 0.5] * 10, [0.2, 0.4] * 10, [0.1, 0.3] * 10)]
+    stats = summarize_results(rows)
+    headers, table = answer_rows(rows, stats)
+    assert headers == ["method", "r_sample x r_token", "format %", "difficulty 1 %", "difficulty 2 %"]
+    headers, table = token_audit_rows(rows, stats)
+    assert headers[-1] == "noise/k0 final/other %"
+    assert len(table) == len(stats)
+    qtuning = next(row for row in table if row[0] == "qtuning")  # seeds: final shares 0.1, 0.3, 0.1
+    assert qtuning[2] == "17/50"
+    headers, table = answer_rows(rows, stats)
+    qtuning = next(row for row in table if row[0] == "qtuning")  # format 1.0, 0.5, 1.0; level 1: 0.2, 0.4, 0.2
+    assert qtuning[2].startswith("83.3") and qtuning[3].startswith("26.7") and qtuning[4].startswith("50.0")
+    assert answer_rows(HAND_ROWS, stats) is None and token_audit_rows(HAND_ROWS, stats) is None

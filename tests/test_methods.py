@@ -224,3 +224,28 @@ def test_static_selection_of_qtuning_is_triage_over_the_dataset():
             assert all(mask)  # Q4 keeps every token
     with pytest.raises(QTuneError, match="needs per-token scores"):
         method.select_dataset(dataclasses.replace(scores, token_nll=None))
+
+
+def test_kept_token_masks_name_each_kept_response_token_in_order():
+    from qtune.step import kept_token_masks
+
+    batch = make_batch([7, 5, 6], prompt=3)  # response tokens: 4, 2, 3
+    response = response_mask_of(batch)
+    label_mask = response.clone()
+    label_mask[0, 4] = False  # row 0 drops its 2nd response token
+    label_mask[2] = False  # row 2 keeps none: trained on nothing, so not in the log
+    masks = kept_token_masks([batch], [Selection(torch.tensor([0, 2]), label_mask)])
+    assert masks == {"0": "1011"}
+
+
+def test_a_step_logs_its_token_masks_only_when_asked_and_they_count_its_loss_tokens():
+    batches = [make_batch([9, 12, 7, 11]), make_batch([8, 10, 6], seed=1)]
+    method = build_method("random", config(r_sample=0.5, r_token=0.5))
+    plain = plan_step(batches, None, method, 0, pad_token_id=0)
+    assert "kept_token_masks" not in plain.record
+    logged = plan_step(batches, None, method, 0, pad_token_id=0, log_token_masks=True).record
+    masks = logged["kept_token_masks"]
+    assert sorted(map(int, masks)) == sorted(logged["kept_ids"])
+    assert sum(m.count("1") for m in masks.values()) == logged["kept_tokens"]
+    n_response = {int(i): int(n) for b in batches for i, n in zip(b["sample_id"], response_mask_of(b).sum(1))}
+    assert all(len(m) == n_response[int(i)] for i, m in masks.items())

@@ -68,6 +68,12 @@ def plot_eu_plane(
 METHOD_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 
+def _method_style(plt, i: int) -> dict:
+    """Marker and colour of the i-th method: 20 distinct colours (tab20), so that a grid of many
+    methods gives no two the same look."""
+    return {"marker": METHOD_MARKERS[i % len(METHOD_MARKERS)], "color": plt.get_cmap("tab20")(i % 20)}
+
+
 def _save_figure(fig, path: str | Path) -> Path:
     """Save atomically (the layout is the figure's own) and close."""
     plt = _pyplot()
@@ -100,7 +106,10 @@ def _finish_line_plot(fig, ax, path: str | Path, xlabel: str, ylabel: str, title
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    if len(ax.get_legend_handles_labels()[1]) > 8:  # many methods: beside the axes, not over the points
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    else:
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _save_figure(fig, path)
 
@@ -120,7 +129,7 @@ def plot_accuracy_vs_budget(
     for i, (method, points) in enumerate(sorted(series.items())):
         points = sorted(points)
         ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] or 0.0 for p in points],
-                    marker=METHOD_MARKERS[i % len(METHOD_MARKERS)], capsize=3, label=method)
+                    capsize=3, label=method, **_method_style(plt, i))
     if full is not None:
         mean, std = full
         ax.axhline(mean, color="k", ls="--", lw=1, label="full data")
@@ -149,8 +158,8 @@ def plot_accuracy_vs_time(
     for i, (method, pts) in enumerate(sorted(points.items())):
         pts = sorted(pts)
         ax.errorbar([p[0] for p in pts], [p[2] for p in pts], xerr=[p[1] or 0.0 for p in pts],
-                    yerr=[p[3] or 0.0 for p in pts], marker=METHOD_MARKERS[i % len(METHOD_MARKERS)],
-                    ls="" if len(pts) == 1 else "-", capsize=3, label=method)
+                    yerr=[p[3] or 0.0 for p in pts], ls="" if len(pts) == 1 else "-", capsize=3, label=method,
+                    **_method_style(plt, i))
         for x, _, y, _, label in pts:
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6)
     return _finish_line_plot(fig, ax, path, "wall time per run: scoring + training (s)", ylabel, title)

@@ -126,26 +126,30 @@ def _members(rows: list[dict], g: GroupStats) -> list[dict]:
     return [r for r in rows if (r["method"], r["r_sample"], r["r_token"]) == (g.method, g.r_sample, g.r_token)]
 
 
+def _group_table(rows: list[dict], stats: list[GroupStats], key: str, cell) -> tuple[list[str], list[list]] | None:
+    """The rows that have a dict under `key` (name -> entry), one table row per (method, budget):
+    `cell(entries)` for each name, over that group's seeds. Returns the names and the table, None
+    when no row has `key`."""
+    keyed = [r for r in rows if r.get(key)]
+    if not keyed:
+        return None
+    names = sorted({name for r in keyed for name in r[key]})
+    table = [[g.method, g.budget_label] + [cell([r[key][n] for r in members if n in r[key]]) for n in names]
+             for g in stats if (members := _members(keyed, g))]
+    return names, table
+
+
 def audit_rows(rows: list[dict], stats: list[GroupStats], text=str,
                key: str = "audit") -> tuple[list[str], list[list[str]]] | None:
     """Per (method, budget): the share of each category's sample appearances that were not trained
     on, averaged over seeds (`key` "audit"; "audit_kind": per category/kind). None when the
     training data has no categories (kinds). The category names come from the data: `text` writes
     them into the headers (`markdown_text` for Markdown)."""
-    audited = [r for r in rows if r.get(key)]
-    if not audited:
+    grouped = _group_table(rows, stats, key,
+                           lambda entries: _format_stat(*_mean_std([e["dropped_share"] for e in entries]), 100, 1))
+    if grouped is None:
         return None
-    categories = sorted({c for r in audited for c in r[key]})
-    table = []
-    for g in stats:
-        members = _members(audited, g)
-        if not members:
-            continue
-        cells = []
-        for cat in categories:
-            mean, std = _mean_std([r[key][cat]["dropped_share"] for r in members if cat in r[key]])
-            cells.append(_format_stat(mean, std, 100, 1))
-        table.append([g.method, g.budget_label] + cells)
+    categories, table = grouped
     return ["method", "r_sample x r_token"] + [f"dropped {text(c)} %" for c in categories], table
 
 
@@ -245,23 +249,12 @@ def token_audit_rows(rows: list[dict], stats: list[GroupStats], text=str) -> tup
     """Per (method, budget) and category/kind, averaged over seeds: the share of the final-line
     tokens of the trained appearances that kept their loss / the same share of the other response
     tokens (`qtune.report.token_audit`), as "final/other" in percent. None when no cell has it."""
-    audited = [r for r in rows if r.get("audit_tokens")]
-    if not audited:
+    def cell(entries: list[dict]) -> str:
+        means = [_mean_std([e[part] for e in entries if e[part] is not None])[0] for part in ("final_kept", "other_kept")]
+        return "/".join("-" if m is None else f"{100 * m:.0f}" for m in means)
+
+    grouped = _group_table(rows, stats, "audit_tokens", cell)
+    if grouped is None:
         return None
-    kinds = sorted({k for r in audited for k in r["audit_tokens"]})
-    table = []
-    for g in stats:
-        members = _members(audited, g)
-        if not members:
-            continue
-        cells = []
-        for kind in kinds:
-            shares = []
-            for part in ("final_kept", "other_kept"):
-                values = [r["audit_tokens"][kind][part] for r in members
-                          if kind in r["audit_tokens"] and r["audit_tokens"][kind][part] is not None]
-                mean, _ = _mean_std(values)
-                shares.append("-" if mean is None else f"{100 * mean:.0f}")
-            cells.append("/".join(shares))
-        table.append([g.method, g.budget_label] + cells)
+    kinds, table = grouped
     return ["method", "r_sample x r_token"] + [f"{text(k)} final/other %" for k in kinds], table
