@@ -30,7 +30,8 @@ import time
 
 import torch
 
-from qtune.testbed.calibrate import collate, encode, exact_match, length_batches, read_jsonl
+from qtune.io import read_jsonl
+from qtune.testbed.calibrate import collate, encode, exact_match, length_batches
 from qtune.testbed.model import PRESETS, build_testbed, load_testbed_model
 from qtune.testbed.probe import replace_fields
 from qtune.testbed.saturated import defect_free

@@ -190,7 +190,10 @@ def test_with_jobs_a_token_matched_cell_starts_after_its_qtuning_cell_ended(tmp_
 
     events, lock = [], threading.Lock()
 
-    def fake_cell(cell, settings, out, keep_model):
+    labels = bench_cells.TrainingLabels(None, None, None)
+
+    def fake_cell(cell, settings, out, keep_model, cell_labels):
+        assert cell_labels is labels  # read once by the parent, handed to every cell
         with lock:
             events.append(("start", cell.name))
         time.sleep(0.05 if cell.method == "qtuning" else 0.0)
@@ -202,6 +205,7 @@ def test_with_jobs_a_token_matched_cell_starts_after_its_qtuning_cell_ended(tmp_
 
     monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", ThreadPool)
     monkeypatch.setattr(bench_cells, "_run_cell_reporting_errors", fake_cell)
+    monkeypatch.setattr(bench_cells, "training_labels", lambda settings: labels)
     cfg = BenchConfig(out=str(tmp_path), model="m", data="train.jsonl", eval_data="test.jsonl", jobs=2)
     grid = build_grid(parse_methods("qtuning,token_matched_random"), [(0.5, 0.5)], [0, 1])
     failures = bench_cells.run_cells(grid, cfg, tmp_path)
@@ -333,14 +337,22 @@ def test_oracle_is_a_budget_free_row_compared_with_full_data_only(tmp_path):
     (tmp_path / "bench.json").write_text(json.dumps({"model": "m", "data": "d"}))
     kinds = {"noise/wrong_final": {"seen": 4, "kept": 0, "dropped_share": 1.0},
              "clean/clean": {"seen": 8, "kept": 6, "dropped_share": 0.25}}
-    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r | {"audit_kind": kinds}) + "\n" for r in rows))
+    tokens = {"noise/wrong_final": {"appearances": 4, "final_kept": 0.25, "other_kept": 0.5}}
+    answers = {"format_compliance": 0.9, "accuracy_by_difficulty": {"1": 0.5}}
+    (tmp_path / "results.jsonl").write_text("".join(
+        json.dumps(r | {"audit_kind": kinds, "audit_tokens": tokens} | answers) + "\n" for r in rows))
     run_bench(BenchConfig(out=str(tmp_path), report_only=True, plots=False))
     markdown = (tmp_path / "results.md").read_text()
     section = markdown.split("## Pruning audit per kind")[1]
     assert "dropped clean/clean %" in section and "dropped noise/wrong\\_final %" in section
     oracle_line = next(line for line in section.splitlines() if line.startswith("| oracle"))
     assert [c.strip() for c in oracle_line.split("|")[1:5]] == ["oracle", "clean data", "25.0 ± 0.0", "100.0 ± 0.0"]
-    assert "Pruning audit per kind" in "".join(parse_page(tmp_path / "report.html").text)
+    html = "".join(parse_page(tmp_path / "report.html").text)
+    for title in ("Pruning audit per kind", "Token-level audit", "Answers: format compliance"):
+        assert title in html
+    # HTML tables take the raw names (the page escapes them), Markdown the escaped ones.
+    assert "noise/wrong_final final/other %" in html and "25/50" in html
+    assert "noise/wrong\\_final final/other %" in markdown and "difficulty 1 %" in markdown
 
 
 def test_report_only_rebuilds_tables_and_html_from_results_jsonl(tmp_path):

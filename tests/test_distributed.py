@@ -49,7 +49,8 @@ def weights(out):
 # Trainer's seed, so both runs draw the same sample order; accelerate hands the batches of that
 # order to the processes in turn (process 0 gets batch 0, process 1 batch 1), and the gathered
 # global batch is in rank order, the order of the single process's micro-batches.
-COMMON = dict(method="qtuning", batch_size=8, max_steps=3, lr=1e-3, r_sample=0.25, r_token=0.7, seed=3)
+COMMON = dict(method="qtuning", batch_size=8, max_steps=3, lr=1e-3, r_sample=0.25, r_token=0.7, seed=3,
+              log_token_masks=True)
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,10 @@ def test_two_processes_train_what_one_process_trains(tiny_run_inputs, single_run
     for a, b in zip(one, two):
         assert b["sample_ids"] == a["sample_ids"] and b["kept_ids"] == a["kept_ids"]
         assert b["kept"] == a["kept"] == 4 and b["kept_tokens"] == a["kept_tokens"]
+        # Each process's kept rows' token masks, gathered: the single process's, sample by sample.
+        assert b["kept_token_masks"] == a["kept_token_masks"]
+        assert sorted(map(int, b["kept_token_masks"])) == sorted(b["kept_ids"])
+        assert sum(m.count("1") for m in b["kept_token_masks"].values()) == b["kept_tokens"]
         # Equal up to float reduction order: the rows are padded to other widths and the gradient
         # is averaged over processes instead of summed in one.
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)

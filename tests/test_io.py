@@ -1,4 +1,5 @@
-"""Output folders: the exclusive claim (lock + write check) and the one-line disk-full error."""
+"""Output folders: the exclusive claim (lock + write check) and the one-line disk-full error; and
+reading back JSON-lines files that a killed writer left."""
 
 import errno
 import os
@@ -10,7 +11,7 @@ import pytest
 
 from qtune.cli import main
 from qtune.errors import QTuneError
-from qtune.io import LOCK_FILE, claim_output_dir, write_text
+from qtune.io import LOCK_FILE, claim_output_dir, read_jsonl, write_text
 
 HOLDER = """
 import sys, time
@@ -82,3 +83,11 @@ def test_disk_full_anywhere_is_one_line(monkeypatch, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith("error: no space left on the device while writing") and "scores.parquet" in err
+
+
+def test_read_jsonl_skips_the_partial_lines_a_killed_writer_leaves(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    assert read_jsonl(path) == []  # missing file: no records
+    # A writer killed mid-line leaves '{"cell": 2, "ac'; the next append starts after it.
+    path.write_text('{"cell": 1}\n{"cell": 2, "ac{"cell": 3}\n\n{"cell": 4}\n', encoding="utf-8")
+    assert read_jsonl(path) == [{"cell": 1}, {"cell": 4}]

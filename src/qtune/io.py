@@ -55,6 +55,23 @@ def write_jsonl(path: str | os.PathLike, rows) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSON-lines file written by qtune itself (results, step logs, the testbed's
+    splits), skipping any line that is not valid JSON: an appending process killed mid-line leaves a
+    partial one, and the next append follows it. Missing file: no records. (User datasets go through
+    `qtune.data`, which names the file and line of a bad record instead.)"""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def write_parquet(path: str | os.PathLike, columns: dict) -> None:
     """A table of equal-length columns as a parquet file, written atomically."""
     import pyarrow as pa

@@ -22,9 +22,9 @@ from pathlib import Path
 from ..config import EvalRunConfig, TrainConfig
 from ..data import IGNORE_INDEX
 from ..errors import QTuneError
-from ..io import write_json
+from ..io import read_jsonl, write_json
 from .grid import BenchConfig, Cell
-from .results import (append_result, cell_folder, check_settings, finished_row, read_jsonl, resolve_settings,
+from .results import (append_result, cell_folder, check_settings, finished_row, resolve_settings,
                       sync_results)
 
 
@@ -58,35 +58,43 @@ def eval_config(settings: dict, model_dir: Path, out: Path):
     )
 
 
-def training_labels(settings: dict) -> tuple[dict[int, str] | None, dict[int, str] | None]:
-    """sample_id -> metadata.category of the training records, and sample_id -> "category/kind"
-    (metadata.kind, e.g. "noise/wrong_final"); each None when no record has the field."""
-    from ..data import load_records
+@dataclasses.dataclass(frozen=True)
+class TrainingLabels:
+    """What the audits of every cell read from the training set, computed once per bench run.
 
-    records, _ = load_records(settings["data"], settings["format"], limit=settings["limit"])
-    categories = {r.sample_id: str(r.metadata.get("category", "none")) for r in records}
-    kinds = {r.sample_id: f"{categories[r.sample_id]}/{r.metadata.get('kind', 'none')}" for r in records}
-    return (categories if any("category" in r.metadata for r in records) else None,
-            kinds if any("kind" in r.metadata for r in records) else None)
+    `categories`: sample_id -> metadata.category; `kinds`: sample_id -> "category/kind"
+    (metadata.kind, e.g. "teacher_error/dropped_step"); each None when no record has the field.
+    `roles`: sample_id -> the role of each of its response tokens with the training's tokenisation
+    (`qtune.report.response_token_roles`: final line, other, special); None without kinds, since
+    the token-level audit is per kind.
+    """
+
+    categories: dict[int, str] | None
+    kinds: dict[int, str] | None
+    roles: dict[int, str] | None
 
 
-def response_roles(settings: dict) -> dict[int, str]:
-    """sample_id -> the role of each of its response tokens (`qtune.report.response_token_roles`:
-    final line, other, special), with the training's tokenisation."""
+def training_labels(settings: dict) -> TrainingLabels:
+    """Read (and, for the token roles, tokenize) the training set once."""
     from ..data import load_records, tokenize_records
     from ..models import load_tokenizer
     from ..report import response_token_roles
 
+    records, _ = load_records(settings["data"], settings["format"], limit=settings["limit"])
+    categories = {r.sample_id: str(r.metadata.get("category", "none")) for r in records}
+    kinds = {r.sample_id: f"{categories[r.sample_id]}/{r.metadata.get('kind', 'none')}" for r in records}
+    has_categories = any("category" in r.metadata for r in records)
+    if not any("kind" in r.metadata for r in records):
+        return TrainingLabels(categories if has_categories else None, None, None)
     tokenizer = load_tokenizer(settings["model"], trust_remote_code=settings["trust_remote_code"],
                                pad_token=settings["pad_token"])
-    records, _ = load_records(settings["data"], settings["format"], limit=settings["limit"])
     samples, _ = tokenize_records(records, tokenizer, max_length=settings["max_length"])
     roles = {}
     for sample in samples:
         ids = [int(i) for i, label in zip(sample["input_ids"], sample["labels"]) if label != IGNORE_INDEX]
         roles[int(sample["sample_id"])] = response_token_roles(
             tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=True))
-    return roles
+    return TrainingLabels(categories if has_categories else None, kinds, roles)
 
 
 def result_row(cell: Cell, summary: dict, steps: list[dict], metrics: dict, audit: dict | None,
@@ -125,8 +133,10 @@ def result_row(cell: Cell, summary: dict, steps: list[dict], metrics: dict, audi
     }
 
 
-def run_cell(cell: Cell, settings: dict, out: str | Path, keep_model: bool = False) -> dict:
+def run_cell(cell: Cell, settings: dict, out: str | Path, keep_model: bool = False,
+             labels: TrainingLabels | None = None) -> dict:
     """Train and evaluate one cell in OUT/cells/<cell>/, whatever is there; return its result row.
+    `labels`: the training set's (`training_labels`), read here when not given.
 
     The cell's own output (training and evaluation logs, progress bars) goes to its cell.log.
     """
@@ -152,10 +162,10 @@ def run_cell(cell: Cell, settings: dict, out: str | Path, keep_model: bool = Fal
             shutil.rmtree(cell_dir / "train" / "model")
         gc.collect()
     steps = read_step_log(cell_dir / "train" / "steps.jsonl")
-    categories, kinds = training_labels(settings)
-    audit = pruning_audit(steps, categories) if categories else None
-    audit_kind = pruning_audit(steps, kinds) if kinds else None
-    audit_tokens = token_audit(steps, kinds, response_roles(settings)) if kinds else None
+    labels = labels or training_labels(settings)
+    audit = pruning_audit(steps, labels.categories) if labels.categories else None
+    audit_kind = pruning_audit(steps, labels.kinds) if labels.kinds else None
+    audit_tokens = token_audit(steps, labels.kinds, labels.roles) if labels.kinds else None
     by_difficulty = accuracy_by(read_jsonl(cell_dir / "eval" / "predictions.jsonl"), "difficulty")
     row = result_row(cell, summary, steps, metrics, audit, time.perf_counter() - started, audit_kind, audit_tokens,
                      by_difficulty)
@@ -163,11 +173,12 @@ def run_cell(cell: Cell, settings: dict, out: str | Path, keep_model: bool = Fal
     return row
 
 
-def _run_cell_reporting_errors(cell: Cell, settings: dict, out: str, keep_model: bool) -> tuple[dict | None, str]:
+def _run_cell_reporting_errors(cell: Cell, settings: dict, out: str, keep_model: bool,
+                               labels: TrainingLabels) -> tuple[dict | None, str]:
     """run_cell for the grid: a failure is returned as a message (its traceback goes to the cell's
     log), so that one bad cell does not stop the others, and nothing unpicklable crosses processes."""
     try:
-        return run_cell(cell, settings, out, keep_model), ""
+        return run_cell(cell, settings, out, keep_model, labels), ""
     except Exception as exc:  # noqa: BLE001 -- reported per cell, the grid goes on
         log_path = cell_folder(out, cell) / "cell.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -211,13 +222,15 @@ def run_cells(cells: list[Cell], cfg: BenchConfig, out: Path) -> list[str]:
             done += 1
             print(f"[{done}/{len(cells)}] {cell.label} ... done earlier: acc {100 * row[metric]:.1f}%", flush=True)
     progress = _Progress(out, done, len(cells), metric)
+    labels = training_labels(settings) if pending else None
     if cfg.jobs == 1:
         for cell in pending:
             print(progress.start(cell), end=" ", flush=True)
-            print(progress.finish(cell, *_run_cell_reporting_errors(cell, settings, str(out), cfg.keep_models)),
+            print(progress.finish(cell, *_run_cell_reporting_errors(cell, settings, str(out), cfg.keep_models,
+                                                                     labels)),
                   flush=True)
     elif pending:
-        _run_parallel(pending, settings, out, cfg, progress)
+        _run_parallel(pending, settings, out, cfg, progress, labels)
     return progress.failures
 
 
@@ -246,7 +259,8 @@ def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _run_parallel(pending: list[Cell], settings: dict, out: Path, cfg: BenchConfig, progress: _Progress) -> None:
+def _run_parallel(pending: list[Cell], settings: dict, out: Path, cfg: BenchConfig, progress: _Progress,
+                  labels: TrainingLabels) -> None:
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
@@ -266,7 +280,8 @@ def _run_parallel(pending: list[Cell], settings: dict, out: Path, cfg: BenchConf
 
         def submit(cells: list[Cell]) -> None:
             for cell in cells:
-                futures[pool.submit(_run_cell_reporting_errors, cell, settings, str(out), cfg.keep_models)] = cell
+                futures[pool.submit(_run_cell_reporting_errors, cell, settings, str(out), cfg.keep_models,
+                                    labels)] = cell
 
         submit([cell for cell in pending if cell.source not in queued])
         try:

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 from ..errors import QTuneError
-from ..io import write_text
+from ..io import read_jsonl, write_text
 from .grid import BUDGET_FREE, FULL, BenchConfig, budget_label
-from .results import RESULTS_FILE, load_settings, read_jsonl, read_results
+from .results import RESULTS_FILE, load_settings, read_results
 from .stats import (COMPARISON_NOTE, TOKEN_AUDIT_NOTE, GroupStats, answer_rows, audit_rows, comparison_rows,
                     csv_results, markdown_results, phase_rows, results_table, summarize_results, token_audit_rows)
 
@@ -47,10 +47,10 @@ def write_reports(out: Path, cfg: BenchConfig) -> dict[str, Path]:
     if answers is not None:
         markdown += ("\n## Answers: format compliance and accuracy per difficulty (strict)\n\n"
                      + format_table(*answers) + "\n")
-    token_audit_table = token_audit_rows(rows, stats, markdown_text)
+    token_audit_table = token_audit_rows(rows, stats)  # for the HTML report, as `audit`
     if token_audit_table is not None:
         markdown += ("\n## Token-level audit (loss kept on final-line tokens / on the other response tokens)\n\n"
-                     + TOKEN_AUDIT_NOTE + "\n\n" + format_table(*token_audit_table) + "\n")
+                     + TOKEN_AUDIT_NOTE + "\n\n" + format_table(*token_audit_rows(rows, stats, markdown_text)) + "\n")
     phases = phase_rows(rows, stats)
     if phases is not None:
         markdown += ("\n## Time per phase (seconds per run; triage and token_select are part of select)\n\n"
@@ -74,8 +74,8 @@ def write_reports(out: Path, cfg: BenchConfig) -> dict[str, Path]:
                 examples = token_examples(base, settings, rows, cfg.examples)
     written.update(plots)
     written["html"] = out / "report.html"
-    _write_html(written["html"], settings, rows, stats, metric, comparison, audit, audit_kind, plots, examples,
-                eu_note)
+    _write_html(written["html"], settings, rows, stats, metric, comparison, audit, audit_kind, answers,
+                token_audit_table, plots, examples, eu_note)
     print(f"reports: {out / 'results.md'}, {out / 'results.csv'}, {out / 'report.html'}", flush=True)
     return written
 
@@ -260,7 +260,8 @@ def _token_texts(tokenizer, input_ids: list[int], positions: list[int]) -> list[
 
 
 def _write_html(path: Path, settings: dict, rows: list[dict], stats: list[GroupStats], metric: str,
-                comparison, audit, audit_kind, plots: dict[str, Path], examples, eu_note: str) -> None:
+                comparison, audit, audit_kind, answers, token_audit_table, plots: dict[str, Path], examples,
+                eu_note: str) -> None:
     from .. import html_report as H
 
     headers, table_rows, bold = results_table(stats, metric)
@@ -290,6 +291,12 @@ def _write_html(path: Path, settings: dict, rows: list[dict], stats: list[GroupS
     if audit_kind is not None:
         sections.append(H.section("Pruning audit per kind", H.paragraph(
             "The same per kind of record (metadata.kind, after its category)."), H.table(*audit_kind)))
+    if token_audit_table is not None:
+        sections.append(H.section("Token-level audit", H.paragraph(TOKEN_AUDIT_NOTE), H.table(*token_audit_table)))
+    if answers is not None:
+        sections.append(H.section("Answers: format compliance and accuracy per difficulty", H.paragraph(
+            "Strict exact match per difficulty level of the evaluation questions (metadata.difficulty), and the "
+            "share of answers that end in a #### N line, whatever N."), H.table(*answers)))
     eu = [H.image(p, name.removeprefix("eu_plane_")) for name, p in plots.items() if name.startswith("eu_plane_")]
     if eu:
         sections.append(H.section("What each method kept, on the EU plane", H.paragraph(eu_note), *eu))

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from ..errors import QTuneError
-from ..io import write_json, write_jsonl
+from ..io import read_jsonl, write_json, write_jsonl
 from .grid import BenchConfig, Cell
 
 #: Options that choose which cells run and how results are reported: changing them between two runs
@@ -69,20 +69,6 @@ def load_settings(out: Path) -> dict:
     if not path.exists():
         raise QTuneError(f"{out} holds no bench run ({SETTINGS_FILE} is missing)")
     return json.loads(path.read_text(encoding="utf-8"))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The records of a JSON-lines file that a killed process may have left with a partial line
-    (which is skipped). Missing file: no records."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
 
 
 def read_results(path: str | Path) -> list[dict]:

@@ -183,7 +183,7 @@ COMPARISON_NOTE = (
     "significance test). Wall = mean wall time (scoring + training) relative to full data.")
 
 
-def _versus(g: GroupStats, other: GroupStats | None, metric: str) -> list[str]:
+def versus(g: GroupStats, other: GroupStats | None, metric: str) -> list[str]:
     """Δ (pp), Δ in pooled standard deviations and the verdict of `g` against `other`."""
     if other is None or g.mean[metric] is None or other.mean[metric] is None:
         return ["-", "-", "-"]
@@ -209,7 +209,7 @@ def comparison_rows(stats: list[GroupStats], metric: str) -> tuple[list[str], li
                     else None)
         wall = ("-" if full is None or not full.mean["wall_seconds"] or g.mean["wall_seconds"] is None
                 else f"{g.mean['wall_seconds'] / full.mean['wall_seconds']:.2f}x")
-        table.append([g.method, g.budget_label] + _versus(g, baseline, metric) + _versus(g, full, metric) + [wall])
+        table.append([g.method, g.budget_label] + versus(g, baseline, metric) + versus(g, full, metric) + [wall])
     if not table:
         return None
     return (["method", "r_sample x r_token", "vs random (pp)", "in std", "verdict", "vs full (pp)", "in std",

@@ -12,20 +12,15 @@ trainer is `qtune train`.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import time
 
 import torch
 
+from qtune.io import read_jsonl
 from qtune.testbed.model import build_testbed, load_testbed_model
 from qtune.testbed.tasks import final_answer
-
-
-def read_jsonl(path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def encode(tokenizer, record: dict) -> tuple[list[int], list[int]]:

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from qtune.testbed.calibrate import exact_match, read_jsonl
+from qtune.io import read_jsonl
+from qtune.testbed.calibrate import exact_match
 from qtune.testbed.model import PRESETS, build_testbed, load_testbed_model
 from qtune.testbed.saturated import arithmetic_facts
 
