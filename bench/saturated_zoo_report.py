@@ -45,7 +45,7 @@ def main(argv: list[str]) -> None:
     out = Path(argv[0] if argv else "runs/grid-saturated")
     missing = []
     part_a = out / "b4" / "results.jsonl"
-    reference = [r for r in (read_jsonl(part_a) if part_a.exists() else [])
+    reference = [r for r in read_jsonl(part_a)  # no file: no rows
                  if r["method"] == "full" or (r["method"] in ("random", "qtuning", "token_matched_random")
                                               and (r["r_sample"], r["r_token"]) == BUDGET)]
     if not reference:
@@ -63,9 +63,9 @@ def main(argv: list[str]) -> None:
             continue
         audit = _static_audit(train, read_jsonl(subset))
         summary = json.loads((folder / "select" / "summary.json").read_text())
-        stats = summary.get("stats") or {}  # LESS reports its warm-up and gradient passes apart
-        selection_seconds[f"select:{folder.name}"] = (summary["scoring_seconds"] + stats.get("warmup_seconds", 0)
-                                                      + stats.get("gradient_seconds", 0))
+        passes = summary.get("stats") or {}  # LESS reports its warm-up and gradient passes apart
+        selection_seconds[f"select:{folder.name}"] = (summary["scoring_seconds"] + passes.get("warmup_seconds", 0)
+                                                      + passes.get("gradient_seconds", 0))
         # Labelled by the share of records selected (trained on whole: every token of the subset).
         static += [dict(r, method=f"select:{folder.name}", audit=audit, r_sample=summary["ratio"],
                         nominal_budget=summary["ratio"]) for r in read_jsonl(results)]
