@@ -1,6 +1,7 @@
 """Several processes: 2 CPU processes (torchrun, gloo) train what 1 process trains on the same
 global batches; local triage decides per process; a process with nothing to train still joins
-every gradient reduction (a hang fails the test through its timeout)."""
+every gradient reduction (a hang fails the test through its timeout); `qtune rl` (TRL's
+GRPOTrainer) runs, filters, evaluates and resumes in 2 processes."""
 
 import dataclasses
 import json
@@ -11,6 +12,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_rl import rl_config, testbed  # noqa: F401 (testbed is a fixture)
 from test_train import SRC, tiny_run_inputs, train_config  # noqa: F401 (tiny_run_inputs is a fixture)
 
 from qtune import checkpoints
@@ -25,15 +27,32 @@ from qtune.train import run_train
 run_train(TrainConfig(**json.loads(sys.argv[1])))
 """
 
+# qtune rl, with the held-out verdicts replaced by one that the test can count (the tiny model
+# answers nothing right): a record is "right" when its sample_id is even.
+RL_WORKER = """
+import json, sys
+import qtune.rl.trainer
+from qtune.rl import RLConfig, run_rl
+
+def even_answers(model, tokenizer, records, config, progress):
+    return {}, [{"correct_strict": r.sample_id % 2 == 0} for r in records]
+
+qtune.rl.trainer.evaluate_exact_match = even_answers
+run_rl(RLConfig(**json.loads(sys.argv[1])))
+"""
+TESTS = os.path.dirname(__file__)
+
 TIMEOUT = 300  # seconds; a process that skipped a backward would hang the others until then
 
 
-def launch(tmp_path, cfg, processes: int):
+def launch(tmp_path, cfg, processes: int, worker: str = WORKER):
     """Run `cfg` in `processes` processes (torchrun when more than one); fail on error or timeout."""
     script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+    script.write_text(worker)
     values = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
-    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    # The tests folder too: the RL tests name their rewards by import path (test_rl:...).
+    path = os.pathsep.join([SRC, TESTS, os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     command = [*(launcher if processes > 1 else [sys.executable]), str(script), json.dumps(values)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT)
@@ -133,3 +152,41 @@ def test_training_arguments_pass_through(tiny_run_inputs, tmp_path):
     run_train(train_config(tiny_run_inputs, tmp_path / "plain", method="qtuning", max_steps=2))
     losses = [[r["loss"] for r in read_step_log(tmp_path / name / "steps.jsonl")] for name in ("ckpt", "plain")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_rl_in_two_processes_filters_evaluates_and_resumes(testbed, tmp_path):
+    """Each process's prompts are filtered by the main process's pre-pass verdict, the held-out
+    records are split over the processes and every verdict gathered, the step log and checkpoints
+    are written once, and both processes resume from the main process's checkpoint."""
+    out = tmp_path / "rl"
+    cfg = rl_config(testbed, out, max_steps=2, save_steps=1, filter_zero_variance=True,
+                    rewards=("test_rl:even_ids_constant",), eval_data=str(testbed.test_path), eval_limit=7)
+    launch(tmp_path, cfg, 2, RL_WORKER)
+
+    # The pre-pass dropped every even-numbered prompt (its group earns 1.0 throughout); had a
+    # process trained on its own unfiltered prompts, the global batch would hold groups without spread.
+    report = json.loads((out / "zero_variance.json").read_text())
+    assert report["dropped"] == 20 and report["kept"] == 20
+    rows = read_step_log(out / "steps.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    # Held-out records 0..6 in shares 0, 2, 4, 6 (all "right") and 1, 3, 5 (all "wrong"): 4 of 7
+    # only when both shares are counted.
+    assert rows[-1]["heldout_exact_match"] == pytest.approx(4 / 7)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["prompts"] == 20 and summary["machine"].endswith(" x 2, torch " + torch.__version__)
+    for folder in (out / "checkpoint-1", out / "checkpoint-2"):
+        assert checkpoints.is_complete(folder)
+        assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in folder.iterdir()}
+    start, end = load_file(str(testbed.model_dir / "model.safetensors")), weights(out)
+    assert any(not torch.equal(start[k], end[k]) for k in start)
+
+    launch(tmp_path, dataclasses.replace(cfg, max_steps=3, resume=True, allow_config_change="max_steps"), 2,
+           RL_WORKER)
+    resumed = read_step_log(out / "steps.jsonl")
+    assert [r["step"] for r in resumed] == [1, 2, 3] and resumed[:2] == rows
+    for row in resumed:
+        # 2 processes x 8 completions: 4 prompts x 4 completions a step, counted over both processes.
+        assert row["completion_tokens"] == 16 * row["completions/mean_length"]
+        # (With process 1 on its unfiltered prompts, step 3 meets two groups without spread.)
+        assert row["zero_variance_groups"] == 0 and row["rewards/even_ids_constant/std"] > 0
+    assert json.loads((out / "zero_variance.json").read_text()) == report  # read back, not sampled again

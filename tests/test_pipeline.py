@@ -120,3 +120,10 @@ def test_sections_are_checked_as_their_commands_check_them(testbed, tmp_path):
         PipelineConfig(**{**values, "eval_base": "no"})
     parsed = PipelineConfig(**{**values, "sft": "{method: random, r_sample: 0.5}"})  # a flag's YAML mapping
     assert parsed.sft == {"method": "random", "r_sample": 0.5}
+
+
+def test_the_pipeline_refuses_several_processes_before_touching_out(testbed, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
+    with pytest.raises(QTuneError, match="qtune pipeline runs in one process"):
+        run_pipeline(PipelineConfig(**pipeline_values(testbed, tmp_path / "p")))
+    assert not (tmp_path / "p").exists()
