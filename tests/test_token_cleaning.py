@@ -74,7 +74,7 @@ def test_a_sample_the_pass_did_not_see_is_refused():
         fixed().select([longer], None, 0)
 
 
-def test_training_fixes_the_masks_once_saves_them_and_a_resume_reads_them_back(tiny_run_inputs, tmp_path):
+def test_training_fixes_the_masks_once_saves_them_and_a_resume_reads_them_back(tiny_run_inputs, tmp_path, capsys):
     """Reference: the tiny model with other random weights. The saved masks keep exactly half of
     the training set's response tokens, those of highest influence as computed here from the two
     models' own token NLLs; each step trains exactly the stored masks of the samples it keeps, with
@@ -90,6 +90,7 @@ def test_training_fixes_the_masks_once_saves_them_and_a_resume_reads_them_back(t
                    save_steps=1, max_steps=2)
     summary = run_train(train_config(tiny_run_inputs, out, **options))
     assert summary["training_set_pass_seconds"] > 0
+    assert "pass over the training set:" not in capsys.readouterr().err  # progress=False: no bar
 
     masks = read_token_masks(out / TOKEN_MASKS)
     ids, offsets, keep = masks.sample_id, masks.offsets, masks.keep

@@ -161,9 +161,11 @@ class QTuneTrainer(StagedCheckpoints, Trainer):
                  chunk_tokens: int = 128, head_impl: str = "auto", kept_row_layout: str = "auto",
                  scorer: Scorer | None = None, pass_scorer: Callable[[torch.device], Scorer] | None = None,
                  objective: Objective | None = None, step_log: str | Path | None = None, nonfinite: str = "stop",
-                 keep_checkpoints: int | None = None, log_token_masks: bool = False, **kwargs):
+                 keep_checkpoints: int | None = None, log_token_masks: bool = False, progress: bool = True,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.method = method
+        self.progress = progress  # the progress bar of the pass over the training set (main process)
         self.log_token_masks = log_token_masks
         # Builds the scorer of the method's pass over the training set on a device, when it has one
         # (`qtune.scorer.build_scorer(training_set_pass=True)`): called only when the pass runs.
@@ -346,7 +348,7 @@ class QTuneTrainer(StagedCheckpoints, Trainer):
                                              collate_fn=self.data_collator)
         values = {}
         for batch in tqdm(loader, desc=f"{self.method.name}: pass over the training set", unit="batch",
-                          disable=not self.is_world_process_zero()):
+                          disable=not (self.progress and self.is_world_process_zero())):
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             values.update(self.method.pass_values(batch, scorer(self.model, [batch])[0]))
         return values
@@ -703,6 +705,7 @@ def _train(cfg: TrainConfig, out: Path, args: TrainingArguments, resume_from: Pa
         step_log=step_log,
         nonfinite=cfg.nonfinite,
         keep_checkpoints=cfg.save_total_limit,
+        progress=cfg.progress,
     )
     if cfg.progress and main:
         trainer.remove_callback(PrinterCallback)
