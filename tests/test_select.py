@@ -103,6 +103,33 @@ def test_select_writes_the_subset_in_the_inputs_format(tiny_run_inputs, tmp_path
                  "--selector", "perplexity", "--select-keep", "highest", "--no-plot"]) == 0
 
 
+def test_no_scores_skips_the_pass_and_the_model_where_the_selector_ranks_no_perplexity(tiny_run_inputs, tmp_path,
+                                                                                       monkeypatch):
+    import qtune.workflows
+    from qtune.errors import QTuneError
+
+    model, data = tiny_run_inputs
+    options = dict(model=str(model), data=str(data), ratio=0.25, clusters=4, plot=False)
+    with_scores = {name: run_select(SelectConfig(out=str(tmp_path / name), selector=name, **options))
+                   for name in ("random", "hardness")}
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(qtune.workflows, "load_model", no_model)
+    for name in ("random", "hardness"):
+        out = tmp_path / f"{name}-no-scores"
+        summary = run_select(SelectConfig(out=str(out), selector=name, scores=False, **options))
+        # The same choice as with the pass: random draws from the ids, hardness ranks the texts.
+        assert (out / "selected.jsonl").read_text() == (tmp_path / name / "selected.jsonl").read_text()
+        assert summary["n_kept"] == with_scores[name]["n_kept"] == 12 and summary["scoring_seconds"] == 0
+        table = pq.read_table(out / "scores.parquet").to_pydict()
+        assert "ppl" not in table and "entropy" not in table and len(table["sample_id"]) == 48
+    for name in ("perplexity", "ifd", "qtuning"):
+        with pytest.raises(QTuneError, match=f"the {name} selector ranks by the scoring pass's perplexity"):
+            run_select(SelectConfig(out=str(tmp_path / f"{name}-no-scores"), selector=name, scores=False, **options))
+
+
 def test_unknown_selector_is_refused():
     with pytest.raises(OptionError, match="selector must be one of diversity, full, hardness, ifd, less, perplexity, qtuning, "
                                           "random"):

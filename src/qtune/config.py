@@ -355,6 +355,10 @@ class SelectConfig(LessConfig, ComputeConfig, DataConfig, ModelConfig):
                                 "warm-up step.", bounds="[1, inf)")
     plot: bool = option(True, "Write selection.png, the score's histogram, kept and dropped (needs matplotlib: "
                               "pip install qtune[plots]).")
+    scores: bool = option(True, "Run the scoring pass (one forward pass of every sample) for scores.parquet's ppl "
+                                "and entropy even when the selector does not rank by them: full, random, diversity, "
+                                "hardness, less. --no-scores skips it, and the model too where the selector does "
+                                "not use it (all but less); perplexity, ifd and qtuning need the pass.")
 
 
 #: Strings that end a generation by default (besides EOS and the chat template's end of turn).

@@ -226,16 +226,27 @@ def score_batch(
 
 @dataclass
 class DatasetScores:
-    """Scores of a whole dataset, one entry per sample, in the order of `sample_id`."""
+    """Scores of a whole dataset, one entry per sample, in the order of `sample_id` (ppl and ent
+    None when no model scored it: `unscored_dataset`)."""
 
     sample_id: list[int]
     n_response: list[int]
-    ppl: list[float]
-    ent: list[float]
+    ppl: list[float] | None
+    ent: list[float] | None
     token_nll: list[list[float]] | None
     token_entropy: list[list[float]] | None
     seconds: float
     tokens: int
+
+
+def unscored_dataset(samples: Sequence[dict]) -> DatasetScores:
+    """A dataset's sample ids and response token counts, in `score_dataset`'s order, with no
+    model and no forward pass (ppl and ent None)."""
+    counts = {int(samples[i]["sample_id"]): sum(1 for label in samples[i]["labels"] if label != IGNORE_INDEX)
+              for i in range(len(samples))}
+    order = sorted(counts)
+    return DatasetScores(sample_id=order, n_response=[counts[i] for i in order], ppl=None, ent=None,
+                         token_nll=None, token_entropy=None, seconds=0.0, tokens=0)
 
 
 def score_dataset(

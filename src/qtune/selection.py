@@ -1,14 +1,15 @@
 """`qtune select` as a Python function: static data selection, `run_select(SelectConfig(...))`.
 
-One scoring pass of the whole dataset with the given model (`qtune.scoring.score_dataset`; the
-`ifd` selector scores the responses alone too; `less` trains LoRA adapters on the model and takes
+One scoring pass of the whole dataset with the given model (`qtune.scoring.score_dataset`;
+skipped with `scores=False` where the selector does not rank by it, and then the model is not
+loaded unless the selector uses it; the `ifd` selector scores the responses alone too; `less` trains LoRA adapters on the model and takes
 per-sample gradients, of --target-data's samples too), then the selector (`qtune.selectors`, or a
 method's `select_dataset`) chooses the samples. Written atomically into OUT:
 
 - selected.jsonl: the chosen records' rows as they are in the input (same fields, so `qtune
   train` or any trainer reads them with the same --format), in input order; a record whose
   conversation is split per assistant turn is written when any of its samples is chosen;
-- scores.parquet: per sample its id, record id, PPL, entropy, the selector's score, kept;
+- scores.parquet: per sample its id, record id, PPL and entropy (not with `scores=False`), the selector's score, kept;
 - summary.json: selector, direction, ratio, counts, the selector's statistics, seconds, machine;
 - selection.png: the selector's score, histogram of kept and dropped samples (with --plot).
 """
@@ -28,7 +29,7 @@ from .data import record_id_of, source_rows
 from .errors import QTuneError
 from .io import claim_output_dir, write_json, write_jsonl, write_parquet
 from .samples import load_samples
-from .scoring import IGNORE_INDEX, score_dataset
+from .scoring import IGNORE_INDEX, score_dataset, unscored_dataset
 from .selectors import SELECTORS, SelectorInputs, StaticChoice
 from .workflows import load_for_scoring
 
@@ -66,27 +67,41 @@ def load_target(cfg: SelectConfig, tokenizer) -> tuple[object, list[dict]]:
     return samples, [metadata[record_id_of(samples[i]["sample_id"])] for i in range(len(samples))]
 
 
-def _method_choice(cfg: SelectConfig, scores) -> StaticChoice:
+def _static_method(cfg: SelectConfig):
+    """The pruning method whose static selection `cfg.selector` names."""
     from .methods import build_method
 
-    method = build_method(cfg.selector, TrainConfig(model=cfg.model, data=cfg.data, out=cfg.out, method=cfg.selector,
-                                                    r_sample=cfg.ratio, seed=cfg.seed))
+    return build_method(cfg.selector, TrainConfig(model=cfg.model, data=cfg.data, out=cfg.out, method=cfg.selector,
+                                                  r_sample=cfg.ratio, seed=cfg.seed))
+
+
+def _method_choice(cfg: SelectConfig, method, scores) -> StaticChoice:
     chosen = method.select_dataset(scores)
     direction = {"full": "every sample", "random": "a uniform draw", "qtuning": "Q2 + Q4 of a dataset-wide triage"}
     return StaticChoice(list(chosen.sample_ids), None, direction[cfg.selector])
 
 
 def _select(cfg: SelectConfig, out: Path) -> dict:
-    tokenizer, pad_id, records, samples, model = load_for_scoring(cfg)
-    log(f"scoring {len(samples)} samples with {cfg.model} on {model.device} for the {cfg.selector} selector")
+    method = _static_method(cfg) if cfg.selector in STATIC_METHODS else None
+    selector = SELECTORS[cfg.selector]() if method is None else None
+    # A method's static selection ranks by the scores when its steps do (qtuning's triage).
+    needs = selector.needs if method is None else frozenset({"scores"} if method.needs else ())
+    if not cfg.scores and "scores" in needs:
+        raise QTuneError(f"the {cfg.selector} selector ranks by the scoring pass's perplexity; it cannot run with "
+                         "--no-scores")
+    tokenizer, pad_id, records, samples, model = load_for_scoring(cfg, with_model=cfg.scores or "model" in needs)
     score = dict(pad_token_id=pad_id, batch_size=cfg.batch_size, chunk_tokens=cfg.chunk_tokens,
                  head_impl=cfg.head_impl)
-    scores = score_dataset(model, samples, per_token=cfg.selector == "qtuning", **score)
-    seconds = scores.seconds
-    if cfg.selector in STATIC_METHODS:
-        choice = _method_choice(cfg, scores)
+    if cfg.scores:
+        unused = "" if "scores" in needs else " (only for scores.parquet: --no-scores skips this pass)"
+        log(f"scoring {len(samples)} samples with {cfg.model} on {model.device} for the {cfg.selector} selector{unused}")
+        scores = score_dataset(model, samples, per_token=cfg.selector == "qtuning", **score)
     else:
-        selector = SELECTORS[cfg.selector]()
+        scores = unscored_dataset(samples)
+    seconds = scores.seconds
+    if method is not None:
+        choice = _method_choice(cfg, method, scores)
+    else:
         inputs = SelectorInputs(scores)
         if "answer_scores" in selector.needs:
             log("scoring the answers without their instructions")
@@ -108,8 +123,10 @@ def _select(cfg: SelectConfig, out: Path) -> dict:
     kept = set(choice.kept)
     kept_records = sorted({record_id_of(s) for s in kept})
     write_jsonl(out / "selected.jsonl", source_rows(cfg.data, kept_records))
-    columns = {"sample_id": scores.sample_id, "record_id": [record_id_of(s) for s in scores.sample_id],
-               "ppl": scores.ppl, "entropy": scores.ent, "kept": [s in kept for s in scores.sample_id]}
+    columns = {"sample_id": scores.sample_id, "record_id": [record_id_of(s) for s in scores.sample_id]}
+    if scores.ppl is not None:
+        columns.update(ppl=scores.ppl, entropy=scores.ent)
+    columns["kept"] = [s in kept for s in scores.sample_id]
     if choice.score is not None:
         columns["score"] = [float(v) for v in choice.score]
     write_parquet(out / "scores.parquet", columns)

@@ -26,12 +26,14 @@ def run_score(cfg: ScoreConfig) -> dict:
         return _score(cfg, Path(cfg.out))
 
 
-def load_for_scoring(cfg):
+def load_for_scoring(cfg, *, with_model: bool = True):
     """(tokenizer, its pad id, records, tokenized samples, model) of a config with model and data
-    fields: what a command that scores a dataset starts from."""
+    fields: what a command that scores a dataset starts from (model None without `with_model`)."""
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code, pad_token=cfg.pad_token)
     pad_id = require_pad_token(tokenizer)
     records, samples = load_samples(cfg, tokenizer)
+    if not with_model:
+        return tokenizer, pad_id, records, samples, None
     model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
     check_vocabulary(model, tokenizer, cfg.model)
     return tokenizer, pad_id, records, samples, model

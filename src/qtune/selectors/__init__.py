@@ -2,8 +2,10 @@
 
 A selector sees the whole dataset once (no training), as `SelectorInputs`, and returns a
 `StaticChoice`: the kept sample ids, one score per sample (what it ranks by, written to
-scores.parquet) and which direction it keeps. A selector declares what else it needs (`needs`:
-"answer_scores", the answers scored without their instructions; "texts", each sample's text, its
+scores.parquet) and which direction it keeps. A selector declares what it needs (`needs`:
+"scores", the scoring pass's PPL and entropy of every sample (`inputs.scores.ppl`, `.ent`;
+without it they are None, unless the user asks for the pass); "answer_scores", the answers scored
+without their instructions; "texts", each sample's text, its
 (instruction, response) pair and its record's metadata; "model", the scoring model itself and the
 tokenized samples, for a selector that computes with them (gradients); "target", the tokenized
 samples of `--target-data` and their records' metadata) and `qtune.selection` builds only that.
@@ -25,8 +27,9 @@ SELECTORS: dict[str, type] = {}
 
 @dataclass
 class SelectorInputs:
-    """scores: the dataset's `DatasetScores` under the scoring model; answer_scores: the same for
-    the answers alone (when needed). With "texts", in `scores.sample_id` order: texts, each
+    """scores: the dataset's `DatasetScores` under the scoring model (sample ids and response
+    lengths only, ppl and ent None, when no scoring pass ran); answer_scores: the same for the
+    answers alone (when needed). With "texts", in `scores.sample_id` order: texts, each
     sample's conversation as one text; pairs, its (instruction, response) texts (the user and
     system turns, the assistant turns); metadata, its record's `metadata`. With "model": model,
     the scoring model; samples, the tokenized samples (in load order, each with its sample_id);

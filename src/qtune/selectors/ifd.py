@@ -24,7 +24,7 @@ from . import StaticChoice, keep_top, register_selector
 class IFDSelector:
     """keep_count(ratio, N) samples of highest IFD = loss(A|Q) / loss(A), those with IFD >= ifd_max dropped"""
 
-    needs = frozenset({"answer_scores"})
+    needs = frozenset({"scores", "answer_scores"})
 
     def choose(self, cfg, inputs) -> StaticChoice:
         scores = inputs.scores

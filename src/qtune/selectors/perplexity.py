@@ -21,7 +21,7 @@ from . import StaticChoice, keep_top, register_selector
 class PerplexitySelector:
     """keep_count(ratio, N) samples of lowest, highest or middle PPL (select_keep; ties: earlier sample first)"""
 
-    needs = frozenset()
+    needs = frozenset({"scores"})
 
     def choose(self, cfg, inputs) -> StaticChoice:
         scores = inputs.scores
