@@ -178,6 +178,27 @@ def test_options_are_checked_before_anything_loads(testbed, tmp_path):
         run_rl(rl_config(testbed, tmp_path / "out", batch_size=6))
 
 
+def test_missing_optional_engines_are_named_before_out_is_touched(testbed, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from test_train import SRC
+
+    out = tmp_path / "vllm"
+    with pytest.raises(QTuneError, match=r"--use-vllm needs vLLM, which is not installed: pip install 'trl\[vllm\]'"):
+        run_rl(rl_config(testbed, out, use_vllm=True))
+    assert not out.exists()
+    # Without TRL (hidden from the import system), the command says how to get it, in one line.
+    script = ("import sys; sys.modules['trl'] = None; from qtune.cli import main; "
+              f"sys.exit(main(['rl', '--model', {str(testbed.model_dir)!r}, '--data', {str(testbed.train_path)!r}, "
+              f"'--out', {str(tmp_path / 'no-trl')!r}]))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": SRC},
+                          timeout=120)
+    assert done.returncode == 2 and done.stderr == "error: qtune rl needs TRL: pip install 'qtune[trl]'\n"
+    assert not (tmp_path / "no-trl").exists()
+
+
 def test_prompts_need_a_checkable_answer(testbed, tmp_path):
     from transformers import AutoTokenizer
 

@@ -121,7 +121,7 @@ class RLConfig(GRPOOptions):
     merge_lora: bool = option(False, "With a LoRA start: merge the trained adapter into the base weights when "
                                      "saving OUT/model (default: save the adapter).")
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass (less memory).")
-    use_vllm: bool = option(False, "Generate the completions with vLLM, as TRL does (pip install vllm; GPU).")
+    use_vllm: bool = option(False, "Generate the completions with vLLM, as TRL does (pip install 'trl[vllm]'; GPU).")
     vllm_mode: str = option("colocate", "vLLM in the training processes (colocate) or a separate `trl vllm-serve` "
                                         "server (server).", choices=["colocate", "server"])
     vllm_server_base_url: str | None = option(None, "vllm_mode server: the server's URL (default "

@@ -19,6 +19,7 @@ The run, in its claimed folder OUT:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -33,6 +34,9 @@ from ..config import EvalConfig
 from ..console import log
 from ..data import load_records
 from ..errors import QTuneError
+
+if importlib.util.find_spec("trl") is None:
+    raise QTuneError("qtune rl needs TRL: pip install 'qtune[trl]'")
 from ..io import claim_output_dir, write_json
 from ..models import resolve_device, resolve_dtype
 from ..rewards import bind_options, parse_spec, resolve
@@ -64,6 +68,8 @@ def grpo_config(cfg: RLConfig, out: Path):
     from trl import GRPOConfig
 
     device = resolve_device(cfg.device)
+    if cfg.use_vllm and importlib.util.find_spec("vllm") is None:
+        raise QTuneError("--use-vllm needs vLLM, which is not installed: pip install 'trl[vllm]' (a CUDA machine)")
     if cfg.dtype == "float16":
         raise QTuneError("float16 training is not supported; use bfloat16 or float32")
     vllm = {"vllm_server_base_url": cfg.vllm_server_base_url} if cfg.vllm_server_base_url else {}
