@@ -118,6 +118,35 @@ def test_oracle_ratio_without_defects_draws_like_random():
                                                                                  batches)
 
 
+@pytest.mark.parametrize("name", ["oracle_ratio", "anti_oracle"])
+def test_the_ratio_controls_as_sample_rules_prune_tokens_inside_the_same_samples(name):
+    batches = step_batches([[9, 12, 7, 11, 6, 8], [8, 10, 6, 9, 7, 5]])
+    ids = [int(i) for b in batches for i in b["sample_id"]]
+    defective = set(ids[:5])
+    whole = bound(name, defective, r_sample=0.25, seed=3)
+    same = bound(f"{name}+all", defective, r_sample=0.25, seed=3)
+    pruned = bound(f"{name}+random", defective, r_sample=0.25, r_token=0.5, seed=3)
+    assert same.control and pruned.control and pruned.needs_metadata and pruned.nominal_budget == 0.125
+    for step in range(4):
+        reference = whole.select(batches, None, step)
+        for method in (same, pruned):
+            decision = method.select(batches, None, step)
+            # The same samples: the rule draws first from the step's generator, as the method does.
+            assert kept_ids(decision, batches) == kept_ids(reference, batches)
+            assert {k: decision.stats[k] for k in ("kept", "defective", "kept_defective")} == {
+                k: reference.stats[k] for k in ("kept", "defective", "kept_defective")}
+        for batch, selection in zip(batches, same.select(batches, None, step).selections):
+            assert torch.equal(selection.label_mask, response_mask_of(batch))
+        for batch, selection in zip(batches, pruned.select(batches, None, step).selections):
+            n = response_mask_of(batch)[selection.rows].sum(1)
+            assert selection.label_mask[selection.rows].sum(1).tolist() == [keep_count(0.5, int(k)) for k in n]
+    unbound = build_method(f"{name}+random", config(method=f"{name}+random"))
+    with pytest.raises(QTuneError, match=f"{name}\\+random reads the training records' metadata"):
+        unbound.select(batches, None, 0)
+    with pytest.raises(QTuneError, match=f"{name}\\+random is a ground-truth control"):
+        unbound.bind_records({0: {"category": "noise"}})
+
+
 # --- token_matched_random ------------------------------------------------------------------------
 
 
@@ -217,6 +246,18 @@ def test_qtune_train_with_the_oracle_trains_only_clean_records(labelled_inputs, 
         assert sorted(step["kept_ids"]) == sorted(clean) and step["kept_defective"] == 0
     assert sum(s["kept_tokens"] for s in steps) < sum(s["response_tokens"] for s in steps)
     assert json.loads((out / "summary.json").read_text())["nominal_budget"] == 0.75
+
+
+def test_qtune_train_with_the_ceiling_at_a_token_budget(labelled_inputs, tmp_path):
+    """oracle_ratio+random: half of each step's samples, clean first, half of their tokens."""
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(labelled_inputs[0]), "--data", str(labelled_inputs[1]), "--out", str(out),
+                 "--method", "oracle_ratio+random", "--r-sample", "0.5", "--r-token", "0.5", "--batch-size", "8",
+                 "--max-steps", "3", "--no-progress"]) == 0
+    for step in read_step_log(out / "steps.jsonl"):
+        assert step["kept"] == 4 and step["kept_defective"] == 0 and all(i % 4 for i in step["kept_ids"])
+        assert step["kept_tokens"] < step["response_tokens"] / 2
+    assert json.loads((out / "summary.json").read_text())["nominal_budget"] == 0.25
 
 
 def test_training_a_ground_truth_control_on_unlabelled_data_stops_before_training(tiny_run_inputs, tmp_path):

@@ -4,7 +4,11 @@ data has no such flag; the qtune testbed's records carry it (`qtune testbed buil
 saturated`). They bound what choosing samples can gain: `oracle` drops exactly the defective
 records; at Q-Tuning's sample budget `oracle_ratio` keeps the clean samples first (the ceiling)
 and `anti_oracle` the defective ones first (the floor). Every kept sample keeps every response
-token; no scores, no state."""
+token; no scores, no state.
+
+`oracle_ratio` and `anti_oracle` are also sample rules, so that a token rule can prune inside
+what they keep: `oracle_ratio+random` at r_sample x r_token is the ceiling at the same token
+budget as `random` or `qtuning` there (`oracle_ratio+all` decides exactly as `oracle_ratio`)."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from ..errors import QTuneError
 from ..pruning import keep_count
 from .base import DatasetSelection, Decision, Method, Selection, register, response_mask_of, split_rows
 from .random import step_generator
+from .rules import SampleChoice, SampleRule, register_sample_rule
 
 
 def defective_labels(metadata: dict[int, dict], method: str) -> dict[int, bool]:
@@ -28,6 +33,25 @@ def defective_labels(metadata: dict[int, dict], method: str) -> dict[int, bool]:
                          f"{unlabelled[0]}); controls need labelled data, such as the qtune testbed's "
                          "(qtune testbed build --preset saturated)")
     return {i: m["defective"] for i, m in metadata.items()}
+
+
+def sample_labels(labels: dict[int, bool] | None, sample_ids: list[int], method: str) -> torch.Tensor:
+    """bool [len(sample_ids)]: whether each sample's record is defective, from `defective_labels`."""
+    if labels is None:
+        raise QTuneError(f"{method} has no labels: call bind_records with the training records' metadata before "
+                         "the first step")
+    try:
+        return torch.tensor([labels[record_id_of(i)] for i in sample_ids], dtype=torch.bool)
+    except KeyError as exc:
+        raise QTuneError(f"{method}: record {exc.args[0]} is not among the bound training records") from None
+
+
+def ratio_choice(defective: torch.Tensor, r_sample: float, generator: torch.Generator, *,
+                 defective_first: bool) -> torch.Tensor:
+    """bool [N]: keep_count(r_sample, N) samples, the clean ones first (the defective ones with
+    `defective_first`), in an order drawn from `generator` (`preferred_first`)."""
+    preferred = defective if defective_first else ~defective
+    return preferred_first(preferred, keep_count(r_sample, defective.numel()), generator)
 
 
 def whole_samples(batches: list[dict], chosen: torch.Tensor, defective: torch.Tensor,
@@ -68,13 +92,7 @@ class LabelledControl(Method):
 
     def defective(self, sample_ids: list[int]) -> torch.Tensor:
         """bool [len(sample_ids)]: whether each sample's record is defective."""
-        if self._defective is None:
-            raise QTuneError(f"{self.name} has no labels: call bind_records with the training records' metadata "
-                             "before the first step")
-        try:
-            return torch.tensor([self._defective[record_id_of(i)] for i in sample_ids], dtype=torch.bool)
-        except KeyError as exc:
-            raise QTuneError(f"{self.name}: record {exc.args[0]} is not among the bound training records") from None
+        return sample_labels(self._defective, sample_ids, self.name)
 
     def step_defective(self, batches: list[dict]) -> torch.Tensor:
         """bool [N]: whether each sample of the step (micro-batches in order) is defective."""
@@ -118,14 +136,37 @@ class OracleRatio(LabelledControl):
     def select(self, batches, scores, step):
         """The preferred samples in an order drawn from (seed, step), then the others."""
         defective = self.step_defective(batches)
-        preferred = defective if self.defective_first else ~defective
-        count = keep_count(self.config.r_sample, defective.numel())
-        chosen = preferred_first(preferred, count, step_generator(self.config.seed, step))
+        chosen = ratio_choice(defective, self.config.r_sample, step_generator(self.config.seed, step),
+                              defective_first=self.defective_first)
         return whole_samples(batches, chosen, defective, self.nominal_budget)
 
 
 @register("anti_oracle")
 class AntiOracle(OracleRatio):
     """Control: keep_count(r_sample, N) whole samples per step, defective ones first (reads metadata.defective)."""
+
+    defective_first = True
+
+
+@register_sample_rule("oracle_ratio")
+class CleanFirstRule(SampleRule):
+    """ground-truth control: keep_count(r_sample, N) samples per step, clean ones first (reads metadata.defective)"""
+
+    needs_metadata = True
+    defective_first = False
+
+    def bind(self, metadata, method):
+        return defective_labels(metadata, method)
+
+    def choose(self, cfg, view):
+        defective = sample_labels(view.bound, torch.cat([b["sample_id"] for b in view.batches]).tolist(), self.name)
+        chosen = ratio_choice(defective, cfg.r_sample, view.generator, defective_first=self.defective_first)
+        return SampleChoice(chosen, stats={"defective": int(defective.sum()),
+                                           "kept_defective": int((chosen & defective).sum())})
+
+
+@register_sample_rule("anti_oracle")
+class DefectiveFirstRule(CleanFirstRule):
+    """ground-truth control: keep_count(r_sample, N) samples per step, defective ones first (reads metadata.defective)"""
 
     defective_first = True

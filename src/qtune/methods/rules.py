@@ -48,7 +48,8 @@ class StepView:
     batches: the step's micro-batches, in order; scores: their `BatchScores`, or None when no
     scoring pass ran; step: the optimizer step (0-based); total_steps: the run's optimizer steps,
     None when unknown (the method was not told; see `ComposedMethod.needs_scores_at`);
-    generator: the step's draws (shared with the token rule, which draws after).
+    generator: the step's draws (shared with the token rule, which draws after); bound: for a rule
+    with `needs_metadata`, what its `bind` made of the training records' metadata (None otherwise).
     """
 
     batches: list[dict]
@@ -56,6 +57,7 @@ class StepView:
     step: int
     total_steps: int | None
     generator: torch.Generator
+    bound: object = None  # what a rule that reads the records' metadata made of it (`SampleRule.bind`)
 
     @property
     def n(self) -> int:
@@ -93,10 +95,18 @@ class SampleRule:
     name = "base"
     config_class: type | None = None
     needs: frozenset[str] = frozenset()
+    #: Whether the rule reads the training records' metadata (`bind`); such a rule is a control
+    #: of experiments (labelled data, e.g. `oracle_ratio`), and so is every method built on it.
+    needs_metadata: bool = False
 
     def share(self, cfg) -> float:
         """The share of the step's samples the rule means to keep (nominal budget)."""
         return cfg.r_sample
+
+    def bind(self, metadata: dict[int, dict], method: str) -> object:
+        """What the rule keeps of every training record's metadata (keyed by the record's
+        sample_id), checked once before the first step; `choose` reads it as `view.bound`."""
+        raise NotImplementedError
 
     def needs_scores_at(self, cfg, step: int, total_steps: int) -> bool:
         return bool(self.needs)
@@ -198,6 +208,11 @@ class ComposedMethod(Method):
         self.total_steps: int | None = None
         # The token rule's fixed masks, when it decides before training (`use_masks`).
         self.token_masks: TokenMasks | None = None
+        # What the sample rule made of the training records' metadata (`bind_records`).
+        self.bound: object = None
+
+    def bind_records(self, metadata):
+        self.bound = self.sample_rule.bind(metadata, self.name)
 
     @property
     def nominal_budget(self) -> float:
@@ -209,10 +224,14 @@ class ComposedMethod(Method):
 
     def select(self, batches, scores, step):
         cfg = self.config
+        if self.needs_metadata and self.bound is None:
+            raise QTuneError(f"{self.name} reads the training records' metadata: call bind_records with it before the "
+                             "first step")
         generator = step_generator(cfg.seed, step)
         clock = PhaseClock(batches[0]["input_ids"].device)
         with clock.phase("triage"):
-            choice = self.sample_rule.choose(cfg, StepView(batches, scores, step, self.total_steps, generator))
+            choice = self.sample_rule.choose(cfg, StepView(batches, scores, step, self.total_steps, generator,
+                                                           self.bound))
         weights = [None] * len(batches) if choice.weights is None else split_rows(choice.weights, batches)
         selections = []
         with clock.phase("token_select"):
@@ -260,7 +279,8 @@ def composed_class(name: str) -> type[ComposedMethod]:
             namespace={"__doc__": f"Options of `{name}`: those of its rules, r_sample, r_token and seed."})
         _CLASSES[name] = type(f"{_title(name)}Method", (ComposedMethod,), {
             "__doc__": f"{_summary(sample)}; {_summary(token)}", "name": name, "config_class": config_class, "needs": sample.needs | token.needs,
-            "pass_needs": token.pass_needs, "sample_rule": sample, "token_rule": token})
+            "pass_needs": token.pass_needs, "sample_rule": sample, "token_rule": token,
+            "needs_metadata": sample.needs_metadata, "control": sample.needs_metadata})
     return _CLASSES[name]
 
 
