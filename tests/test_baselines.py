@@ -197,7 +197,7 @@ def test_unknown_names_and_bad_rules_are_refused():
         unknown = re.escape(f"unknown method {name!r}; available: ") + ".*SAMPLE\\+TOKEN"
         with pytest.raises(QTuneError, match=unknown):
             build_method(name, config())
-        with pytest.raises(OptionError, match="SAMPLE\\+TOKEN with SAMPLE one of entropy, infobatch"):
+        with pytest.raises(OptionError, match="SAMPLE\\+TOKEN with SAMPLE one of anti_oracle, entropy, infobatch"):
             config(method=name)
     assert config(method="entropy+random").method == "entropy+random"
     with pytest.raises(ValueError, match="already registered"):

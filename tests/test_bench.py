@@ -553,8 +553,8 @@ def test_an_invalid_option_fails_the_bench_before_any_cell_runs(tiny_bench_input
                            (["--methods", "full,nope"], "--methods: unknown method(s) nope; available: a registered "
                                                         "method: anti_oracle, full, oracle, oracle_ratio, qtuning, "
                                                         "random, token_matched_random; or SAMPLE+TOKEN with SAMPLE one "
-                                                        "of entropy, infobatch, infobatch_exact, longest, perplexity, "
-                                                        "random, shortest and TOKEN one of all, attention, perplexity, random, rho1, "
+                                                        "of anti_oracle, entropy, infobatch, infobatch_exact, longest, "
+                                                        "oracle_ratio, perplexity, random, shortest and TOKEN one of all, attention, perplexity, random, rho1, "
                                                         "token_cleaning"),
                            (["--methods", "random,token_matched_random"],
                             "--methods: token_matched_random keeps as many loss tokens as the qtuning cell of the same "
