@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The grid of issues 9 and 12 on the default (saturated) testbed preset, as planned in
 # docs/bench.md ("The saturated grid"), plan written before any of its cells ran.
-# Usage: bash bench/saturated_grid.sh [A|B|all] [JOBS]   (default: all, 2 jobs)
+# Usage: bash bench/saturated_grid.sh [A|B|C|all] [JOBS]   (default: all = A and B, 2 jobs)
 #   A: 25% of each step's samples at the preset's batch size 4 (0.25x0.5, 0.25x0.7)
 #   B: 12.5% at batch 8 (at batch 4, r_sample 0.125 keeps max(1, floor(0.5)) = 1 sample: 25%)
+#   C: the ceiling at the token budget too (oracle_ratio+random; oracle_ratio in A and B trains
+#      its samples whole), at both parts' budgets, added after A and B
 # Every part resumes: a finished cell is skipped (docs/bench.md, "Resuming").
 set -euo pipefail
 part=${1:-all}
@@ -23,11 +25,17 @@ fi
 methods=full,oracle,random,qtuning,token_matched_random,oracle_ratio,anti_oracle
 methods+=,random+perplexity,longest+random,longest+perplexity,entropy+random,entropy+perplexity
 methods+=,infobatch+random,infobatch+perplexity,random+rho1,random+token_cleaning
-common="--testbed saturated --methods $methods --seeds 0,1,2 $sft --reference-model $out/reference/model"
-common+=" --jobs $jobs"
+settings="--testbed saturated --seeds 0,1,2 $sft --jobs $jobs"
+common="$settings --methods $methods --reference-model $out/reference/model"
 if [ "$part" = A ] || [ "$part" = all ]; then
     qtune bench $common --batch-size 4 --budgets 0.25x0.5,0.25x0.7 --out "$out/b4"
 fi
 if [ "$part" = B ] || [ "$part" = all ]; then
     qtune bench $common --batch-size 8 --budgets 0.125x0.5,0.125x0.7 --out "$out/b8"
+fi
+if [ "$part" = C ]; then
+    qtune bench $settings --methods oracle_ratio+random --batch-size 4 --budgets 0.25x0.5,0.25x0.7 \
+        --out "$out/ceiling-b4"
+    qtune bench $settings --methods oracle_ratio+random --batch-size 8 --budgets 0.125x0.5,0.125x0.7 \
+        --out "$out/ceiling-b8"
 fi
