@@ -2,14 +2,16 @@
 
 One scoring pass of the whole dataset with the given model (`qtune.scoring.score_dataset`;
 skipped with `scores=False` where the selector does not rank by it, and then the model is not
-loaded unless the selector uses it; the `ifd` selector scores the responses alone too; `less` trains LoRA adapters on the model and takes
-per-sample gradients, of --target-data's samples too), then the selector (`qtune.selectors`, or a
-method's `select_dataset`) chooses the samples. Written atomically into OUT:
+loaded unless the selector uses it; the `ifd` selector scores the responses alone too; `less`
+trains LoRA adapters on the model and takes per-sample gradients, of --target-data's samples
+too), then the selector (`qtune.selectors`, or a method's `select_dataset`) chooses the samples.
+Written atomically into OUT:
 
 - selected.jsonl: the chosen records' rows as they are in the input (same fields, so `qtune
   train` or any trainer reads them with the same --format), in input order; a record whose
   conversation is split per assistant turn is written when any of its samples is chosen;
-- scores.parquet: per sample its id, record id, PPL and entropy (not with `scores=False`), the selector's score, kept;
+- scores.parquet: per sample its id, record id, PPL and entropy (not with `scores=False`), the
+  selector's score, kept;
 - summary.json: selector, direction, ratio, counts, the selector's statistics, seconds, machine;
 - selection.png: the selector's score, histogram of kept and dropped samples (with --plot).
 """

@@ -34,17 +34,20 @@ from ..config import EvalConfig
 from ..console import log
 from ..data import load_records
 from ..errors import QTuneError
-
-if importlib.util.find_spec("trl") is None:
-    raise QTuneError("qtune rl needs TRL: pip install 'qtune[trl]'")
 from ..io import claim_output_dir, write_json
 from ..models import resolve_device, resolve_dtype
 from ..rewards import bind_options, parse_spec, resolve
 from ..train import CHECKPOINTING, prepare_folder, read_step_log, resume_point, save_model_folder
 from .config import RLConfig
 from .prompts import load_policy, load_prompts
-from .trainer import HELDOUT, STEP_LOG, QTuneGRPOTrainer, RewardProgress
-from .zero_variance import prune_zero_variance
+
+try:  # the GRPO step is TRL's, an optional dependency
+    from .trainer import HELDOUT, STEP_LOG, QTuneGRPOTrainer, RewardProgress
+    from .zero_variance import prune_zero_variance
+except ModuleNotFoundError as exc:
+    if exc.name != "trl":
+        raise
+    raise QTuneError("qtune rl needs TRL: pip install 'qtune[trl]'") from None
 
 #: The pre-pass's verdict and report, kept so that a resumed run trains on the same prompts.
 ZERO_VARIANCE = "zero_variance.json"
