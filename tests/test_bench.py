@@ -282,6 +282,10 @@ def test_summary_has_mean_and_sample_std_over_seeds_and_marks_the_best_of_each_b
     assert r.std["exact_match_strict"] == pytest.approx(0.0)
     assert full.std["exact_match_strict"] is None and full.seeds == [0]
     assert (q.best, r.best, full.best, stats["random", 0.5, 0.5].best) == (True, False, False, False)
+    # A control bounds the methods and is never the best of its budget, however high it scores.
+    ceiling = [result("oracle_ratio+random", 0.25, 0.7, s, 0.9) for s in range(3)]
+    with_ceiling = {g.method: g.best for g in summarize_results([*HAND_ROWS, *ceiling]) if g.r_sample == 0.25}
+    assert with_ceiling == {"qtuning": True, "random": False, "oracle_ratio+random": False}
     # ranked by the flexible metric, the best can change
     flexible = {(g.method, g.r_sample): g.best for g in summarize_results(
         [*HAND_ROWS[:3], *[result("random", 0.25, 0.7, s, 0.3, exact_match_flexible=0.9) for s in range(3)]],

@@ -145,6 +145,18 @@ def parse_seeds(text: str) -> list[int]:
     return list(dict.fromkeys(seeds))
 
 
+def is_control(method: str) -> bool:
+    """Whether `method` is a control of experiments (`Method.control`: `oracle_ratio`,
+    `oracle_ratio+random`, ...), which bounds the methods and is never the best of a budget; a
+    name no longer registered is not."""
+    from ..methods import method_class
+
+    try:
+        return method_class(method).control
+    except QTuneError:
+        return False
+
+
 def parse_methods(text: str | None) -> list[str]:
     """The methods to run, `full` first; every registered method but the controls when `text` is None.
     A name may also combine a sample rule and a token rule ("longest+perplexity", docs/methods.md)."""

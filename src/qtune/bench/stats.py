@@ -8,7 +8,7 @@ import math
 import statistics
 from dataclasses import dataclass
 
-from .grid import BUDGET_FREE, FULL, budget_label
+from .grid import BUDGET_FREE, FULL, budget_label, is_control
 
 
 #: Columns aggregated over seeds: (row key, table header, scale, decimals).
@@ -52,7 +52,8 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
 def summarize_results(rows: list[dict], metric: str = "exact_match_strict") -> list[GroupStats]:
     """Mean and standard deviation over seeds per (method, r_sample, r_token), the budget-free
     methods first (`full`, then `oracle`), then budgets from the largest down; `best` marks, in each
-    budget run by two or more methods, the method(s) with the highest mean `metric`."""
+    budget run by two or more methods, the method(s) with the highest mean `metric` (the controls
+    of experiments, `grid.is_control`, take no part: they bound the methods)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["method"], row["r_sample"], row["r_token"]), []).append(row)
@@ -65,7 +66,7 @@ def summarize_results(rows: list[dict], metric: str = "exact_match_strict") -> l
         stats.append(GroupStats(method, r_sample, r_token, members[0]["nominal_budget"],
                                 [r["seed"] for r in members], mean, std))
     stats.sort(key=lambda g: (g.method not in BUDGET_FREE, -g.nominal_budget, -g.r_sample, g.method))
-    budgeted = [g for g in stats if g.method not in BUDGET_FREE]
+    budgeted = [g for g in stats if g.method not in BUDGET_FREE and not is_control(g.method)]
     for key in {(g.r_sample, g.r_token) for g in budgeted}:
         rivals = [g for g in budgeted if (g.r_sample, g.r_token) == key and g.mean[metric] is not None]
         if len(rivals) > 1:
