@@ -116,12 +116,12 @@ def by_bucket(per_type: dict[int, collections.Counter], bucket_of) -> dict[str, 
 
 
 def first_departures(records: list[Record], samples: dict[int, dict], predictions: list[dict], tokenizer,
-                     bucket_of) -> collections.Counter:
+                     bucket_of, max_length: int) -> collections.Counter:
     """Bucket of the reference token at each answer's first departure from the reference response
     (answers equal to the reference are not counted). Both are tokenised as the training set is."""
     answers = [dataclasses.replace(r, messages=[*r.messages[:-1], {"role": "assistant", "content": p["output"]}])
                for r, p in zip(records, predictions)]
-    tokenized, _ = tokenize_records(answers, tokenizer, max_length=1024)
+    tokenized, _ = tokenize_records(answers, tokenizer, max_length=max_length)
     departures = collections.Counter()
     for answer in tokenized:
         ids, positions = response_ids(samples[int(answer["sample_id"])])
@@ -141,7 +141,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     ns = parser.parse_args(argv)
     grid, out = Path(ns.grid), Path(ns.out)
-    paths = build_testbed(progress=False)
+    paths = build_testbed(preset="saturated", progress=False)
     settings = PRESETS["saturated"].sft_settings
     tokenizer = load_tokenizer(str(paths.model_dir))
 
@@ -151,6 +151,7 @@ def main(argv=None) -> None:
     for method in METHODS:
         cell = grid / "cells" / f"{method}-{BUDGET}-seed{ns.seed}"
         values = json.loads((cell / "train" / "run_config.json").read_text())
+        max_length = values["max_length"]
         run = out / method
         if not (run / "summary.json").exists():
             run_train(TrainConfig(**{**values, "out": str(run), "progress": False}))
@@ -163,13 +164,14 @@ def main(argv=None) -> None:
                             "grid": json.loads((cell / "result.json").read_text())["exact_match_strict"]}
 
     train_records, _ = load_records(paths.train_path, "auto")
-    train_samples = {int(s["sample_id"]): s for s in tokenize_records(train_records, tokenizer, max_length=1024)[0]}
+    train_samples = {int(s["sample_id"]): s
+                     for s in tokenize_records(train_records, tokenizer, max_length=max_length)[0]}
     shares = type_kept_shares(out / METHODS[0] / "qtune-token-masks.safetensors", train_samples)
     bucket_of = lambda token: bucket_name(shares.get(token))  # noqa: E731
-    test_samples = {int(s["sample_id"]): s for s in tokenize_records(test_records, tokenizer, max_length=1024)[0]}
+    test_samples = {int(s["sample_id"]): s for s in tokenize_records(test_records, tokenizer, max_length=max_length)[0]}
     per_type = {name: teacher_forced(model, list(test_samples.values())) for name, model in models.items()}
-    departures = {method: first_departures(test_records, test_samples, predictions[method], tokenizer, bucket_of)
-                  for method in METHODS}
+    departures = {method: first_departures(test_records, test_samples, predictions[method], tokenizer, bucket_of,
+                                           max_length) for method in METHODS}
     frequent = sorted(per_type["base"], key=lambda t: -per_type["base"][t]["tokens"])[:TYPES_SHOWN]
     result = {
         "seed": ns.seed,
