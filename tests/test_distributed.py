@@ -173,7 +173,7 @@ def test_rl_in_two_processes_filters_evaluates_and_resumes(testbed, tmp_path):
     # only when both shares are counted.
     assert rows[-1]["heldout_exact_match"] == pytest.approx(4 / 7)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["prompts"] == 20 and summary["machine"].endswith(" x 2, torch " + torch.__version__)
+    assert summary["prompts"] == 20 and summary["machine"].endswith(f" x 2, torch {torch.__version__}, 1 cpu threads")
     for folder in (out / "checkpoint-1", out / "checkpoint-2"):
         assert checkpoints.is_complete(folder)
         assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in folder.iterdir()}

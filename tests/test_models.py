@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from qtune.cli import main
 from qtune.errors import QTuneError
-from qtune.models import check_vocabulary, load_model, load_tokenizer
+from qtune.models import check_vocabulary, load_model, load_tokenizer, machine_stamp
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +53,14 @@ def test_every_command_reports_a_broken_model_in_one_line(broken_models, tmp_pat
     assert "Traceback" not in err and len(errors) == 1 and err.rstrip().endswith(errors[0])
     assert ("unreadable" if model == "truncated" else "embedding only") in errors[0]
     assert not (tmp_path / "out" / "model").exists()
+
+
+def test_the_machine_stamp_names_torchs_cpu_threads():
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert machine_stamp("cpu", 2).endswith(f"cpu x 2, torch {torch.__version__}, 1 cpu threads")
+    finally:
+        torch.set_num_threads(threads)

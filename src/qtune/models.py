@@ -7,6 +7,7 @@ testbed model and a user's model are loaded by the same code.
 from __future__ import annotations
 
 import os
+import platform
 from pathlib import Path
 
 import torch
@@ -24,6 +25,14 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise QTuneError(f"device {device!r} was asked for but CUDA is not available")
     return torch.device(device)
+
+
+def machine_stamp(device: str | torch.device = "cpu", processes: int = 1) -> str:
+    """The machine a summary's numbers come from: architecture, CPUs, device x processes, torch
+    version and torch's CPU threads (a CPU run repeats exactly only at the same thread count: the
+    float reductions run in another order)."""
+    return (f"{platform.machine()}, {os.cpu_count()} cpus, {device} x {processes}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} cpu threads")
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import platform
 from pathlib import Path
-
-import torch
 
 from .config import STATIC_METHODS, SelectConfig, TrainConfig
 from .console import log
 from .data import record_id_of, source_rows
 from .errors import QTuneError
 from .io import claim_output_dir, write_json, write_jsonl, write_parquet
+from .models import machine_stamp
 from .samples import load_samples
 from .scoring import IGNORE_INDEX, score_dataset, unscored_dataset
 from .selectors import SELECTORS, SelectorInputs, StaticChoice
@@ -137,7 +135,7 @@ def _select(cfg: SelectConfig, out: Path) -> dict:
         "n_samples": len(scores.sample_id), "n_kept": len(kept), "n_records": len(records),
         "n_records_kept": len(kept_records), "kept_fraction": len(kept) / len(scores.sample_id),
         "stats": choice.stats, "scoring_seconds": seconds, "config": dataclasses.asdict(cfg),
-        "machine": f"{platform.machine()}, torch {torch.__version__}",
+        "machine": machine_stamp("cpu" if model is None else model.device),
     }
     write_json(out / "summary.json", summary)
     if cfg.plot and choice.score is not None:

@@ -31,7 +31,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import shutil
 import time
 from dataclasses import asdict
@@ -51,7 +50,7 @@ from .errors import QTuneError
 from .io import atomic_path, claim_output_dir, replace_dir, write_json, write_text
 from .methods import Method, TokenMasks, build_method
 from .objectives import Objective
-from .models import check_vocabulary, load_model, load_tokenizer, resolve_device, resolve_dtype
+from .models import check_vocabulary, load_model, load_tokenizer, machine_stamp, resolve_device, resolve_dtype
 from .phases import PhaseClock
 from .samples import load_samples
 from .scorer import DriftMeter, Scorer, build_scorer
@@ -728,8 +727,7 @@ def _train(cfg: TrainConfig, out: Path, args: TrainingArguments, resume_from: Pa
         "config": asdict(cfg),
         "model_dir": str(final),
         "process_seconds": time.perf_counter() - started,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {args.device} x {args.world_size}, "
-                   f"torch {torch.__version__}",
+        "machine": machine_stamp(args.device, args.world_size),
     })
     if not main:
         return summary

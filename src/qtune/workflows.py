@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import platform
 from dataclasses import asdict
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from .config import EvalConfig, EvalRunConfig, ScoreConfig
 from .console import log
 from .data import load_records, record_id_of, require_pad_token
 from .io import claim_output_dir, write_json, write_parquet, write_text
-from .models import check_vocabulary, load_model, load_tokenizer
+from .models import check_vocabulary, load_model, load_tokenizer, machine_stamp
 from .pruning import QUADRANT_NAMES, triage
 from .report import category_quadrant_table, format_table, score_summary
 from .samples import load_samples
@@ -86,7 +85,7 @@ def _score(cfg: ScoreConfig, out: Path) -> dict:
         "counts": decision.counts(),
         "seconds": scores.seconds,
         "tokens": scores.tokens,
-        "machine": f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__}".strip(),
+        "machine": machine_stamp(model.device),
     }
     write_json(out / "summary.json", result)
     if cfg.plot:

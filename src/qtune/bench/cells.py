@@ -129,6 +129,7 @@ def result_row(cell: Cell, summary: dict, steps: list[dict], metrics: dict, audi
         "audit": audit,
         "audit_kind": audit_kind,
         "audit_tokens": audit_tokens,
+        "machine": summary["machine"],  # with torch's CPU threads: a CPU cell repeats exactly only at that count
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 

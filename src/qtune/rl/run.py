@@ -22,7 +22,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -35,7 +34,7 @@ from ..console import log
 from ..data import load_records
 from ..errors import QTuneError
 from ..io import claim_output_dir, write_json
-from ..models import resolve_device, resolve_dtype
+from ..models import machine_stamp, resolve_device, resolve_dtype
 from ..rewards import bind_options, parse_spec, resolve
 from ..train import CHECKPOINTING, prepare_folder, read_step_log, resume_point, save_model_folder
 from .config import RLConfig
@@ -208,8 +207,7 @@ def _rl(cfg: RLConfig, out: Path, args, resume_from: Path | None) -> dict:
         "prompts": len(prompts),
         "model_dir": str(final),
         "process_seconds": time.perf_counter() - started,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {args.device} x {args.world_size}, "
-                   f"torch {torch.__version__}",
+        "machine": machine_stamp(args.device, args.world_size),
     })
     if main:
         write_json(out / "summary.json", summary)
