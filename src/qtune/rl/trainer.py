@@ -27,6 +27,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 from trl import GRPOTrainer
 
+from ..errors import QTuneError
 from ..evaluate import evaluate_exact_match
 from ..train import StagedCheckpoints
 
@@ -45,12 +46,23 @@ class QTuneGRPOTrainer(StagedCheckpoints, GRPOTrainer):
     def __init__(self, *args, heldout=None, eval_config=None, eval_steps: int = 0, step_log=None,
                  keep_checkpoints: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        if heldout and self.shards_the_model():
+            # Plain generate on one process's shard would fail or wait on the other processes.
+            raise QTuneError("held-out evaluation during RL generates on each process's own model, which FSDP and "
+                             "DeepSpeed ZeRO-3 shard: leave eval_data unset (eval_steps 0) and evaluate OUT/model "
+                             "with qtune eval")
         self.heldout = list(heldout) if heldout else None
         self.eval_config = eval_config
         self.eval_steps = eval_steps
         self.step_log = Path(step_log) if step_log else Path(self.args.output_dir) / STEP_LOG
         self.keep_checkpoints = keep_checkpoints
         self.add_callback(_StepRecorder(self))
+
+    def shards_the_model(self) -> bool:
+        """Whether each process holds only a shard of the weights (FSDP, DeepSpeed ZeRO-3)."""
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        return bool(self.is_fsdp_enabled or (self.is_deepspeed_enabled and is_deepspeed_zero3_enabled()))
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """TRL's `train`; `True` resumes from the newest complete checkpoint of `output_dir`. Resuming
