@@ -190,3 +190,19 @@ def test_rl_in_two_processes_filters_evaluates_and_resumes(testbed, tmp_path):
         # (With process 1 on its unfiltered prompts, step 3 meets two groups without spread.)
         assert row["zero_variance_groups"] == 0 and row["rewards/even_ids_constant/std"] > 0
     assert json.loads((out / "zero_variance.json").read_text()) == report  # read back, not sampled again
+
+
+def test_rl_from_a_lora_start_in_two_processes(testbed, tmp_path):
+    """A LoRA SFT output with a KL term (a frozen copy of the adapter as the reference) under DDP:
+    the trained adapter is saved, without the reference copy."""
+    from qtune.config import TrainConfig
+
+    sft = tmp_path / "sft"
+    run_train(TrainConfig(model=str(testbed.model_dir), data=str(testbed.train_path), out=str(sft), method="full",
+                          lora_r=4, max_steps=1, batch_size=4, lr=1e-2, progress=False))
+    out = tmp_path / "rl"
+    launch(tmp_path, rl_config(testbed, out, model=str(sft), beta=0.1, rewards=("test_rl:text_length",)), 2, RL_WORKER)
+    start = load_file(str(sft / "model" / "adapter_model.safetensors"))
+    end = load_file(str(out / "model" / "adapter_model.safetensors"))
+    assert start.keys() == end.keys() and all(not torch.equal(start[k], end[k]) for k in start)
+    assert all("kl" in r for r in read_step_log(out / "steps.jsonl"))
