@@ -41,16 +41,16 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from qtune.config import EvalConfig, TrainConfig
-from qtune.data import IGNORE_INDEX, Record, load_records, tokenize_records
+from qtune.data import Record, load_records, tokenize_records
 from qtune.evaluate import evaluate_exact_match
 from qtune.io import write_json
 from qtune.models import load_model, load_tokenizer
 from qtune.report import format_table
+from qtune.scoring import response_positions
 from qtune.testbed import PRESETS, build_testbed
-from qtune.train import run_train
+from qtune.train import TOKEN_MASKS, read_token_masks, run_train
 
 METHODS = ("random+token_cleaning", "random")
 BUDGET = "r0.25x0.5"
@@ -68,18 +68,19 @@ def bucket_name(share: float | None) -> str:
 
 
 def response_ids(sample: dict) -> tuple[list[int], list[int]]:
-    """The sample's input ids and the positions (in input_ids) of its response tokens."""
+    """The sample's input ids and the positions (in input_ids) of its response tokens
+    (`qtune.scoring.response_positions`)."""
     ids = [int(i) for i in sample["input_ids"]]
-    return ids, [k for k, label in enumerate(sample["labels"]) if label != IGNORE_INDEX]
+    return ids, response_positions(torch.as_tensor(sample["labels"])[None])[0].nonzero().flatten().tolist()
 
 
 def type_kept_shares(masks_path: Path, train_samples: dict[int, dict]) -> dict[int, float]:
     """token id -> the share of its response-token appearances in the training set that the
     stored Token Cleaning masks keep."""
-    masks = load_file(str(masks_path))
-    offsets, keep = masks["offsets"].tolist(), masks["keep"].tolist()
+    masks = read_token_masks(masks_path)
+    offsets, keep = masks.offsets.tolist(), masks.keep.tolist()
     seen, kept = collections.Counter(), collections.Counter()
-    for row, sample_id in enumerate(masks["sample_id"].tolist()):
+    for row, sample_id in enumerate(masks.sample_id.tolist()):
         ids, positions = response_ids(train_samples[sample_id])
         flags = keep[offsets[row]:offsets[row + 1]]
         assert len(flags) == len(positions), f"sample {sample_id}: the masks do not fit its tokenisation"
@@ -166,7 +167,7 @@ def main(argv=None) -> None:
     train_records, _ = load_records(paths.train_path, "auto")
     train_samples = {int(s["sample_id"]): s
                      for s in tokenize_records(train_records, tokenizer, max_length=max_length)[0]}
-    shares = type_kept_shares(out / METHODS[0] / "qtune-token-masks.safetensors", train_samples)
+    shares = type_kept_shares(out / METHODS[0] / TOKEN_MASKS, train_samples)
     bucket_of = lambda token: bucket_name(shares.get(token))  # noqa: E731
     test_samples = {int(s["sample_id"]): s for s in tokenize_records(test_records, tokenizer, max_length=max_length)[0]}
     per_type = {name: teacher_forced(model, list(test_samples.values())) for name, model in models.items()}

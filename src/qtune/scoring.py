@@ -242,7 +242,7 @@ class DatasetScores:
 def unscored_dataset(samples: Sequence[dict]) -> DatasetScores:
     """A dataset's sample ids and response token counts, in `score_dataset`'s order, with no
     model and no forward pass (ppl and ent None)."""
-    counts = {int(samples[i]["sample_id"]): sum(1 for label in samples[i]["labels"] if label != IGNORE_INDEX)
+    counts = {int(samples[i]["sample_id"]): int(response_positions(torch.as_tensor(samples[i]["labels"])[None]).sum())
               for i in range(len(samples))}
     order = sorted(counts)
     return DatasetScores(sample_id=order, n_response=[counts[i] for i in order], ppl=None, ent=None,

@@ -27,6 +27,7 @@ Rules:
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,12 @@ from .scorer import Scorer
 from .scoring import BatchScores
 
 TRIAGE_SCOPES = ("global", "local")
+
+
+def launched_processes() -> int:
+    """The processes a launcher started (torchrun and accelerate launch set WORLD_SIZE), readable
+    before torch.distributed is initialised; 1 without a launcher."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def world() -> tuple[int, int]:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict
@@ -54,8 +53,8 @@ from .models import check_vocabulary, load_model, load_tokenizer, machine_stamp,
 from .phases import PhaseClock
 from .samples import load_samples
 from .scorer import DriftMeter, Scorer, build_scorer
-from .step import (concatenates_kept_rows, gather, loss_token_count, micro_batch_loss, pack_kept, placeholder_row,
-                   plan_step, reduce_sum, world)
+from .step import (concatenates_kept_rows, gather, launched_processes, loss_token_count, micro_batch_loss, pack_kept,
+                   placeholder_row, plan_step, reduce_sum, world)
 
 __all__ = ["QTuneTrainer", "pack_kept", "read_step_log", "run_train", "summarize_run"]
 
@@ -623,7 +622,7 @@ def _training_arguments(cfg: TrainConfig, out: Path, device: torch.device, mixed
         bf16=mixed_bf16,
         use_cpu=device.type == "cpu",
         # Several CPU processes (torchrun and accelerate set WORLD_SIZE) reduce over gloo.
-        ddp_backend="gloo" if device.type == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        ddp_backend="gloo" if device.type == "cpu" and launched_processes() > 1 else None,
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=None,  # QTuneTrainer deletes old checkpoints itself, counting complete ones only

@@ -46,6 +46,11 @@ def sample_labels(labels: dict[int, bool] | None, sample_ids: list[int], method:
         raise QTuneError(f"{method}: record {exc.args[0]} is not among the bound training records") from None
 
 
+def step_labels(labels: dict[int, bool] | None, batches: list[dict], method: str) -> torch.Tensor:
+    """bool [N]: whether each sample of the step (micro-batches in order) is defective."""
+    return sample_labels(labels, torch.cat([b["sample_id"] for b in batches]).tolist(), method)
+
+
 def ratio_choice(defective: torch.Tensor, r_sample: float, generator: torch.Generator, *,
                  defective_first: bool) -> torch.Tensor:
     """bool [N]: keep_count(r_sample, N) samples, the clean ones first (the defective ones with
@@ -96,7 +101,7 @@ class LabelledControl(Method):
 
     def step_defective(self, batches: list[dict]) -> torch.Tensor:
         """bool [N]: whether each sample of the step (micro-batches in order) is defective."""
-        return self.defective(torch.cat([b["sample_id"] for b in batches]).tolist())
+        return step_labels(self._defective, batches, self.name)
 
 
 @register("oracle")
@@ -159,7 +164,7 @@ class CleanFirstRule(SampleRule):
         return defective_labels(metadata, method)
 
     def choose(self, cfg, view):
-        defective = sample_labels(view.bound, torch.cat([b["sample_id"] for b in view.batches]).tolist(), self.name)
+        defective = step_labels(view.bound, view.batches, self.name)
         chosen = ratio_choice(defective, cfg.r_sample, view.generator, defective_first=self.defective_first)
         return SampleChoice(chosen, stats={"defective": int(defective.sum()),
                                            "kept_defective": int((chosen & defective).sum())})

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -36,6 +35,7 @@ from ..errors import QTuneError
 from ..io import claim_output_dir, write_json
 from ..models import machine_stamp, resolve_device, resolve_dtype
 from ..rewards import bind_options, parse_spec, resolve
+from ..step import launched_processes
 from ..train import CHECKPOINTING, prepare_folder, read_step_log, resume_point, save_model_folder
 from .config import RLConfig
 from .prompts import load_policy, load_prompts
@@ -102,7 +102,7 @@ def grpo_config(cfg: RLConfig, out: Path):
             data_seed=cfg.seed,
             bf16=resolve_dtype(cfg.dtype, device) == torch.bfloat16,
             use_cpu=device.type == "cpu",
-            ddp_backend="gloo" if device.type == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+            ddp_backend="gloo" if device.type == "cpu" and launched_processes() > 1 else None,
             **{CHECKPOINTING: cfg.gradient_checkpointing},
             use_vllm=cfg.use_vllm,
             vllm_mode=cfg.vllm_mode,
