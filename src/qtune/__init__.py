@@ -9,7 +9,9 @@ The two stages of Q-Tuning are pure functions on tensors, usable in any training
 `qtune.score_batch` computes the scores they need with a gradient-free pass of a model.
 """
 
-from . import methods  # noqa: F401  (registers the built-in pruning methods; see config.METHOD_NAMES)
+# Registering the built-in pruning methods and static selectors fills the name sets that the
+# options are checked against (config.METHOD_NAMES, config.SELECTOR_NAMES).
+from . import methods, selectors  # noqa: F401
 from .errors import DataError, QTuneError
 from .pruning import TriageResult, prune_tokens, token_perplexity, token_scores, triage
 from .scoring import BatchScores, score_batch

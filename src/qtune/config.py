@@ -181,6 +181,9 @@ METHOD_NAMES: set[str] = set()
 #: as METHOD_NAMES is by `register`.
 SAMPLE_RULE_NAMES: set[str] = set()
 TOKEN_RULE_NAMES: set[str] = set()
+#: Names of the registered static selectors of `qtune select`, filled by
+#: `qtune.selectors.register_selector` as METHOD_NAMES is by `register`.
+SELECTOR_NAMES: set[str] = set()
 
 
 def composed_parts(name: str) -> tuple[str, str] | None:
@@ -287,9 +290,7 @@ STATIC_METHODS = ("full", "random", "qtuning")
 
 
 def _selector(value: str) -> str | None:
-    from .selectors import SELECTORS
-
-    names = sorted({*SELECTORS, *STATIC_METHODS})
+    names = sorted({*SELECTOR_NAMES, *STATIC_METHODS})
     return None if value in names else "one of " + ", ".join(names)
 
 

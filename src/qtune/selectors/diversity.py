@@ -18,7 +18,7 @@ import torch
 
 from ..errors import QTuneError
 from ..pruning import keep_count
-from . import StaticChoice, register_selector
+from .base import StaticChoice, register_selector
 
 
 def default_embedding_model() -> str:

@@ -28,7 +28,7 @@ import torch
 
 from ..errors import QTuneError
 from ..pruning import keep_count
-from . import StaticChoice, keep_top, register_selector
+from .base import StaticChoice, keep_top, register_selector
 
 
 def _min_max(values: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 
 from ..pruning import keep_count
-from . import StaticChoice, keep_top, register_selector
+from .base import StaticChoice, keep_top, register_selector
 
 
 @register_selector("ifd")

@@ -53,7 +53,7 @@ import torch
 from ..data import collate
 from ..errors import QTuneError
 from ..pruning import keep_count
-from . import StaticChoice, keep_top, register_selector
+from .base import StaticChoice, keep_top, register_selector
 
 #: Floats of one block of the projection matrix, generated when needed and then dropped (16 MiB of
 #: float32): the P x dim matrix is never held whole.

@@ -14,7 +14,7 @@ import torch
 
 from ..methods.rules import middle_samples
 from ..pruning import keep_count
-from . import StaticChoice, keep_top, register_selector
+from .base import StaticChoice, keep_top, register_selector
 
 
 @register_selector("perplexity")
