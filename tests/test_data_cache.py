@@ -134,7 +134,7 @@ def test_second_call_reads_from_the_cache_without_tokenizing(tmp_path, tiny_toke
     def fail(*args, **kwargs):
         raise AssertionError("rendered a record on a cache hit")
 
-    monkeypatch.setattr(qtune.data, "render_samples", fail)
+    monkeypatch.setattr(qtune.data.tokenization, "render_samples", fail)
     second = CountingTokenizer(tiny_tokenizer)
     # A copy of the file elsewhere has the same content, hence the same entry.
     copied = shutil.copy(path, tmp_path / "copy.jsonl")

@@ -167,7 +167,10 @@ def _marked_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
     a token grows to the token's edges, as the mask itself does.
     """
     text = _apply_template(tokenizer, messages)
-    encoded = _apply_template(tokenizer, messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    # verbose=False: a conversation longer than the tokenizer's model_max_length is cut later, at
+    # --max-length (`qtune.data.tokenization`), so the tokenizer's own warning would be noise.
+    encoded = _apply_template(tokenizer, messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                              tokenizer_kwargs={"verbose": False})
     spans: list[list[int]] = []  # [start, end) character spans of the masked tokens, adjacent ones merged
     for masked, (start, end) in zip(encoded["assistant_masks"], encoded.encodings[0].offsets):
         if not masked:

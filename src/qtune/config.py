@@ -638,9 +638,12 @@ class ParallelConfig(Options):
 
     gradient_checkpointing: bool = option(False, "Recompute activations during the backward pass: less memory, "
                                                  "about a third more compute.")
-    ddp_find_unused_parameters: bool | None = option(None, "DDP: look for parameters without a gradient at every "
-                                                           "step (some models need it; slower). Default: "
-                                                           "transformers' choice.")
+    # Off by default: every trainable parameter gets a gradient at every step (a process whose
+    # kept rows are none still runs a backward through a zero-weight placeholder row), so the
+    # search is pure overhead, and DDP warns about it at every run.
+    ddp_find_unused_parameters: bool = option(False, "DDP: look for parameters without a gradient at every step "
+                                                     "(only for a model with branches that some inputs skip; "
+                                                     "slower).")
     fsdp: str | None = option(None, "FSDP mode, as TrainingArguments.fsdp, e.g. 'full_shard auto_wrap'.")
     fsdp_config: str | None = option(None, "FSDP config file, as TrainingArguments.fsdp_config.", check=_json_file)
     deepspeed: str | None = option(None, "DeepSpeed config file (e.g. ZeRO-2 or ZeRO-3), as "

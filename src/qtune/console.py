@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 
 def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """Print a notice on stderr; under several processes (torchrun and accelerate set RANK) only the
+    main process prints, since every process reaches the same notices."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)

@@ -5,13 +5,19 @@ cached), with every skipped, excluded, truncated or split record reported."""
 from __future__ import annotations
 
 from .console import log
+from .data import accepted_max_length
 from .errors import QTuneError
 from .tokenized import RecordTable, SampleTable, load_tokenized
 
 
 def load_samples(cfg, tokenizer) -> tuple[RecordTable, SampleTable]:
     """Records -> tokenized samples of `cfg.data` (any config with the `DataConfig` fields): sequences
-    of `Record` and of sample dicts, as `load_records` and `tokenize_records` give them."""
+    of `Record` and of sample dicts, as `load_records` and `tokenize_records` give them. A
+    `max_length` above what the tokenizer's model accepts is capped there, and said once."""
+    accepted = accepted_max_length(tokenizer, cfg.max_length)
+    if accepted < cfg.max_length:
+        log(f"--max-length {cfg.max_length} is more than the model accepts (the tokenizer's model_max_length): "
+            f"samples are cut at {accepted} tokens")
     data = load_tokenized(
         cfg.data, tokenizer, format=cfg.format, skip_invalid=cfg.skip_invalid, limit=cfg.limit,
         max_length=cfg.max_length, truncation_side=cfg.truncation_side, num_proc=cfg.num_proc, cache=cfg.data_cache,

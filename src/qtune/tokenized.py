@@ -27,7 +27,7 @@ hash of everything the samples depend on (`cache_spec`): the sha256 of the input
 file of a `datasets` folder) and its file type; the tokenizer as `save_pretrained` writes it
 (vocabulary, merges, special tokens, its configuration and chat template) and the rendering path
 it takes; the options format, skip_invalid, limit, max_length and truncation_side; and the qtune
-code that reads and tokenizes (sha256 of data.py, chat_templates.py and this file) with the
+code that reads and tokenizes (sha256 of the data package's files, chat_templates.py and this file) with the
 transformers and tokenizers versions. The content is hashed, not the size and modification time:
 copies of a file (one per bench cell, a checkout) share an entry, an edit that keeps size and time
 (`cp -p`, `rsync -t`) is never missed, and hashing costs under a second per GB where tokenizing
@@ -62,7 +62,8 @@ import pyarrow as pa
 from .chat_templates import rendering_path
 from .console import log
 from .data import (
-    TOKENIZE_CHUNK, LoadReport, Record, TokenizeReport, check_tokenize_options, open_records, tokenize_chunk,
+    TOKENIZE_CHUNK, LoadReport, Record, TokenizeReport, accepted_max_length, check_tokenize_options, open_records,
+    tokenize_chunk,
 )
 from .errors import QTuneError
 from .io import replace_dir, write_json
@@ -87,7 +88,8 @@ _RECORD_SCHEMA = pa.schema([
 ])
 
 _CODE_SHA256 = hashlib.sha256(b"".join(
-    (Path(__file__).parent / name).read_bytes() for name in ("data.py", "chat_templates.py", "tokenized.py")
+    path.read_bytes() for path in [*sorted((Path(__file__).parent / "data").glob("*.py")),
+                                   Path(__file__).parent / "chat_templates.py", Path(__file__)]
 )).hexdigest()
 
 
@@ -131,6 +133,7 @@ def load_tokenized(
     """
     records, load_report = open_records(path, format, skip_invalid=skip_invalid, limit=limit)
     check_tokenize_options(max_length, truncation_side)
+    max_length = accepted_max_length(tokenizer, max_length)
     if num_proc is not None and num_proc < 1:
         raise QTuneError(f"num_proc must be at least 1, got {num_proc}")
     options = {"format": format, "skip_invalid": skip_invalid, "limit": limit, "max_length": max_length,

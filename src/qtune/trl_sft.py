@@ -36,7 +36,7 @@ import typing
 import torch
 import trl
 
-from .config import ComputeConfig, LossConfig, PruningConfig, ScorerConfig
+from .config import ComputeConfig, LossConfig, ParallelConfig, PruningConfig, ScorerConfig
 from .data import require_pad_token
 from .errors import QTuneError
 from .methods import build_method
@@ -77,10 +77,15 @@ def _qtune_fields() -> list[tuple[str, type, dataclasses.Field]]:
     return fields
 
 
+# TrainingArguments' field with qtune's default (`qtune.config.ParallelConfig` says why it is off).
+_FIND_UNUSED = dataclasses.fields(ParallelConfig)[
+    [f.name for f in dataclasses.fields(ParallelConfig)].index("ddp_find_unused_parameters")]
+
 # Built from PruningConfig and ComputeConfig so that each option is declared and documented once, in qtune.config.
 QTuneSFTConfig = dataclasses.make_dataclass(
     "QTuneSFTConfig",
-    _qtune_fields(),
+    [*_qtune_fields(), ("ddp_find_unused_parameters", bool | None,
+                        dataclasses.field(default=_FIND_UNUSED.default, metadata={"help": _FIND_UNUSED.metadata["help"]}))],
     bases=(trl.SFTConfig,),
     namespace={
         "__module__": __name__,  # the Trainer pickles its args into checkpoints

@@ -103,6 +103,7 @@ def grpo_config(cfg: RLConfig, out: Path):
             bf16=resolve_dtype(cfg.dtype, device) == torch.bfloat16,
             use_cpu=device.type == "cpu",
             ddp_backend="gloo" if device.type == "cpu" and launched_processes() > 1 else None,
+            ddp_find_unused_parameters=False,  # the policy's trainable parameters all take part in its loss
             **{CHECKPOINTING: cfg.gradient_checkpointing},
             use_vllm=cfg.use_vllm,
             vllm_mode=cfg.vllm_mode,
