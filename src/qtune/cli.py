@@ -7,7 +7,8 @@ import errno
 import importlib
 import sys
 
-from .config import EvalRunConfig, ScoreConfig, SelectConfig, TrainConfig, add_arguments, build_config
+from .config import (AuditConfig, ContaminationCheckConfig, EvalRunConfig, ScoreConfig, SelectConfig, TrainConfig,
+                     add_arguments, build_config)
 from .errors import QTuneError
 from .io import disk_full_message
 
@@ -87,6 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
                                     "ifd, diversity, hardness, less, or a method's static selection) and write "
                                     "it in the input's format, "
                                     "with the scores, a summary and a histogram.")
+    _add_config_command(commands, "audit", AuditConfig, "audit.run:run_audit",
+                        help="Will pruning pay on my data? Plant labelled defects, see what each method drops.",
+                        description="Draws a sample of --data, plants labelled defects into a copy (swapped, "
+                                    "corrupted, truncated, off-task answers, exact and near duplicates), scores it "
+                                    "once with --model and reports, for Q-Tuning's triage, every sample rule, token "
+                                    "rule and static selector, the share of each planted kind it drops against the "
+                                    "untouched records', with a verdict that accounts for sampling error; with "
+                                    "--eval-data, the overlap of --data with it. Writes audit.md, audit.json and "
+                                    "audit.html into --out. See docs/audit.md.")
+    _add_config_command(commands, "contamination", ContaminationCheckConfig, "contamination:run_contamination",
+                        help="Count the training records that overlap an evaluation set (exact and 13-gram).",
+                        description="Exact overlap of normalised prompts and lm-evaluation-harness's 13-gram "
+                                    "overlap between --data and --eval-data; prints the counts and the first pairs. "
+                                    "See docs/audit.md (Contamination).")
     from .rl.config import RLConfig
 
     _add_config_command(commands, "rl", RLConfig, "rl.run:run_rl",

@@ -324,18 +324,10 @@ class LessConfig(Options):
 
 
 @dataclass
-class SelectConfig(LessConfig, ComputeConfig, DataConfig, ModelConfig):
-    """Options of `qtune select` (`qtune.selection.run_select`)."""
+class SelectorOptions(Options):
+    """The options of the static selectors (`qtune.selectors`) other than less's (`LessConfig`),
+    shared by `qtune select` and `qtune audit`."""
 
-    out: str = option(help="Output folder: selected.jsonl, scores.parquet, summary.json, selection.png.",
-                      required=True)
-    selector: str = option("perplexity", "How to choose: perplexity (by the model's PPL, select_keep decides the "
-                           "side), ifd (Instruction-Following Difficulty, highest first), diversity (k-center greedy "
-                           "on sentence embeddings), hardness (THTB's extrinsic hardness), less (gradient similarity to "
-                           "--target-data after a LoRA warm-up), or a method's static selection over the whole "
-                           "dataset: full, random, qtuning (Stage 1 only: whole records).",
-                           check=_selector)
-    ratio: float = option(0.25, "Fraction of the samples to keep.", bounds="(0, 1]")
     select_keep: str = option("lowest", "perplexity selector: keep the lowest PPL (a noise filter), the highest "
                               "(the hardest) or the middle (both tails dropped).",
                               choices=("lowest", "highest", "middle"))
@@ -350,6 +342,21 @@ class SelectConfig(LessConfig, ComputeConfig, DataConfig, ModelConfig):
                                            "kept before hardness ranks them.")
     judge_keep: float = option(0.2, "hardness selector: share of the samples that pass the judge_field filter "
                                     "(THTB's quality stage keeps 20%).", bounds="(0, 1]")
+
+
+@dataclass
+class SelectConfig(SelectorOptions, LessConfig, ComputeConfig, DataConfig, ModelConfig):
+    """Options of `qtune select` (`qtune.selection.run_select`)."""
+
+    out: str = option(help="Output folder: selected.jsonl, scores.parquet, summary.json, selection.png.",
+                      required=True)
+    selector: str = option("perplexity", "How to choose: perplexity (by the model's PPL, select_keep decides the "
+                           "side), ifd (Instruction-Following Difficulty, highest first), diversity (k-center greedy "
+                           "on sentence embeddings), hardness (THTB's extrinsic hardness), less (gradient similarity to "
+                           "--target-data after a LoRA warm-up), or a method's static selection over the whole "
+                           "dataset: full, random, qtuning (Stage 1 only: whole records).",
+                           check=_selector)
+    ratio: float = option(0.25, "Fraction of the samples to keep.", bounds="(0, 1]")
     seed: int = option(0, "random selector: the seed of the draw; hardness: of k-means' seeding; less: of the "
                           "warm-up's subset, order and LoRA initialisation, and of the projection.")
     batch_size: int = option(8, "Samples per scoring batch (batches are bucketed by length); less: also per "
@@ -360,6 +367,32 @@ class SelectConfig(LessConfig, ComputeConfig, DataConfig, ModelConfig):
                                 "and entropy even when the selector does not rank by them: full, random, diversity, "
                                 "hardness, less. --no-scores skips it, and the model too where the selector does "
                                 "not use it (all but less); perplexity, ifd and qtuning need the pass.")
+
+
+@dataclass
+class ContaminationConfig(Options):
+    """How a command that trains and evaluates checks that its training data does not hold its
+    evaluation set (`qtune.contamination`): `qtune pipeline`, and `qtune bench` on user data."""
+
+    contamination_threshold: float = option(
+        0.01, "Stop before training when more than this share of the evaluation records overlap a training "
+              "record (the same prompt after normalisation, or a shared 13-gram as lm-evaluation-harness counts "
+              "it; docs/audit.md). 1% of the problems can move exact match by 1 point at most, below the seed "
+              "spread of a run; above it the contamination alone could decide a comparison.", bounds="[0, 1]")
+    allow_contamination: bool = option(False, "Go on training whatever the overlap with the evaluation set (it is "
+                                              "still counted and reported).")
+
+
+@dataclass
+class ContaminationCheckConfig(Options):
+    """Options of `qtune contamination` (`qtune.contamination.run_contamination`)."""
+
+    data: str = option(help="Training data: a dataset file (.jsonl, .json, .parquet, .csv) or a saved `datasets` "
+                            "folder.", required=True)
+    eval_data: str = option(help="Evaluation set, in any format --data takes (detected).", required=True)
+    format: str = option("auto", "Record format of --data; auto detects it from the first record.",
+                         choices=["auto", "alpaca", "prompt_completion", "question_answer", "messages", "sharegpt"])
+    pairs: int = option(10, "Overlapping (training record, evaluation record) pairs printed.", bounds="[0, inf)")
 
 
 #: Strings that end a generation by default (besides EOS and the chat template's end of turn).
@@ -671,3 +704,71 @@ class TrainConfig(ScorerConfig, ComputeConfig, ParallelConfig, LossConfig, Optim
                                                    "the run's recorded ones (epochs, max_steps, dtype, device, "
                                                    "max_grad_norm, nonfinite, chunk_tokens, head_impl, kept_row_layout, "
                                                    "merge_lora).")
+
+
+#: The model `qtune audit` scores with unless --model names another: the real pretrained model that
+#: `qtune.models` fetches and converts on first use (docs/models.md).
+DEFAULT_AUDIT_MODEL = "smollm2-135m-instruct"
+
+
+def _names(registry_names, what: str, extra: tuple[str, ...] = ()):
+    """The `check` of an option that lists names, comma-separated, from `registry_names()` (or
+    `extra`), or is "none"."""
+    def check(value: str) -> str | None:
+        allowed = sorted({*registry_names(), *extra})
+        names = [n.strip() for n in value.split(",")]
+        if value.strip() == "none" or (all(names) and set(names) <= set(allowed)):
+            return None
+        return f"none, or comma-separated {what}: " + ", ".join(allowed)
+    return check
+
+
+@dataclass
+class AuditConfig(SelectorOptions, LessConfig, PerplexitySampleConfig, InfoBatchConfig,
+                  PerplexityTokenConfig, ReferenceModelConfig, QTuningConfig, ComputeConfig, DataConfig,
+                  ModelConfig):
+    """Options of `qtune audit` (`qtune.audit.run.run_audit`): plant labelled defects into a sample of the
+    data, score it once, and measure what each selector and rule drops (docs/audit.md). The options
+    of the selectors and rules are those of `qtune select` and `qtune train`."""
+
+    model: str = option(DEFAULT_AUDIT_MODEL, "The model that scores the data (local folder, hub id or a name "
+                                             "qtune fetches: smollm2-135m-instruct, the default).")
+    out: str = option(help="Output folder: audit.md, audit.json, audit.html, planted.jsonl, figures.",
+                      required=True)
+    sample: int = option(1000, "Records drawn from --data (seeded, uniformly, without replacement; every record "
+                               "when it has fewer).", bounds="[1, inf)")
+    plant: float = option(0.2, "Share of the sample that gets a planted defect, in equal parts for the six kinds "
+                               "(swapped, corrupted, truncated, off_task, duplicate_exact, duplicate_near).",
+                          bounds="(0, 1)")
+    plant_into: str = option("all", "Which records may get a defect: all, or clean (those whose metadata.defective "
+                                    "is false: labelled data such as the saturated testbed's, whose own defects then "
+                                    "stay as they are and are reported apart, as 'unplanted_defective').",
+                             choices=["all", "clean"])
+    seed: int = option(0, "Seed of the sample, the planting, the batch order and every random draw (the random "
+                          "rule and selector, the selectors' own, the dynamic run).", bounds="[0, 4294967295]")
+    batch_size: int = option(16, "Samples per batch: the scoring pass and each sample rule's decision run batch by "
+                                 "batch, in a seeded length-grouped order as qtune train's steps.",
+                             bounds="[1, inf)")
+    selectors: str | None = option(None, "Comma-separated static selectors to audit at --r-sample (qtune select's), "
+                                         "or none; default: every one but less (a LoRA warm-up of several epochs "
+                                         "and --target-data: name it to audit it).",
+                                   check=_names(lambda: SELECTOR_NAMES, "selectors", STATIC_METHODS))
+    rules: str | None = option(None, "Comma-separated per-batch sample rules (qtune methods) to audit after "
+                                     "Q-Tuning's triage, or none; default: every one but the controls that read "
+                                     "labels (oracle_ratio, anti_oracle).",
+                               check=_names(lambda: SAMPLE_RULE_NAMES, "sample rules"))
+    token_rules: str | None = option(None, "Comma-separated token rules to audit at --r-token after Q-Tuning's "
+                                           "Stage 2, or none; default: every one but all, those that compare with a "
+                                           "reference model (rho1, token_cleaning) only with --reference-model.",
+                                     check=_names(lambda: TOKEN_RULE_NAMES, "token rules"))
+    eval_data: str | None = option(None, "An evaluation set (any format --data takes): count the records of --data "
+                                         "that overlap it (docs/audit.md, Contamination).")
+    steps: int = option(0, "Also train this many steps with --method on the planted sample (qtune train, into "
+                           "OUT/dynamic) and audit its decisions as the model moves; 0: no training.",
+                        bounds="[0, inf)")
+    method: str = option("qtuning", "The method of the dynamic run (--steps).", check=_method)
+    lr: float = option(1e-4, "Peak learning rate of the dynamic run (--steps).", bounds="(0, inf)")
+    lora_r: int = option(0, "LoRA rank of the dynamic run (--steps); 0 trains all weights.", bounds="[0, inf)")
+    plot: bool = option(True, "Draw the EU plane by planted kind and the drop-rate chart into the HTML page "
+                              "(needs matplotlib: pip install qtune[plots]).")
+    progress: bool = option(True, "Show progress bars.")

@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoints import config_changes, scan
-from .config import EvalRunConfig, Options, SelectConfig, TrainConfig, option
+from .config import ContaminationConfig, EvalRunConfig, SelectConfig, TrainConfig, option
 from .console import log
+from .contamination import check_contamination
 from .errors import QTuneError
 from .io import claim_output_dir, write_json, write_text
 from .rl.config import RLConfig
@@ -48,8 +49,9 @@ RECORD = "pipeline.json"
 
 
 @dataclass
-class PipelineOptions(Options):
-    """The pipeline's own options (the sections are `PipelineConfig`'s)."""
+class PipelineOptions(ContaminationConfig):
+    """The pipeline's own options (the sections are `PipelineConfig`'s), with the check of the
+    training data against eval_data (`ContaminationConfig`)."""
 
     out: str = option(help="Output folder: one folder per stage, pipeline.json, report.md, report.json.",
                       required=True)
@@ -233,6 +235,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                          "own (torchrun or accelerate launch with qtune train and qtune rl)")
     out = Path(cfg.out)
     stages = stage_configs(cfg)
+    check_training_data(cfg)
     with claim_output_dir(out, "qtune pipeline"):
         record_path = out / RECORD
         recorded = json.loads(record_path.read_text(encoding="utf-8"))["stages"] if record_path.exists() else {}
@@ -249,6 +252,22 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             write_text(out / "report.md", report_markdown(report) + "\n")
     print(report_markdown(report))
     return report
+
+
+def check_training_data(cfg: PipelineConfig) -> None:
+    """Before any stage: the data that SFT or RL trains on (the pipeline's data, and the rl
+    section's own data) must not overlap eval_data beyond --contamination-threshold
+    (`qtune.contamination.check_contamination`); nothing to check without eval_data."""
+    if cfg.eval_data is None:
+        return
+    trained = {cfg.data: (cfg.sft or {}).get("format", "auto")}
+    if cfg.rl is not None and cfg.rl.get("data"):
+        trained.setdefault(cfg.rl["data"], cfg.rl.get("format", "auto"))
+    for path, format in trained.items():
+        found = check_contamination(path, cfg.eval_data, threshold=cfg.contamination_threshold,
+                                    allow=cfg.allow_contamination, command="qtune pipeline", format=format)
+        if found.train_ids:
+            log(f"pipeline: {path} vs {cfg.eval_data}: {found.summary()}")
 
 
 # --- the report ----------------------------------------------------------------------------------

@@ -208,3 +208,72 @@ def plot_kept_eu_plane(
     if mappable is not None:
         fig.colorbar(mappable, ax=axes, shrink=0.8, label="share of its appearances trained on (blue: kept)")
     return _save_figure(fig, path)
+
+
+def plot_eu_plane_by_group(
+    path: str | Path,
+    ppl: Sequence[float],
+    ent: Sequence[float],
+    groups: Sequence[str],
+    thresholds: dict[str, float] | None = None,
+    *,
+    order: Sequence[str] | None = None,
+    title: str = "Error-Uncertainty plane",
+) -> Path:
+    """Scatter of log-PPL (x) against entropy (y), one colour per group (e.g. `qtune audit`'s
+    planted kinds), the i-th group of `order` (default: sorted) in the i-th colour of tab10, as
+    `plot_drop_rates` colours its groups; drawn largest group first so that small groups stay
+    visible. `thresholds` (ppl_lo, ppl_hi, ent_lo, ent_hi) draws the quadrant boundaries."""
+    plt = _pyplot()
+    log_ppl = [math.log(p) for p in ppl]
+    fig, ax = plt.subplots(figsize=(7, 5.5), dpi=120)
+    order = [g for g in (order or sorted(set(groups))) if g in set(groups)]
+    for name in sorted(order, key=lambda g: -list(groups).count(g)):
+        i = order.index(name)
+        idx = [j for j, g in enumerate(groups) if g == name]
+        ax.scatter([log_ppl[j] for j in idx], [ent[j] for j in idx], s=10, alpha=0.7, linewidths=0.6,
+                   color=plt.get_cmap("tab10")(i % 10), marker=CATEGORY_MARKERS[i % len(CATEGORY_MARKERS)],
+                   label=f"{name} ({len(idx)})")
+    if thresholds:
+        for key in ("ppl_lo", "ppl_hi"):
+            ax.axvline(math.log(thresholds[key]), color="k", lw=0.8, ls="--")
+        for key in ("ent_lo", "ent_hi"):
+            ax.axhline(thresholds[key], color="k", lw=0.8, ls="--")
+    ax.set_xlabel("log PPL (error)")
+    ax.set_ylabel("mean entropy (uncertainty)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, markerscale=1.5, loc="best")
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def plot_drop_rates(
+    path: str | Path,
+    rates: dict[str, dict[str, float | None]],
+    groups: Sequence[str],
+    reference: float | None = None,
+    *,
+    title: str = "Drop rate per planted kind",
+    ylabel: str = "share dropped",
+    reference_label: str = "random",
+) -> Path:
+    """Grouped bars: per method (x, in the order of `rates`) one bar per group, its share in
+    [0, 1] (None: no bar); `reference` (e.g. random's drop share) as a dashed line."""
+    plt = _pyplot()
+    methods = list(rates)
+    width = 0.8 / max(len(groups), 1)
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.9 * len(methods) + 2), 4.8), dpi=120, layout="constrained")
+    for i, group in enumerate(groups):
+        xs = [m + (i - (len(groups) - 1) / 2) * width for m in range(len(methods))]
+        values = [rates[name].get(group) for name in methods]
+        ax.bar([x for x, v in zip(xs, values) if v is not None], [v for v in values if v is not None], width,
+               label=group, color=plt.get_cmap("tab10")(i % 10))
+    if reference is not None:
+        ax.axhline(reference, color="k", ls="--", lw=1, label=reference_label)
+    ax.set_xticks(range(len(methods)))
+    ax.set_xticklabels(methods, rotation=40, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return _save_figure(fig, path)

@@ -281,14 +281,27 @@ def score_dataset(
             head_impl=head_impl,
         )
         tokens += int(batch["attention_mask"].sum())
-        for j, sid in enumerate(batch["sample_id"].tolist()):
-            mask = scores.response_mask[j]
-            token_part = (scores.nll[j][mask].tolist(), scores.entropy[j][mask].tolist()) if per_token else None
-            rows[sid] = (int(scores.n_response[j]), float(scores.ppl[j]), float(scores.ent[j]), token_part)
+        rows.update(sample_rows(batch["sample_id"], scores, per_token=per_token))
         bar.update(len(indices))
         elapsed = max(time.perf_counter() - start, 1e-9)
         bar.set_postfix(tok_s=f"{tokens / elapsed:,.0f}", refresh=False)
     bar.close()
+    return dataset_scores(rows, per_token=per_token, seconds=time.perf_counter() - start, tokens=tokens)
+
+
+def sample_rows(sample_ids: torch.Tensor, scores: BatchScores, *, per_token: bool) -> dict[int, tuple]:
+    """One batch's scores per sample id: (n_response, ppl, ent, (token NLLs, token entropies) of its
+    response positions in order, or None without `per_token`); `dataset_scores` gathers them."""
+    rows = {}
+    for j, sid in enumerate(sample_ids.tolist()):
+        mask = scores.response_mask[j]
+        token_part = (scores.nll[j][mask].tolist(), scores.entropy[j][mask].tolist()) if per_token else None
+        rows[sid] = (int(scores.n_response[j]), float(scores.ppl[j]), float(scores.ent[j]), token_part)
+    return rows
+
+
+def dataset_scores(rows: dict[int, tuple], *, per_token: bool, seconds: float, tokens: int) -> DatasetScores:
+    """The `DatasetScores` of every sample's `sample_rows`, in ascending sample id."""
     order = sorted(rows)
     return DatasetScores(
         sample_id=order,
@@ -297,6 +310,6 @@ def score_dataset(
         ent=[rows[i][2] for i in order],
         token_nll=[rows[i][3][0] for i in order] if per_token else None,
         token_entropy=[rows[i][3][1] for i in order] if per_token else None,
-        seconds=time.perf_counter() - start,
+        seconds=seconds,
         tokens=tokens,
     )

@@ -67,6 +67,29 @@ def load_target(cfg: SelectConfig, tokenizer) -> tuple[object, list[dict]]:
     return samples, [metadata[record_id_of(samples[i]["sample_id"])] for i in range(len(samples))]
 
 
+def selector_inputs(selector, cfg: SelectConfig, scores, *, records, samples, model, tokenizer, pad_id: int,
+                    score: dict) -> SelectorInputs:
+    """What `selector` needs (its `needs`, see `qtune.selectors`) besides the scoring pass `scores`:
+    the answers scored alone (a second pass, with `score_dataset`'s options `score`), the records'
+    texts, pairs and metadata, the model and samples, or the target set of `cfg.target_data`."""
+    inputs = SelectorInputs(scores)
+    if "answer_scores" in selector.needs:
+        log("scoring the answers without their instructions")
+        inputs.answer_scores = score_dataset(model, answer_only(samples, tokenizer.bos_token_id), **score)
+    if "texts" in selector.needs:
+        by_id = {r.sample_id: r for r in records}
+        rows = [by_id[record_id_of(s)] for s in scores.sample_id]
+        inputs.texts = ["\n".join(m["content"] for m in r.messages) for r in rows]
+        inputs.pairs = [("\n".join(m["content"] for m in r.messages if m["role"] != "assistant"),
+                         "\n".join(m["content"] for m in r.messages if m["role"] == "assistant")) for r in rows]
+        inputs.metadata = [r.metadata for r in rows]
+    if "model" in selector.needs:
+        inputs.model, inputs.samples, inputs.pad_token_id = model, samples, pad_id
+    if "target" in selector.needs:
+        inputs.target_samples, inputs.target_metadata = load_target(cfg, tokenizer)
+    return inputs
+
+
 def _static_method(cfg: SelectConfig):
     """The pruning method whose static selection `cfg.selector` names."""
     from .methods import build_method
@@ -102,22 +125,10 @@ def _select(cfg: SelectConfig, out: Path) -> dict:
     if method is not None:
         choice = _method_choice(cfg, method, scores)
     else:
-        inputs = SelectorInputs(scores)
-        if "answer_scores" in selector.needs:
-            log("scoring the answers without their instructions")
-            inputs.answer_scores = score_dataset(model, answer_only(samples, tokenizer.bos_token_id), **score)
+        inputs = selector_inputs(selector, cfg, scores, records=records, samples=samples, model=model,
+                                 tokenizer=tokenizer, pad_id=pad_id, score=score)
+        if inputs.answer_scores is not None:
             seconds += inputs.answer_scores.seconds
-        if "texts" in selector.needs:
-            by_id = {r.sample_id: r for r in records}
-            rows = [by_id[record_id_of(s)] for s in scores.sample_id]
-            inputs.texts = ["\n".join(m["content"] for m in r.messages) for r in rows]
-            inputs.pairs = [("\n".join(m["content"] for m in r.messages if m["role"] != "assistant"),
-                             "\n".join(m["content"] for m in r.messages if m["role"] == "assistant")) for r in rows]
-            inputs.metadata = [r.metadata for r in rows]
-        if "model" in selector.needs:
-            inputs.model, inputs.samples, inputs.pad_token_id = model, samples, pad_id
-        if "target" in selector.needs:
-            inputs.target_samples, inputs.target_metadata = load_target(cfg, tokenizer)
         choice = selector.choose(cfg, inputs)
 
     kept = set(choice.kept)

@@ -69,7 +69,7 @@ def gather(obj) -> list:
     return out
 
 
-def _to(value, device):
+def to_device(value, device):
     """Tensors of a batch dict or BatchScores moved to `device` (for gathering: on the CPU)."""
     if isinstance(value, dict):
         return {k: v.to(device) if torch.is_tensor(v) else v for k, v in value.items()}
@@ -276,7 +276,8 @@ def plan_step(batches: list[dict], scores: list[BatchScores] | None, method: Met
     # score was not finite, so that all of them skip or stop together.
     n_samples = sum(b["labels"].shape[0] for b in batches)
     global_view = triage_scope == "global" and size > 1
-    mine = (([_to(b, "cpu") for b in batches], None if scores is None else [_to(s, "cpu") for s in scores])
+    mine = (([to_device(b, "cpu") for b in batches],
+             None if scores is None else [to_device(s, "cpu") for s in scores])
             if global_view else None)
     shares = gather((mine, bad, n_samples, len(batches)))
     nonfinite = _nonfinite(sum(s[1] for s in shares), sum(s[2] for s in shares))

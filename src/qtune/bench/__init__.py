@@ -17,13 +17,14 @@ import argparse
 from pathlib import Path
 
 from ..config import add_arguments, build_config
+from ..contamination import check_contamination
 from ..errors import QTuneError
 from ..io import claim_output_dir
 from .cells import run_cell, run_cells
 from .grid import (BUDGET_FREE, DEFAULT_BUDGETS, FULL, MATCHED, TESTBED_PRESETS, BenchConfig, Cell, build_grid,
                    parse_budgets, parse_methods, parse_seeds)
 from .reports import write_reports
-from .results import RESULTS_FILE, read_results
+from .results import RESULTS_FILE, read_results, resolve_settings
 from .stats import GroupStats, comparison_rows, csv_results, markdown_results, summarize_results
 
 __all__ = [
@@ -56,10 +57,17 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
 
     OUT is claimed for the whole run (`claim_output_dir`): a second bench on it is refused. A bad
     option fails before any cell runs: the config checked itself when it was built, the grid is
-    parsed first, and every cell's training and evaluation config is built up front."""
+    parsed first, and every cell's training and evaluation config is built up front. On user data
+    (--data or --eval-data given) the training data is checked against the evaluation data first
+    (`qtune.contamination.check_contamination`): too much overlap stops the run before OUT is touched."""
     out = Path(cfg.out)
     cells = None if cfg.report_only else build_grid(parse_methods(cfg.methods), parse_budgets(cfg.budgets),
                                                     parse_seeds(cfg.seeds))
+    if cells is not None and (cfg.data is not None or cfg.eval_data is not None):
+        # On user data, before anything is written; the testbed's splits share templates by construction.
+        settings = resolve_settings(cfg)
+        check_contamination(settings["data"], settings["eval_data"], threshold=cfg.contamination_threshold,
+                            allow=cfg.allow_contamination, command="qtune bench", format=settings["format"])
     with claim_output_dir(out, "qtune bench"):
         failures = [] if cells is None else run_cells(cells, cfg, out)
         write_reports(out, cfg)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import (ComputeConfig, InfoBatchConfig, LossConfig, OptimConfig, PerplexitySampleConfig,
-                      PerplexityTokenConfig, QTuningAblationConfig, ReferenceModelConfig, ScorerConfig,
-                      TokenPruningConfig, check_device, option)
+from ..config import (ComputeConfig, ContaminationConfig, InfoBatchConfig, LossConfig, OptimConfig,
+                      PerplexitySampleConfig, PerplexityTokenConfig, QTuningAblationConfig, ReferenceModelConfig,
+                      ScorerConfig, TokenPruningConfig, check_device, option)
 from ..errors import QTuneError
 
 DEFAULT_BUDGETS = "0.125x0.5,0.125x0.7,0.25x0.5,0.25x0.7,0.5x0.5,0.5x0.7"
@@ -27,10 +27,13 @@ DEFAULT_TESTBED = "saturated"
 
 
 @dataclass
-class BenchConfig(ScorerConfig, ComputeConfig, LossConfig, OptimConfig, QTuningAblationConfig, TokenPruningConfig,
-                  PerplexitySampleConfig, InfoBatchConfig, PerplexityTokenConfig, ReferenceModelConfig):
+class BenchConfig(ContaminationConfig, ScorerConfig, ComputeConfig, LossConfig, OptimConfig, QTuningAblationConfig,
+                  TokenPruningConfig, PerplexitySampleConfig, InfoBatchConfig, PerplexityTokenConfig,
+                  ReferenceModelConfig):
     """Options of `qtune bench`. Training and evaluation options, and the options of the sample and
-    token rules (`qtune methods`), are passed to every cell."""
+    token rules (`qtune methods`), are passed to every cell. On user data (--data or --eval-data
+    given) the training data is checked against the evaluation data before any cell trains
+    (`ContaminationConfig`)."""
 
     out: str = option("runs/bench", "Output folder: cells/, results.jsonl, results.md, results.csv, plots/, "
                                     "report.html.")
