@@ -65,12 +65,11 @@ def _digest(samples) -> str:
 def run_variant(args) -> dict:
     """One measurement, in this (fresh) process."""
     import datasets  # noqa: F401  (imported by every variant, so that the bare processes match)
-    from transformers import AutoTokenizer
-
     from qtune.data import load_records, tokenize_records
+    from qtune.models import load_tokenizer
     from qtune.tokenized import load_tokenized
 
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer)
     bare = _rss_bytes()
     result = {"variant": args.variant, "bare_rss": bare}
     start = time.perf_counter()

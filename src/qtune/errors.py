@@ -34,3 +34,9 @@ class OptionError(QTuneError):
     def named(self, label: str) -> OptionError:
         """The same error, naming the option as `label`."""
         return OptionError(self.name, self.value, self.allowed, label)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

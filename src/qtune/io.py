@@ -5,6 +5,8 @@
   there, and holds an exclusive lock on it, so a second process on the same folder is refused
   before it loads anything ("in use by process N") instead of interleaving its files.
 - `disk_full_message`: the one-line wording of ENOSPC, shared by every writer and the CLI.
+- `cache_root`, `cache_entry_lock`: where qtune's caches of models lie, and the lock under which
+  one process at a time builds or opens an entry of a cache.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import QTuneError
+
+#: Environment variable that moves qtune's model caches: the testbed's and the pretrained models'.
+CACHE_ENV = "QTUNE_CACHE"
 
 #: The lock file inside a claimed output folder. It holds the owner's process id while the lock is held.
 LOCK_FILE = ".qtune.lock"
@@ -148,3 +153,31 @@ def replace_dir(built: Path, final: Path) -> None:
         os.replace(final, old / final.name)
         shutil.rmtree(old)
     os.replace(built, final)
+
+
+def cache_root(kind: str) -> Path:
+    """The root of qtune's cache of `kind` ("testbed" or "models"): `~/.cache/qtune/<kind>`, or with
+    `$QTUNE_CACHE` set, that folder itself for the testbed (as it was before other kinds existed)
+    and its subfolder `<kind>` for any other kind."""
+    moved = os.environ.get(CACHE_ENV)
+    if moved:
+        return Path(moved) if kind == "testbed" else Path(moved) / kind
+    return Path.home() / ".cache" / "qtune" / kind
+
+
+@contextlib.contextmanager
+def cache_entry_lock(root: Path, key: str, what: str, hint: str) -> Iterator[None]:
+    """Hold an exclusive flock on `root/.<key>.lock` (creating `root`) for the `with` block, so
+    that processes asking for the same cache entry at once build it one at a time: the others
+    wait, then find it built. When the lock file cannot be created: a QTuneError naming `what`
+    (the cache) and `root`, ending with `hint` (how to use another folder)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(root / f".{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise QTuneError(f"cannot write {what} in {root} ({exc.strerror}); {hint}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

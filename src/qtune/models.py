@@ -1,19 +1,21 @@
 """Loading a causal language model and its tokenizer the way every qtune command does.
 
-One path for everything: a local folder or a hub id goes through `from_pretrained`, so the
-testbed model and a user's model are loaded by the same code.
+One path for everything: what a user names goes through `pretrained.resolve_model_path` (a known
+name such as `smollm2-135m-instruct` or a `.gguf` file becomes a converted folder in qtune's cache,
+fetched or converted on first use), then through `from_pretrained`, so the testbed model, the real
+pretrained model and a user's model are loaded by the same code.
 """
 
 from __future__ import annotations
 
 import os
 import platform
-from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 
-from .errors import QTuneError
+from .errors import QTuneError, first_line
+from .pretrained import resolve_model_path, unknown_model_hint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,25 +48,16 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _check_source(name_or_path: str) -> None:
-    """A name that can only be a local path must exist; anything else goes to the hub resolver."""
-    if Path(name_or_path).expanduser().exists():
-        return
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        raise QTuneError(f"model path {name_or_path!r} does not exist")
-
-
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, pad_token: str | None = None):
     """Load a tokenizer; `pad_token` sets one for tokenizers that ship without (e.g. its EOS)."""
     from transformers import AutoTokenizer
 
-    _check_source(name_or_path)
+    source = resolve_model_path(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            os.path.expanduser(name_or_path), trust_remote_code=trust_remote_code
-        )
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise QTuneError(f"could not load a tokenizer from {name_or_path!r}: {_first_line(exc)}") from exc
+        raise QTuneError(f"could not load a tokenizer from {name_or_path!r}: {first_line(exc)}"
+                         f"{unknown_model_hint(name_or_path)}") from exc
     if pad_token is not None:
         if pad_token not in tokenizer.get_vocab():
             raise QTuneError(f"--pad-token {pad_token!r} is not in the tokenizer's vocabulary")
@@ -82,20 +75,21 @@ def load_model(
     """Load a causal LM from safetensors weights onto `device`, in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    _check_source(name_or_path)
+    source = resolve_model_path(name_or_path)
     dev = resolve_device(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            os.path.expanduser(name_or_path),
+            source,
             dtype=resolve_dtype(dtype, dev),
             trust_remote_code=trust_remote_code,
             use_safetensors=True,
         )
     except SafetensorError as exc:
         raise QTuneError(f"the weights of {name_or_path!r} are unreadable (a truncated or corrupt .safetensors "
-                         f"file, e.g. from an interrupted copy or save): {_first_line(exc)}") from exc
+                         f"file, e.g. from an interrupted copy or save): {first_line(exc)}") from exc
     except (OSError, ValueError) as exc:
-        raise QTuneError(f"could not load a model from {name_or_path!r}: {_first_line(exc)}") from exc
+        raise QTuneError(f"could not load a model from {name_or_path!r}: {first_line(exc)}"
+                         f"{unknown_model_hint(name_or_path)}") from exc
     return model.to(dev).eval()
 
 
@@ -130,8 +124,3 @@ def decoder_layers(model, purpose: str) -> tuple[torch.nn.Module, torch.nn.Modul
         raise QTuneError(f"{purpose} needs a decoder whose blocks are a `layers` list (Llama, Qwen2, Mistral, "
                          f"...); {type(model).__name__} has none")
     return body, layers
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

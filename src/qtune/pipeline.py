@@ -55,8 +55,8 @@ class PipelineOptions(ContaminationConfig):
 
     out: str = option(help="Output folder: one folder per stage, pipeline.json, report.md, report.json.",
                       required=True)
-    model: str = option(help="The base model (local folder or hub id): what select scores and SFT starts from "
-                             "(RL's start when there is no sft section).", required=True)
+    model: str = option(help="The base model (as qtune train's --model takes it): what select scores and SFT starts "
+                             "from (RL's start when there is no sft section).", required=True)
     data: str = option(help="The training data: what select chooses from and SFT trains on (RL's prompts when the "
                             "rl section names no data).", required=True)
     eval_data: str | None = option(None, "Held-out problems evaluated (qtune eval) after every training stage; "

@@ -46,7 +46,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -66,7 +65,7 @@ from .data import (
     tokenize_chunk,
 )
 from .errors import QTuneError
-from .io import replace_dir, write_json
+from .io import cache_entry_lock, replace_dir, write_json
 
 #: Environment variable that moves the cache (default ~/.cache/qtune/tokenized).
 CACHE_ENV = "QTUNE_DATA_CACHE"
@@ -151,15 +150,9 @@ def load_tokenized(
         key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
         root = Path(cache_dir) if cache_dir is not None else data_cache_root()
         final = root / key
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            lock = os.open(root / f".{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise QTuneError(f"cannot write the tokenized-data cache in {root} ({exc.strerror}); set "
-                             f"{CACHE_ENV} to another folder or turn the cache off (--no-data-cache)") from None
-        try:
-            # One process builds an entry; the others (torchrun's, bench cells') wait, then open it.
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        # One process builds an entry; the others (torchrun's, bench cells') wait, then open it.
+        with cache_entry_lock(root, key, "the tokenized-data cache",
+                              f"set {CACHE_ENV} to another folder or turn the cache off (--no-data-cache)"):
             if final.is_dir():
                 try:
                     return _open(final, load_report.path, from_cache=True)
@@ -172,8 +165,6 @@ def load_tokenized(
             finally:
                 shutil.rmtree(work, ignore_errors=True)
             return _open(final, load_report.path)
-        finally:
-            os.close(lock)  # releases the lock
 
 
 def cache_spec(path, tokenizer, options: dict) -> dict:

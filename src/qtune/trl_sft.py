@@ -41,6 +41,7 @@ from .data import require_pad_token
 from .errors import QTuneError
 from .methods import build_method
 from .objectives import Objective
+from .pretrained import resolve_model_path
 from .scorer import build_scorer
 from .train import QTuneTrainer
 
@@ -152,6 +153,8 @@ class QTuneSFTTrainer(QTuneTrainer, trl.SFTTrainer):
         if args.padding_free:
             raise QTuneError("QTuneSFTTrainer does not support padding_free=True: pruning selects rows of a "
                              "padded batch; set padding_free=False")
+        if isinstance(model, str):  # TRL loads a model given by name: a name qtune knows, or a .gguf file, too
+            model = resolve_model_path(model)
         train_dataset = _with_sample_ids(train_dataset)
         method = build_method(args.method, args)
         if method.needs_metadata:

@@ -37,7 +37,8 @@ class BenchConfig(ContaminationConfig, ScorerConfig, ComputeConfig, LossConfig, 
 
     out: str = option("runs/bench", "Output folder: cells/, results.jsonl, results.md, results.csv, plots/, "
                                     "report.html.")
-    model: str | None = option(None, "Base model (local folder or hub id); default: the testbed's tiny model.")
+    model: str | None = option(None, "Base model (a known name, local folder, .gguf file or hub id, as qtune "
+                                     "train's --model takes it); default: the testbed's tiny model.")
     data: str | None = option(None, "Training data file; default: the testbed's training set.")
     eval_data: str | None = option(None, "Held-out evaluation data (GSM8K-style answers); default: the "
                                          "testbed's test set.")

@@ -41,8 +41,9 @@ class PromptDataConfig(ModelConfig):
     """The start model and the prompts: records whose last turn is a reference answer with a `#### N` line."""
 
     model: str = option(help="The start: an SFT output, full weights or a LoRA adapter folder (adapter_config.json; "
-                             "its base model is loaded from the path the adapter names), or a qtune train output "
-                             "folder (its model/).", required=True)
+                             "its base model is loaded from the path the adapter names), a qtune train output "
+                             "folder (its model/), or any model qtune train's --model takes (a known name such as "
+                             "smollm2-135m-instruct, a .gguf file).", required=True)
     data: str = option(help="Prompts with checkable answers: any format qtune reads (GSM8K question/answer, messages, "
                             "...); the last assistant turn is the reference, whose `#### N` is the answer.",
                        required=True)

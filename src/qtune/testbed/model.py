@@ -42,7 +42,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from transformers.utils import logging as hf_logging
 
 from qtune.errors import QTuneError
-from qtune.io import replace_dir
+from qtune.io import cache_root, replace_dir
 
 from qtune.testbed import saturated, shipped
 from qtune.testbed.saturated import SaturatedConfig
@@ -196,8 +196,8 @@ class TestbedPaths:
 
 
 def default_cache_root() -> Path:
-    """`$QTUNE_CACHE` if set, else `~/.cache/qtune/testbed`."""
-    return Path(os.environ.get("QTUNE_CACHE") or Path.home() / ".cache" / "qtune" / "testbed")
+    """`$QTUNE_CACHE` if set, else `~/.cache/qtune/testbed` (`qtune.io.cache_root`)."""
+    return cache_root("testbed")
 
 
 def cache_key(recipe: ModelRecipe, config: TestbedConfig | SaturatedConfig) -> str:
