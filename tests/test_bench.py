@@ -385,7 +385,8 @@ def test_markdown_reports_escape_category_names_from_the_data(tmp_path):
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     run_bench(BenchConfig(out=str(tmp_path), report_only=True, plots=False))
     markdown = (tmp_path / "results.md").read_text()
-    table = [line for line in markdown.split("## Pruning audit")[1].splitlines() if line.startswith("|")]
+    section = markdown.split("## Pruning audit")[1].split("\n## ")[0]
+    table = [line for line in section.splitlines() if line.startswith("|")]
     assert "| dropped a\\|b \\<x\\> % |" in table[0] and "a|b" not in markdown
     assert len({line.replace("\\|", "").count("|") for line in table}) == 1  # no row has an extra column
     assert "dropped a|b <x> %" in "".join(parse_page(tmp_path / "report.html").text)  # HTML escapes by itself
@@ -507,6 +508,19 @@ def test_a_failing_cell_is_reported_and_the_others_still_run(tiny_bench_inputs, 
     assert (out / "report.html").exists()
 
 
+def test_keep_models_of_keeps_one_methods_model_only_and_it_loads(tiny_bench_inputs, tmp_path):
+    out = tmp_path / "bench"
+    run_bench(bench_config(tiny_bench_inputs, out, methods="full,random,qtuning", keep_models_of="qtuning",
+                           plots=False))
+    kept = sorted(p.relative_to(out).as_posix() for p in out.glob("cells/*/train/model"))
+    assert kept == ["cells/qtuning-r0.5x0.5-seed0/train/model"]
+    assert len(list(out.glob("cells/*/result.json"))) == 3
+    # What the demo prints next: `qtune eval --model <that folder> --data <test set>`.
+    assert main(["eval", "--model", str(out / kept[0]), "--data", str(tiny_bench_inputs / "test.jsonl"),
+                 "--out", str(tmp_path / "eval"), "--limit", "2", "--max-new-tokens", "4", "--no-perplexity"]) == 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n"] == 2
+
+
 @pytest.mark.slow
 def test_parallel_jobs_run_every_cell(tiny_bench_inputs, tmp_path, capsys):
     out = tmp_path / "bench"
@@ -560,6 +574,8 @@ def test_an_invalid_option_fails_the_bench_before_any_cell_runs(tiny_bench_input
                                                         "of anti_oracle, entropy, infobatch, infobatch_exact, longest, "
                                                         "oracle_ratio, perplexity, random, shortest and TOKEN one of all, attention, perplexity, random, rho1, "
                                                         "token_cleaning"),
+                           (["--keep-models-of", "qtuning"],
+                            "--keep-models-of: qtuning is not among the methods run (full, random)"),
                            (["--methods", "random,token_matched_random"],
                             "--methods: token_matched_random keeps as many loss tokens as the qtuning cell of the same "
                             "budget and seed did, so it needs qtuning in --methods too (finished qtuning cells are "

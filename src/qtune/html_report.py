@@ -36,6 +36,8 @@ figcaption { font-size: .9em; color: #555; }
 .example pre { white-space: pre-wrap; font-family: Menlo, Consolas, monospace; font-size: .9em; margin: .4em 0; }
 .example s { color: #c0392b; background: #fdecea; }
 .muted { color: #777; font-size: .85em; }
+summary { cursor: pointer; color: #555; }
+li { margin: .2em 0; }
 """
 
 
@@ -58,6 +60,16 @@ class TokenExample:
 
 def paragraph(text: str) -> str:
     return f"<p>{html.escape(text)}</p>"
+
+
+def bullets(items: Sequence[str]) -> str:
+    """A bulleted list of plain texts."""
+    return "<ul>" + "".join(f"<li>{html.escape(item)}</li>" for item in items) + "</ul>"
+
+
+def details(summary: str, *parts: str) -> str:
+    """`parts` folded under a line that unfolds them when clicked (no script: HTML's own <details>)."""
+    return f"<details><summary>{html.escape(summary)}</summary>{''.join(parts)}</details>"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence], *, bold: set[tuple[int, int]] = frozenset()) -> str:

@@ -21,7 +21,7 @@ from ..errors import QTuneError
 from ..io import claim_output_dir
 from .cells import run_cell, run_cells
 from .grid import (BUDGET_FREE, DEFAULT_BUDGETS, FULL, MATCHED, TESTBED_PRESETS, BenchConfig, Cell, build_grid,
-                   parse_budgets, parse_methods, parse_seeds)
+                   parse_budgets, parse_methods, parse_seeds, preset_defaults)
 from .reports import write_reports
 from .results import RESULTS_FILE, read_results
 from .stats import GroupStats, comparison_rows, csv_results, markdown_results, summarize_results
@@ -47,6 +47,7 @@ __all__ = [
     "run_bench",
     "run_cell",
     "summarize_results",
+    "preset_defaults",
     "write_reports",
 ]
 
@@ -58,8 +59,13 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
     option fails before any cell runs: the config checked itself when it was built, the grid is
     parsed first, and every cell's training and evaluation config is built up front."""
     out = Path(cfg.out)
-    cells = None if cfg.report_only else build_grid(parse_methods(cfg.methods), parse_budgets(cfg.budgets),
-                                                    parse_seeds(cfg.seeds))
+    cells = None
+    if not cfg.report_only:
+        methods = parse_methods(cfg.methods)
+        if cfg.keep_models_of is not None and cfg.keep_models_of not in methods:
+            raise QTuneError(f"--keep-models-of: {cfg.keep_models_of} is not among the methods run "
+                             f"({', '.join(methods)})")
+        cells = build_grid(methods, parse_budgets(cfg.budgets), parse_seeds(cfg.seeds))
     with claim_output_dir(out, "qtune bench"):
         failures = [] if cells is None else run_cells(cells, cfg, out)
         write_reports(out, cfg)
@@ -70,7 +76,7 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
 
 
 def _bench(ns: argparse.Namespace) -> None:
-    run_bench(build_config(BenchConfig, ns, ns.config))
+    run_bench(build_config(BenchConfig, ns, ns.config, given_defaults=preset_defaults))
 
 
 def add_bench_parser(commands) -> argparse.ArgumentParser:
@@ -81,7 +87,8 @@ def add_bench_parser(commands) -> argparse.ArgumentParser:
                     "once per seed) on the testbed (--testbed) or on --model/--data/--eval-data; resumable; "
                     "writes results.md, "
                     "results.csv, plots/ and report.html into --out. Options can also come from a YAML file "
-                    "(--config); flags override it.")
+                    "(--config); flags override it. With --testbed (flag or YAML), the preset's calibrated "
+                    "settings are the defaults of the options not given.")
     bench.add_argument("--config", help="YAML file with any of the options below (flags override it).")
     add_arguments(bench, BenchConfig)
     bench.set_defaults(func=_bench)
