@@ -16,6 +16,7 @@ import qtune.train
 from qtune import bench, html_report
 from qtune.bench import (BenchConfig, Cell, add_bench_parser, build_grid, markdown_results, parse_budgets,
                          parse_methods, parse_seeds, run_bench, summarize_results)
+from qtune.bench.stats import verdict_sentences
 from qtune.cli import main
 from qtune.config import build_config
 from qtune.errors import QTuneError
@@ -323,6 +324,22 @@ def test_comparison_gives_differences_in_pooled_std_and_a_verdict_per_budget():
     assert by_cell["qtuning", "0.125x0.5"][:3] == ["+10.0", "-", "one seed"]
     assert ("full", "full data") not in by_cell
     assert bench.comparison_rows(summarize_results(seeds("full", 1.0, 1.0, [0.7], 1.0)), "exact_match_strict") is None
+
+    # The same in words, for the primary method (qtuning), budgets from the largest down, with the ceiling
+    # at its budget where it ran.
+    ceiling = seeds("oracle_ratio+random", 0.25, 0.7, [0.8, 0.9, 1.0], 3.0)
+    assert verdict_sentences(summarize_results(rows + ceiling), "exact_match_strict") == [
+        "qtuning at 0.5x0.5 ties with random: 50.0% against 47.0%, +3.0 points, +0.8 pooled std (tie).",
+        "qtuning at 0.5x0.5 loses to full data: 50.0% against 72.0%, -22.0 points, -5.8 pooled std (loss).",
+        "qtuning at 0.25x0.7 beats random: 50.0% against 32.0%, +18.0 points, +2.5 pooled std (win).",
+        "qtuning at 0.25x0.7 loses to full data: 50.0% against 72.0%, -22.0 points, -3.1 pooled std (loss).",
+        "qtuning at 0.25x0.7 loses to the ceiling (oracle_ratio+random: clean samples first): 50.0% against "
+        "90.0%, -40.0 points, -4.0 pooled std (loss).",
+        "qtuning at 0.125x0.5 against random: 20.0% against 10.0%, +10.0 points (one seed: no standard deviation, "
+        "so no verdict).",
+        "qtuning at 0.125x0.5 against full data: 20.0% against 72.0%, -52.0 points (one seed: no standard "
+        "deviation, so no verdict).",
+    ]
 
 
 def test_oracle_is_a_budget_free_row_compared_with_full_data_only(tmp_path):

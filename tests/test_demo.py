@@ -90,12 +90,13 @@ def test_the_demo_ends_with_verdicts_tables_within_100_columns_and_where_things_
         assert all(re.search(r"(beats|ties with|loses to) .*points, [+-]\d+\.\d pooled std \((win|tie|loss)\)\.$", v)
                    for v in verdicts)
 
-    tail = "\n".join(lines[lines.index("demo done."):])
+    tail = "\n".join(lines[lines.index("demo done."):]).replace(" \\\n      ", " ")  # the commands, unwrapped
     assert f"report:         {tmp_path / 'compare' / 'report.html'}" in tail
-    assert f"Q-Tuning model: {model} (2.5 MB on disk; the other models were not kept)" in tail
-    assert f"qtune eval --model {model} --data /testbed/test.jsonl --out {tmp_path / 'eval-qtuning'}" in tail
-    assert lines[-1].startswith("  qtune bench --model MODEL --data TRAIN.jsonl")
-    assert f"--budgets {DEMO_BUDGET}" in lines[-1]
+    assert f"Q-Tuning model: {model}\n                  (2.5 MB on disk; the other models were not kept)" in tail
+    assert f"  qtune eval --model {model} --data /testbed/test.jsonl --out {tmp_path / 'eval-qtuning'}\n" in tail
+    assert tail.endswith("  qtune bench --model MODEL --data TRAIN.jsonl --eval-data TEST.jsonl --out runs/mine "
+                         f"--methods full,random,qtuning --budgets {DEMO_BUDGET} --seeds 0,1,2 --keep-models-of qtuning")
+    assert all(len(line) <= 100 for line in lines[lines.index("demo done."):] if str(tmp_path) not in line)
 
 
 def test_a_demo_whose_qtuning_cell_finished_without_its_model_says_so(tmp_path):

@@ -43,25 +43,26 @@ def closing_text(out: str | Path, test_path: str | Path) -> str:
     compare = out / "compare"
     model = kept_model_dir(compare)
     if model.is_dir():
-        kept = f"{model} ({_megabytes(model):.1f} MB on disk; the other models were not kept)"
-        try_it = f"  qtune eval --model {model} --data {test_path} --out {out / 'eval-qtuning'}"
+        kept = [f"  Q-Tuning model: {model}",
+                f"                  ({_megabytes(model):.1f} MB on disk; the other models were not kept)"]
+        try_it = ["next, the kept model on the testbed's held-out questions:",
+                  f"  qtune eval --model {model} \\", f"      --data {test_path} --out {out / 'eval-qtuning'}"]
     else:  # its cell finished in an earlier demo that did not keep models
-        kept = f"not kept: its cell finished in an earlier run; delete {model.parent.parent} and run the demo again"
-        try_it = None
-    lines = [
+        kept = [f"  Q-Tuning model: not kept: its cell finished in an earlier run; delete {model.parent.parent}",
+                "                  and run the demo again"]
+        try_it = []
+    return "\n".join([
         terminal_summary(compare),
         "",
         "demo done.",
         f"  report:         {compare / 'report.html'} (results.md beside it)",
-        f"  Q-Tuning model: {kept}",
+        *kept,
         f"  EU plane:       {out / 'score-base' / 'eu_plane.png'}",
-        "next: the kept model on the testbed's held-out questions" if try_it else "next:",
-        *([try_it] if try_it else []),
-        "and the same comparison on your own data (a causal LM, and JSONL with question/answer, messages, ...):",
-        f"  qtune bench --model MODEL --data TRAIN.jsonl --eval-data TEST.jsonl --methods full,random,qtuning "
-        f"--budgets {DEMO_BUDGET} --seeds 0,1,2 --keep-models-of qtuning --out runs/mine",
-    ]
-    return "\n".join(lines)
+        *try_it,
+        "then the same comparison on your own data (a causal LM; JSONL such as question/answer or messages):",
+        "  qtune bench --model MODEL --data TRAIN.jsonl --eval-data TEST.jsonl --out runs/mine \\",
+        f"      --methods full,random,qtuning --budgets {DEMO_BUDGET} --seeds 0,1,2 --keep-models-of {KEPT_METHOD}",
+    ])
 
 
 def run_demo(out: str | Path = "runs/demo") -> dict:

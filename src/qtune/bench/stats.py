@@ -269,11 +269,10 @@ def verdict_sentences(stats: list[GroupStats], metric: str) -> list[str]:
     at_budget = {(g.method, g.r_sample, g.r_token): g for g in budgeted}
     sentences = []
     for g in primary:
-        def rival(method: str) -> GroupStats | None:
-            return at_budget.get((method, g.r_sample, g.r_token))
-
-        others = [(rival(method), name) for method, name in BASELINES] + [(full, "full data")]
-        others.append(next(((rival(method), name) for method, name in CEILINGS if rival(method)), (None, "")))
+        others = [(at_budget.get((method, g.r_sample, g.r_token)), name) for method, name in BASELINES]
+        others.append((full, "full data"))
+        ceilings = [(at_budget.get((method, g.r_sample, g.r_token)), name) for method, name in CEILINGS]
+        others.append(next((c for c in ceilings if c[0] is not None), (None, "")))
         sentences += [_sentence(g, other, name, metric) for other, name in others if other is not None]
     return sentences
 
