@@ -7,6 +7,7 @@ import io
 import json
 import os
 import random
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -386,9 +387,22 @@ def test_report_only_rebuilds_tables_and_html_from_results_jsonl(tmp_path):
     markdown = (tmp_path / "results.md").read_text()
     assert "**50.0 ± 10.0**" in markdown and "dropped noise %" in markdown and "100.0 ± 0.0" in markdown
     assert "## Wins, ties and losses" in markdown
+    # Results first: the verdict sentences, the table, the comparisons, the audit; the setup last.
+    titles = [line for line in markdown.splitlines() if line.startswith("#")]
+    assert titles == ["# Benchmark results", "## Results", "## Wins, ties and losses",
+                      "## Pruning audit (dropped share per category)", "## Setup"]
+    assert markdown.split("## Results")[0].splitlines()[2:4] == [
+        "- qtuning at 0.25x0.7 beats random: 50.0% against 30.0%, +20.0 points, +2.8 pooled std (win).",
+        "- qtuning at 0.25x0.7 against full data: 50.0% against 70.0%, -20.0 points (one seed: no standard "
+        "deviation, so no verdict)."]
+    assert "| model  |     m |" in markdown.split("## Setup")[1]
     page = parse_page(tmp_path / "report.html")
     best = [v for tag, name, v in page.attrs if tag == "td" and name == "class"]
     assert best == ["best"] and "table" in page.tags and "Wins, ties and losses" in "".join(page.text)
+    html = (tmp_path / "report.html").read_text()
+    headings = re.findall(r"<h2>(.*?)</h2>", html)
+    assert headings[:3] == ["Verdicts", "Results", "Wins, ties and losses"] and headings[-1] == "Setup"
+    assert re.search(r"<h2>Setup</h2><details><summary>2 options</summary>.*<td>model</td><td>m</td>", html)
     with pytest.raises(QTuneError, match="holds no bench run"):
         run_bench(BenchConfig(out=str(tmp_path / "empty"), report_only=True))
 
