@@ -3,6 +3,10 @@
 # preset, as planned in docs/bench.md ("Q-Tuning's ablations and the static selectors on the
 # saturated preset"), plan written before any of their cells ran. The reference rows (full data,
 # random and Q-Tuning at 25% x 50%) are part A of bench/saturated_grid.sh.
+# Each ablation is one config, bench/configs/saturated-ablations/<switch>.yaml; training on each
+# static selection is bench/configs/saturated-static.yaml with the selection as --data (the
+# preset's own settings, PRESETS["saturated"].sft_settings, are the defaults under their
+# `testbed: saturated`). This script makes the selections and runs the configs, JOBS at a time.
 # Usage: bash bench/saturated_zoo.sh [select|static|ablations|all] [JOBS]   (default: all, 2 jobs)
 #   select: the static selections only; static: selections, then training on each subset;
 #   ablations: Q-Tuning's switches; all: static, then ablations
@@ -12,11 +16,9 @@ set -euo pipefail
 part=${1:-all}
 jobs=${2:-2}
 out=runs/grid-saturated
-sft="--epochs 3 --lr 3e-4 --warmup-ratio 0.05 --max-new-tokens 200 --eval-batch-size 64"  # PRESETS["saturated"].sft_settings
 # Each bench below runs its 3 seeds one after the other with one torch thread, and JOBS benches
 # run at once (one bench per selector or switch: with --jobs, a bench of 3 cells would leave a
 # core idle for its third).
-common="--testbed saturated --batch-size 4 --seeds 0,1,2 $sft --jobs 1 --no-plots"
 export OMP_NUM_THREADS=1
 T=$(python -c "from qtune.testbed import build_testbed; print(build_testbed().root)")
 mkdir -p "$out"
@@ -45,17 +47,16 @@ if [ "$part" = select ] || [ "$part" = static ] || [ "$part" = all ]; then
 fi
 if [ "$part" = static ] || [ "$part" = all ]; then
     for selector in $selectors; do
-        in_background "$out/static/$selector.bench.log" qtune bench $common --methods full \
+        in_background "$out/static/$selector.bench.log" qtune bench --config bench/configs/saturated-static.yaml \
             --data "$out/static/$selector/select/selected.jsonl" --out "$out/static/$selector/bench"
     done
 fi
 
 if [ "$part" = ablations ] || [ "$part" = all ]; then
     mkdir -p "$out/ablations"
-    for switch in "--stages sample" "--stages token" "--keep-q1" "--prune-q4" "--reversed-tokens"; do
-        name=$(echo "$switch" | sed 's/^--//; s/ /-/g')
-        in_background "$out/ablations/$name.log" qtune bench $common --methods qtuning --budgets 0.25x0.5 $switch \
-            --out "$out/ablations/$name"
+    for config in bench/configs/saturated-ablations/*.yaml; do
+        name=$(basename "$config" .yaml)
+        in_background "$out/ablations/$name.log" qtune bench --config "$config"
     done
 fi
 wait

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import random
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import qtune.train
 from qtune import bench, html_report
 from qtune.bench import (BenchConfig, Cell, add_bench_parser, build_grid, markdown_results, parse_budgets,
                          parse_methods, parse_seeds, run_bench, summarize_results)
+from qtune.bench.stats import verdict_sentences
 from qtune.cli import main
 from qtune.config import build_config
 from qtune.errors import QTuneError
@@ -324,6 +326,22 @@ def test_comparison_gives_differences_in_pooled_std_and_a_verdict_per_budget():
     assert ("full", "full data") not in by_cell
     assert bench.comparison_rows(summarize_results(seeds("full", 1.0, 1.0, [0.7], 1.0)), "exact_match_strict") is None
 
+    # The same in words, for the primary method (qtuning), budgets from the largest down, with the ceiling
+    # at its budget where it ran.
+    ceiling = seeds("oracle_ratio+random", 0.25, 0.7, [0.8, 0.9, 1.0], 3.0)
+    assert verdict_sentences(summarize_results(rows + ceiling), "exact_match_strict") == [
+        "qtuning at 0.5x0.5 ties with random: 50.0% against 47.0%, +3.0 points, +0.8 pooled std (tie).",
+        "qtuning at 0.5x0.5 loses to full data: 50.0% against 72.0%, -22.0 points, -5.8 pooled std (loss).",
+        "qtuning at 0.25x0.7 beats random: 50.0% against 32.0%, +18.0 points, +2.5 pooled std (win).",
+        "qtuning at 0.25x0.7 loses to full data: 50.0% against 72.0%, -22.0 points, -3.1 pooled std (loss).",
+        "qtuning at 0.25x0.7 loses to the ceiling (oracle_ratio+random: clean samples first): 50.0% against "
+        "90.0%, -40.0 points, -4.0 pooled std (loss).",
+        "qtuning at 0.125x0.5 against random: 20.0% against 10.0%, +10.0 points (one seed: no standard deviation, "
+        "so no verdict).",
+        "qtuning at 0.125x0.5 against full data: 20.0% against 72.0%, -52.0 points (one seed: no standard "
+        "deviation, so no verdict).",
+    ]
+
 
 def test_oracle_is_a_budget_free_row_compared_with_full_data_only(tmp_path):
     rows = HAND_ROWS + [result("oracle", 1.0, 1.0, s, v, nominal_budget=0.75) for s, v in enumerate([0.8, 0.9])]
@@ -369,9 +387,22 @@ def test_report_only_rebuilds_tables_and_html_from_results_jsonl(tmp_path):
     markdown = (tmp_path / "results.md").read_text()
     assert "**50.0 ± 10.0**" in markdown and "dropped noise %" in markdown and "100.0 ± 0.0" in markdown
     assert "## Wins, ties and losses" in markdown
+    # Results first: the verdict sentences, the table, the comparisons, the audit; the setup last.
+    titles = [line for line in markdown.splitlines() if line.startswith("#")]
+    assert titles == ["# Benchmark results", "## Results", "## Wins, ties and losses",
+                      "## Pruning audit (dropped share per category)", "## Setup"]
+    assert markdown.split("## Results")[0].splitlines()[2:4] == [
+        "- qtuning at 0.25x0.7 beats random: 50.0% against 30.0%, +20.0 points, +2.8 pooled std (win).",
+        "- qtuning at 0.25x0.7 against full data: 50.0% against 70.0%, -20.0 points (one seed: no standard "
+        "deviation, so no verdict)."]
+    assert "| model  |     m |" in markdown.split("## Setup")[1]
     page = parse_page(tmp_path / "report.html")
     best = [v for tag, name, v in page.attrs if tag == "td" and name == "class"]
     assert best == ["best"] and "table" in page.tags and "Wins, ties and losses" in "".join(page.text)
+    html = (tmp_path / "report.html").read_text()
+    headings = re.findall(r"<h2>(.*?)</h2>", html)
+    assert headings[:3] == ["Verdicts", "Results", "Wins, ties and losses"] and headings[-1] == "Setup"
+    assert re.search(r"<h2>Setup</h2><details><summary>2 options</summary>.*<td>model</td><td>m</td>", html)
     with pytest.raises(QTuneError, match="holds no bench run"):
         run_bench(BenchConfig(out=str(tmp_path / "empty"), report_only=True))
 
@@ -385,7 +416,8 @@ def test_markdown_reports_escape_category_names_from_the_data(tmp_path):
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     run_bench(BenchConfig(out=str(tmp_path), report_only=True, plots=False))
     markdown = (tmp_path / "results.md").read_text()
-    table = [line for line in markdown.split("## Pruning audit")[1].splitlines() if line.startswith("|")]
+    section = markdown.split("## Pruning audit")[1].split("\n## ")[0]
+    table = [line for line in section.splitlines() if line.startswith("|")]
     assert "| dropped a\\|b \\<x\\> % |" in table[0] and "a|b" not in markdown
     assert len({line.replace("\\|", "").count("|") for line in table}) == 1  # no row has an extra column
     assert "dropped a|b <x> %" in "".join(parse_page(tmp_path / "report.html").text)  # HTML escapes by itself
@@ -507,6 +539,19 @@ def test_a_failing_cell_is_reported_and_the_others_still_run(tiny_bench_inputs, 
     assert (out / "report.html").exists()
 
 
+def test_keep_models_of_keeps_one_methods_model_only_and_it_loads(tiny_bench_inputs, tmp_path):
+    out = tmp_path / "bench"
+    run_bench(bench_config(tiny_bench_inputs, out, methods="full,random,qtuning", keep_models_of="qtuning",
+                           plots=False))
+    kept = sorted(p.relative_to(out).as_posix() for p in out.glob("cells/*/train/model"))
+    assert kept == ["cells/qtuning-r0.5x0.5-seed0/train/model"]
+    assert len(list(out.glob("cells/*/result.json"))) == 3
+    # What the demo prints next: `qtune eval --model <that folder> --data <test set>`.
+    assert main(["eval", "--model", str(out / kept[0]), "--data", str(tiny_bench_inputs / "test.jsonl"),
+                 "--out", str(tmp_path / "eval"), "--limit", "2", "--max-new-tokens", "4", "--no-perplexity"]) == 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n"] == 2
+
+
 @pytest.mark.slow
 def test_parallel_jobs_run_every_cell(tiny_bench_inputs, tmp_path, capsys):
     out = tmp_path / "bench"
@@ -560,6 +605,8 @@ def test_an_invalid_option_fails_the_bench_before_any_cell_runs(tiny_bench_input
                                                         "of anti_oracle, entropy, infobatch, infobatch_exact, longest, "
                                                         "oracle_ratio, perplexity, random, shortest and TOKEN one of all, attention, perplexity, random, rho1, "
                                                         "token_cleaning"),
+                           (["--keep-models-of", "qtuning"],
+                            "--keep-models-of: qtuning is not among the methods run (full, random)"),
                            (["--methods", "random,token_matched_random"],
                             "--methods: token_matched_random keeps as many loss tokens as the qtuning cell of the same "
                             "budget and seed did, so it needs qtuning in --methods too (finished qtuning cells are "

@@ -486,8 +486,13 @@ def load_yaml(path: str | Path, cls: type) -> dict:
     return values
 
 
-def build_config(cls: type, namespace: argparse.Namespace | None = None, yaml_path: str | None = None):
+def build_config(cls: type, namespace: argparse.Namespace | None = None, yaml_path: str | None = None,
+                 given_defaults: typing.Callable[[dict], dict] | None = None):
     """Defaults < YAML file < command-line flags; required fields must be set by one of them.
+
+    `given_defaults(values)`, when given, returns defaults that depend on the values given in YAML
+    and as flags (`qtune bench --testbed`: that preset's settings); they come between the
+    dataclass's defaults and the given values.
 
     The values are checked as the dataclass checks them (`check_options`); an error names the
     option as the user wrote it: `--batch-size`, or `batch_size in run.yaml`."""
@@ -497,6 +502,8 @@ def build_config(cls: type, namespace: argparse.Namespace | None = None, yaml_pa
         flags = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if hasattr(namespace, f.name)}
         values.update(flags)
         labels.update({name: _flag(name) for name in flags})
+    if given_defaults is not None:
+        values = {**given_defaults(values), **values}
     missing = [f.name for f in dataclasses.fields(cls) if f.metadata.get("required") and values.get(f.name) is None]
     if missing:
         raise QTuneError("missing required option(s): " + ", ".join(map(_flag, missing)))

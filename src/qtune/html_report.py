@@ -24,8 +24,10 @@ STYLE = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1200px;
        padding: 0 1em; color: #222; line-height: 1.45; }
 h1 { font-size: 1.6em; } h2 { font-size: 1.25em; border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
+.wide { overflow-x: auto; }
 table { border-collapse: collapse; margin: .8em 0; font-size: .9em; }
 th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: right; white-space: nowrap; }
+th { white-space: normal; }
 th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
 tr:nth-child(even) td { background: #fafafa; }
 td.best { font-weight: bold; background: #e6f4e6 !important; }
@@ -36,6 +38,8 @@ figcaption { font-size: .9em; color: #555; }
 .example pre { white-space: pre-wrap; font-family: Menlo, Consolas, monospace; font-size: .9em; margin: .4em 0; }
 .example s { color: #c0392b; background: #fdecea; }
 .muted { color: #777; font-size: .85em; }
+summary { cursor: pointer; color: #555; }
+li { margin: .2em 0; }
 """
 
 
@@ -60,15 +64,26 @@ def paragraph(text: str) -> str:
     return f"<p>{html.escape(text)}</p>"
 
 
+def bullets(items: Sequence[str]) -> str:
+    """A bulleted list of plain texts."""
+    return "<ul>" + "".join(f"<li>{html.escape(item)}</li>" for item in items) + "</ul>"
+
+
+def details(summary: str, *parts: str) -> str:
+    """`parts` folded under a line that unfolds them when clicked (no script: HTML's own <details>)."""
+    return f"<details><summary>{html.escape(summary)}</summary>{''.join(parts)}</details>"
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence], *, bold: set[tuple[int, int]] = frozenset()) -> str:
-    """An HTML table; the (row, column) cells in `bold` are emphasised (class "best")."""
+    """An HTML table; the (row, column) cells in `bold` are emphasised (class "best"). Its headers
+    wrap so that it fits the page where it can; a table still wider scrolls on its own."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
     body = []
     for i, row in enumerate(rows):
         cells = "".join(f'<td class="best">{html.escape(str(c))}</td>' if (i, j) in bold
                         else f"<td>{html.escape(str(c))}</td>" for j, c in enumerate(row))
         body.append(f"<tr>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
 def image(png: str | Path | bytes, caption: str = "") -> str:

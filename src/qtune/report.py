@@ -25,6 +25,29 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence], align_first_l
     return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
 
 
+def wrapped_table(headers: Sequence[str], rows: Sequence[Sequence], width: int = 100, key_columns: int = 2) -> str:
+    """`format_table` for a terminal `width` characters wide: when the whole table is wider, its
+    columns are split into several tables, one under the other, each repeating the first
+    `key_columns` (what names a row) and taking as many of the next columns as fit. No cell is
+    cut; a single column too wide for `width` gets a table of its own."""
+    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    keys = list(range(min(key_columns, len(headers))))
+
+    def line_length(columns: list[int]) -> int:  # "| a | b |": each column adds its width and 3
+        return 1 + sum(widths[i] + 3 for i in columns)
+
+    blocks, block = [], []
+    for i in range(len(keys), len(headers)):
+        if block and line_length(keys + block + [i]) > width:
+            blocks.append(block)
+            block = []
+        block.append(i)
+    blocks.append(block)
+    return "\n\n".join(format_table([headers[i] for i in keys + b], [[row[i] for i in keys + b] for row in rows])
+                        for b in blocks)
+
+
 #: Characters that GitHub-flavoured Markdown can read as markup inside a table cell.
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|&~])")
 

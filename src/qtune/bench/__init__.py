@@ -22,7 +22,7 @@ from ..errors import QTuneError
 from ..io import claim_output_dir
 from .cells import run_cell, run_cells
 from .grid import (BUDGET_FREE, DEFAULT_BUDGETS, FULL, MATCHED, TESTBED_PRESETS, BenchConfig, Cell, build_grid,
-                   parse_budgets, parse_methods, parse_seeds)
+                   parse_budgets, parse_methods, parse_seeds, preset_defaults)
 from .reports import write_reports
 from .results import RESULTS_FILE, read_results, resolve_settings
 from .stats import GroupStats, comparison_rows, csv_results, markdown_results, summarize_results
@@ -48,6 +48,7 @@ __all__ = [
     "run_bench",
     "run_cell",
     "summarize_results",
+    "preset_defaults",
     "write_reports",
 ]
 
@@ -61,8 +62,13 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
     (--data or --eval-data given) the training data is checked against the evaluation data first
     (`qtune.contamination.check_contamination`): too much overlap stops the run before OUT is touched."""
     out = Path(cfg.out)
-    cells = None if cfg.report_only else build_grid(parse_methods(cfg.methods), parse_budgets(cfg.budgets),
-                                                    parse_seeds(cfg.seeds))
+    cells = None
+    if not cfg.report_only:
+        methods = parse_methods(cfg.methods)
+        if cfg.keep_models_of is not None and cfg.keep_models_of not in methods:
+            raise QTuneError(f"--keep-models-of: {cfg.keep_models_of} is not among the methods run "
+                             f"({', '.join(methods)})")
+        cells = build_grid(methods, parse_budgets(cfg.budgets), parse_seeds(cfg.seeds))
     if cells is not None and (cfg.data is not None or cfg.eval_data is not None):
         # On user data, before anything is written; the testbed's splits share templates by construction.
         settings = resolve_settings(cfg)
@@ -78,7 +84,7 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
 
 
 def _bench(ns: argparse.Namespace) -> None:
-    run_bench(build_config(BenchConfig, ns, ns.config))
+    run_bench(build_config(BenchConfig, ns, ns.config, given_defaults=preset_defaults))
 
 
 def add_bench_parser(commands) -> argparse.ArgumentParser:
@@ -89,7 +95,8 @@ def add_bench_parser(commands) -> argparse.ArgumentParser:
                     "once per seed) on the testbed (--testbed) or on --model/--data/--eval-data; resumable; "
                     "writes results.md, "
                     "results.csv, plots/ and report.html into --out. Options can also come from a YAML file "
-                    "(--config); flags override it.")
+                    "(--config); flags override it. With --testbed (flag or YAML), the preset's calibrated "
+                    "settings are the defaults of the options not given.")
     bench.add_argument("--config", help="YAML file with any of the options below (flags override it).")
     add_arguments(bench, BenchConfig)
     bench.set_defaults(func=_bench)

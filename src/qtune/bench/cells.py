@@ -207,6 +207,12 @@ def _check_cell_configs(cells: list[Cell], settings: dict, out: Path) -> None:
     eval_config(settings, out / "model", out / "eval")  # the same for every cell, but for these paths
 
 
+def keeps_model(cfg: BenchConfig, cell: Cell) -> bool:
+    """Whether the cell's trained model stays in OUT/cells/<cell>/train/model once evaluated
+    (`--keep-models`, or `--keep-models-of` naming its method)."""
+    return cfg.keep_models or cell.method == cfg.keep_models_of
+
+
 def run_cells(cells: list[Cell], cfg: BenchConfig, out: Path) -> list[str]:
     """Run the cells that have no result yet; return the names of those that failed."""
     settings = resolve_settings(cfg)
@@ -227,7 +233,7 @@ def run_cells(cells: list[Cell], cfg: BenchConfig, out: Path) -> list[str]:
     if cfg.jobs == 1:
         for cell in pending:
             print(progress.start(cell), end=" ", flush=True)
-            print(progress.finish(cell, *_run_cell_reporting_errors(cell, settings, str(out), cfg.keep_models,
+            print(progress.finish(cell, *_run_cell_reporting_errors(cell, settings, str(out), keeps_model(cfg, cell),
                                                                      labels)),
                   flush=True)
     elif pending:
@@ -281,7 +287,7 @@ def _run_parallel(pending: list[Cell], settings: dict, out: Path, cfg: BenchConf
 
         def submit(cells: list[Cell]) -> None:
             for cell in cells:
-                futures[pool.submit(_run_cell_reporting_errors, cell, settings, str(out), cfg.keep_models,
+                futures[pool.submit(_run_cell_reporting_errors, cell, settings, str(out), keeps_model(cfg, cell),
                                     labels)] = cell
 
         submit([cell for cell in pending if cell.source not in queued])

@@ -44,7 +44,9 @@ class BenchConfig(ContaminationConfig, ScorerConfig, ComputeConfig, LossConfig, 
                                          "testbed's test set.")
     testbed: str = option(DEFAULT_TESTBED, "Testbed preset (qtune testbed build --preset) whose model, training "
                                            "set and test set stand in for --model, --data and --eval-data when "
-                                           "they are not given.", choices=list(TESTBED_PRESETS))
+                                           "they are not given. Given as a flag or in YAML, its calibrated "
+                                           "settings (epochs, lr, batch size, warm-up, evaluation) become the "
+                                           "defaults of the options not given.", choices=list(TESTBED_PRESETS))
     # The grid.
     methods: str | None = option(None, "Comma-separated pruning methods; default: every registered method but "
                                        "the controls (full and oracle run once per seed, the others once per "
@@ -62,6 +64,9 @@ class BenchConfig(ContaminationConfig, ScorerConfig, ComputeConfig, LossConfig, 
                                "figures and the token examples (needs matplotlib).")
     keep_models: bool = option(False, "Keep each cell's trained model in OUT/cells/<cell>/train/model "
                                       "(deleted once evaluated by default).")
+    keep_models_of: str | None = option(None, "Keep the trained models of this method's cells only (e.g. qtuning), "
+                                              "in OUT/cells/<cell>/train/model; the others are deleted once "
+                                              "evaluated.")
     # Model and data, as in `qtune train`.
     dtype: str = option("auto", "Model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16.",
                         choices=["auto", "float32", "bfloat16"])
@@ -79,6 +84,18 @@ class BenchConfig(ContaminationConfig, ScorerConfig, ComputeConfig, LossConfig, 
     eval_limit: int | None = option(None, "Evaluate on the first N evaluation records only.", bounds="[1, inf)")
     num_fewshot: int = option(0, "Solved training examples prepended to each evaluation prompt.", bounds="[0, inf)")
     perplexity: bool = option(True, "Also compute the held-out perplexity of the reference answers.")
+
+
+def preset_defaults(given: dict) -> dict:
+    """The calibrated settings of the testbed preset that the given options name (`testbed`, as a
+    flag or in YAML): `PRESETS[name].sft_settings`, the defaults of `qtune bench --testbed NAME`
+    for every option not given, so that no config or script repeats them. Empty when no preset is
+    named (or an unknown one, which the config then refuses)."""
+    if given.get("testbed") not in TESTBED_PRESETS:
+        return {}
+    from ..testbed import PRESETS
+
+    return dict(PRESETS[given["testbed"]].sft_settings)
 
 
 def budget_label(method: str, r_sample: float, r_token: float) -> str:

@@ -13,15 +13,19 @@ from ..errors import QTuneError
 from ..io import read_jsonl, write_text
 from .grid import BUDGET_FREE, FULL, BenchConfig, budget_label
 from .results import RESULTS_FILE, load_settings, read_results
-from .stats import (COMPARISON_NOTE, TOKEN_AUDIT_NOTE, GroupStats, answer_rows, audit_rows, comparison_rows,
-                    csv_results, markdown_results, phase_rows, results_table, summarize_results, token_audit_rows)
+from .stats import (COLUMNS, COMPARISON_NOTE, TOKEN_AUDIT_NOTE, GroupStats, answer_rows, audit_rows,
+                    comparison_rows, csv_results, markdown_results, phase_rows, results_table, summarize_results,
+                    token_audit_rows, verdict_sentences)
 
 #: The budget whose Q2 samples the HTML report shows with their pruned tokens, when it is in the grid.
 EXAMPLE_BUDGET = (0.25, 0.7)
 
 
 def write_reports(out: Path, cfg: BenchConfig) -> dict[str, Path]:
-    """results.md, results.csv, plots/*.png and report.html from OUT/results.jsonl."""
+    """results.md, results.csv, plots/*.png and report.html from OUT/results.jsonl.
+
+    results.md and report.html open with the results: the verdict sentences, the results table
+    and the wins, ties and losses; then the plots and the audits; the settings come last."""
     from ..report import format_table, markdown_text
 
     settings = load_settings(out)
@@ -31,10 +35,31 @@ def write_reports(out: Path, cfg: BenchConfig) -> dict[str, Path]:
     metric = f"exact_match_{cfg.metric}"
     stats = summarize_results(rows, metric)
     written = {}
-    markdown = "# Benchmark results\n\n" + markdown_results(stats, metric) + "\n"
+    plots, examples, eu_note = {}, [], ""
+    if cfg.plots:
+        plots = _draw_result_plots(out / "plots", stats, metric)
+        try:
+            base = base_model_scores(out, settings)
+        except QTuneError as exc:  # e.g. the base model is gone: the other reports are still worth having
+            print(f"warning: no EU-plane figures nor token examples: {exc}", file=sys.stderr, flush=True)
+            base = None
+        if base is not None:
+            plots.update(_draw_eu_planes(out, rows, base, settings))
+            eu_note = base["note"]
+            if cfg.examples:
+                examples = token_examples(base, settings, rows, cfg.examples)
+    written.update(plots)
+    verdicts = verdict_sentences(stats, metric)
+    markdown = "# Benchmark results\n\n"
+    if verdicts:
+        markdown += "".join(f"- {v}\n" for v in verdicts) + "\n"
+    markdown += "## Results\n\n" + markdown_results(stats, metric) + "\n"
     comparison = comparison_rows(stats, metric)
     if comparison is not None:
         markdown += "\n## Wins, ties and losses\n\n" + COMPARISON_NOTE + "\n\n" + format_table(*comparison) + "\n"
+    if plots:
+        markdown += "\n## Plots\n\n" + "".join(f"![{name}]({path.relative_to(out).as_posix()})\n"
+                                                for name, path in plots.items())
     audit = audit_rows(rows, stats)  # for the HTML report, which escapes every text itself
     if audit is not None:
         markdown += ("\n## Pruning audit (dropped share per category)\n\n"
@@ -55,29 +80,57 @@ def write_reports(out: Path, cfg: BenchConfig) -> dict[str, Path]:
     if phases is not None:
         markdown += ("\n## Time per phase (seconds per run; triage and token_select are part of select)\n\n"
                      + format_table(*phases) + "\n")
+    markdown += ("\n## Setup\n\n" + _setup_note(rows, metric) + "\n\n"
+                 + format_table(["option", "value"], [[k, markdown_text(v)] for k, v in sorted(settings.items())])
+                 + "\n")
     written["markdown"] = out / "results.md"
     write_text(written["markdown"], markdown)
     written["csv"] = out / "results.csv"
     write_text(written["csv"], csv_results(stats))
-    plots, examples, eu_note = {}, [], ""
-    if cfg.plots:
-        plots = _draw_result_plots(out / "plots", stats, metric)
-        try:
-            base = base_model_scores(out, settings)
-        except QTuneError as exc:  # e.g. the base model is gone: the other reports are still worth having
-            print(f"warning: no EU-plane figures nor token examples: {exc}", file=sys.stderr, flush=True)
-            base = None
-        if base is not None:
-            plots.update(_draw_eu_planes(out, rows, base, settings))
-            eu_note = base["note"]
-            if cfg.examples:
-                examples = token_examples(base, settings, rows, cfg.examples)
-    written.update(plots)
     written["html"] = out / "report.html"
-    _write_html(written["html"], settings, rows, stats, metric, comparison, audit, audit_kind, answers,
+    _write_html(written["html"], settings, rows, stats, metric, verdicts, comparison, audit, audit_kind, answers,
                 token_audit_table, plots, examples, eu_note)
     print(f"reports: {out / 'results.md'}, {out / 'results.csv'}, {out / 'report.html'}", flush=True)
     return written
+
+
+def _setup_note(rows: list[dict], metric: str) -> str:
+    return (f"{len(rows)} finished cells. Ranking metric: {metric.replace('exact_match_', '')} exact match. "
+            "The options every cell was made with (OUT/bench.json):")
+
+
+#: The results table's columns that the terminal summary shows (the others are in results.md).
+TERMINAL_COLUMNS = ("method", "r_sample x r_token", "seeds", "loss tokens %", "kept samples %", "wall s")
+
+
+def terminal_summary(out: Path, metric: str = "exact_match_strict", width: int = 100) -> str:
+    """What a terminal shows of a finished run, from OUT/results.jsonl: the verdict sentences, the
+    results table's main columns, then the wins, ties and losses against random pruning and
+    against full data, every table at most `width` characters wide (`wrapped_table`: columns wrap,
+    no number is cut)."""
+    import textwrap
+
+    from ..report import wrapped_table
+
+    stats = summarize_results(read_results(out / RESULTS_FILE), metric)
+    headers, table, _ = results_table(stats, metric)
+    metric_header = next(h for k, h, *_ in COLUMNS if k == metric)
+    shown = [headers.index(h) for h in TERMINAL_COLUMNS[:3] + (metric_header,) + TERMINAL_COLUMNS[3:]]
+    short = {"r_sample x r_token": "budget"}  # "0.25x0.5" says it; the header would widen the table
+    parts = ["\n".join(textwrap.fill(v, width, initial_indent="- ", subsequent_indent="  ")
+                        for v in verdict_sentences(stats, metric)),
+             wrapped_table([short.get(headers[i], headers[i]) for i in shown],
+                           [[row[i] for i in shown] for row in table], width)]
+    comparison = comparison_rows(stats, metric)
+    if comparison is not None:
+        _, rows = comparison
+        names = ["method", "budget", "points", "in pooled std", "verdict"]
+        against_random = [row[:5] for row in rows if row[4] != "-"]
+        if against_random:
+            parts.append("Against random pruning at the same budget:\n\n" + wrapped_table(names, against_random, width))
+        parts.append("Against full data (wall: scoring + training time relative to full data's):\n\n"
+                     + wrapped_table(names + ["wall"], [row[:2] + row[5:] for row in rows], width))
+    return "\n\n".join(p for p in parts if p)
 
 
 def _draw_result_plots(folder: Path, stats: list[GroupStats], metric: str) -> dict[str, Path]:
@@ -259,22 +312,19 @@ def _token_texts(tokenizer, input_ids: list[int], positions: list[int]) -> list[
     return texts
 
 
-def _write_html(path: Path, settings: dict, rows: list[dict], stats: list[GroupStats], metric: str,
+def _write_html(path: Path, settings: dict, rows: list[dict], stats: list[GroupStats], metric: str, verdicts,
                 comparison, audit, audit_kind, answers, token_audit_table, plots: dict[str, Path], examples,
                 eu_note: str) -> None:
     from .. import html_report as H
 
     headers, table_rows, bold = results_table(stats, metric)
     metric_name = metric.replace("exact_match_", "")
-    sections = [
-        H.section("Setup", H.table(["option", "value"], [[k, str(v)] for k, v in sorted(settings.items())]),
-                  H.paragraph(f"{len(rows)} finished cells. Ranking metric: {metric_name} exact match.")),
-        H.section("Results", H.paragraph(
-            "Mean ± sample standard deviation over seeds. Bold: the best method of its budget (highest mean "
-            f"{metric_name} exact match, among two or more methods). Budget = r_sample x r_token, the nominal share "
-            "of response tokens trained on; loss tokens % is the measured share. Wall time = scoring + training "
-            "(evaluation excluded)."), H.table(headers, table_rows, bold=bold)),
-    ]
+    sections = [H.section("Verdicts", H.bullets(verdicts))] if verdicts else []
+    sections.append(H.section("Results", H.paragraph(
+        "Mean ± sample standard deviation over seeds. Bold: the best method of its budget (highest mean "
+        f"{metric_name} exact match, among two or more methods). Budget = r_sample x r_token, the nominal share "
+        "of response tokens trained on; loss tokens % is the measured share. Wall time = scoring + training "
+        "(evaluation excluded)."), H.table(headers, table_rows, bold=bold)))
     if comparison is not None:
         sections.append(H.section("Wins, ties and losses", H.paragraph(COMPARISON_NOTE), H.table(*comparison)))
     figures = [H.image(plots[name], caption) for name, caption in (
@@ -307,4 +357,7 @@ def _write_html(path: Path, settings: dict, rows: list[dict], stats: list[GroupS
             f"r_token={examples[0].r_token:g} (per-sample budget, base model's token perplexities). During "
             "training the same happens per batch, with the current weights."),
             *[H.token_example(e) for e in examples]))
+    sections.append(H.section("Setup", H.details(
+        f"{len(settings)} options", H.paragraph(_setup_note(rows, metric)),
+        H.table(["option", "value"], [[k, str(v)] for k, v in sorted(settings.items())]))))
     H.write_report(path, "qtune benchmark report", sections)

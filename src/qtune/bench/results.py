@@ -14,7 +14,8 @@ from .grid import BenchConfig, Cell
 #: Options that choose which cells run and how results are reported: changing them between two runs
 #: into the same OUT does not change any cell's result. Every other option does.
 NOT_RESULT_OPTIONS = frozenset({"out", "methods", "budgets", "seeds", "jobs", "report_only", "metric", "examples",
-                                "plots", "keep_models", "contamination_threshold", "allow_contamination"})
+                                "plots", "keep_models", "keep_models_of", "contamination_threshold",
+                                "allow_contamination"})
 SETTINGS_FILE = "bench.json"
 RESULTS_FILE = "results.jsonl"
 

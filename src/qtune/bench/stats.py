@@ -184,16 +184,30 @@ COMPARISON_NOTE = (
     "significance test). Wall = mean wall time (scoring + training) relative to full data.")
 
 
-def versus(g: GroupStats, other: GroupStats | None, metric: str) -> list[str]:
-    """Δ (pp), Δ in pooled standard deviations and the verdict of `g` against `other`."""
+def _difference(g: GroupStats, other: GroupStats | None, metric: str) -> tuple[float, float | None] | None:
+    """(Δ in points, pooled standard deviation in points) of `g` against `other`; the pooled std is
+    None when either has a single seed; None when either has no mean."""
     if other is None or g.mean[metric] is None or other.mean[metric] is None:
-        return ["-", "-", "-"]
+        return None
     delta = 100 * (g.mean[metric] - other.mean[metric])
     if g.std[metric] is None or other.std[metric] is None:
+        return delta, None
+    return delta, 100 * math.sqrt((g.std[metric] ** 2 + other.std[metric] ** 2) / 2)
+
+
+def _verdict(delta: float, pooled: float) -> str:
+    return "tie" if abs(delta) <= pooled else ("win" if delta > 0 else "loss")
+
+
+def versus(g: GroupStats, other: GroupStats | None, metric: str) -> list[str]:
+    """Δ (pp), Δ in pooled standard deviations and the verdict of `g` against `other`."""
+    difference = _difference(g, other, metric)
+    if difference is None:
+        return ["-", "-", "-"]
+    delta, pooled = difference
+    if pooled is None:
         return [f"{delta:+.1f}", "-", "one seed"]
-    pooled = 100 * math.sqrt((g.std[metric] ** 2 + other.std[metric] ** 2) / 2)
-    verdict = "tie" if abs(delta) <= pooled else ("win" if delta > 0 else "loss")
-    return [f"{delta:+.1f}", f"{delta / pooled:+.2f}" if pooled else "-", verdict]
+    return [f"{delta:+.1f}", f"{delta / pooled:+.2f}" if pooled else "-", _verdict(delta, pooled)]
 
 
 def comparison_rows(stats: list[GroupStats], metric: str) -> tuple[list[str], list[list[str]]] | None:
@@ -215,6 +229,52 @@ def comparison_rows(stats: list[GroupStats], metric: str) -> tuple[list[str], li
         return None
     return (["method", "r_sample x r_token", "vs random (pp)", "in std", "verdict", "vs full (pp)", "in std",
              "verdict", "wall vs full"], table)
+
+
+#: The method whose comparisons the reports state first, in words: the library's own. Without it in
+#: the results, every pruning method that is neither random nor a control takes its place.
+PRIMARY = "qtuning"
+#: What a primary method is compared with at its own budget, in this order, and how the sentences
+#: name it: random pruning, random pruning at the loss-token count Q-Tuning measured, and the
+#: ceiling (the control that reads the defect labels: clean samples first, at the budget's token
+#: share when it ran, else whole). Full data comes between the baselines and the ceiling.
+BASELINES = (("random", "random"), ("token_matched_random", "token-matched random"))
+CEILINGS = (("oracle_ratio+random", "the ceiling (oracle_ratio+random: clean samples first)"),
+            ("oracle_ratio", "the ceiling (oracle_ratio: clean samples first, whole)"))
+
+
+def _sentence(g: GroupStats, other: GroupStats, other_name: str, metric: str) -> str:
+    delta, pooled = _difference(g, other, metric)
+    scores = f"{100 * g.mean[metric]:.1f}% against {100 * other.mean[metric]:.1f}%"
+    subject = f"{g.method} at {g.budget_label}"
+    if pooled is None:
+        return (f"{subject} against {other_name}: {scores}, {delta:+.1f} points (one seed: no standard deviation, "
+                "so no verdict).")
+    verdict = _verdict(delta, pooled)
+    verb = {"win": "beats", "tie": "ties with", "loss": "loses to"}[verdict]
+    spread = f"{delta / pooled:+.1f} pooled std" if pooled else "no spread over seeds"
+    return f"{subject} {verb} {other_name}: {scores}, {delta:+.1f} points, {spread} ({verdict})."
+
+
+def verdict_sentences(stats: list[GroupStats], metric: str) -> list[str]:
+    """One plain sentence per primary comparison: each budget of `PRIMARY` (or of every pruning
+    method but random and the controls, when it did not run) against random, token-matched random,
+    full data and the ceiling, where those rows exist: the two accuracies, the difference in points
+    and in pooled standard deviations, and the verdict (win or loss beyond one pooled std; with one
+    seed, the difference in points and no verdict)."""
+    budgeted = [g for g in stats if g.method not in BUDGET_FREE and g.mean[metric] is not None]
+    primary = [g for g in budgeted if g.method == PRIMARY] or [
+        g for g in budgeted if g.method != RANDOM and not is_control(g.method)]
+    full = next((g for g in stats if g.method == FULL and g.mean[metric] is not None), None)
+    at_budget = {(g.method, g.r_sample, g.r_token): g for g in budgeted}
+    sentences = []
+    for g in primary:
+        others = [(at_budget.get((method, g.r_sample, g.r_token)), name) for method, name in BASELINES]
+        others.append((full, "full data"))
+        ceilings = [(at_budget.get((method, g.r_sample, g.r_token)), name) for method, name in CEILINGS]
+        others.append(next((c for c in ceilings if c[0] is not None), (None, "")))
+        sentences += [_sentence(g, other, name, metric) for other, name in others if other is not None]
+    return sentences
 
 
 def answer_rows(rows: list[dict], stats: list[GroupStats]) -> tuple[list[str], list[list[str]]] | None:
