@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The real-model measurements of issue 26 (docs/audit.md "Results", docs/bench.md "A first
+# measurement on a real pretrained model"), each resumable by rerunning:
+#   1. `qtune audit` on GSM8K train with SmolLM2-135M-Instruct, three planting seeds (every
+#      selector but less and every sample rule at 25%; the contamination count against test);
+#   2. SFT on seed 0's planted sample (bench/configs/real-smollm2-gsm8k.yaml);
+#   3. the base model evaluated as the SFT cells are (the first 500 test problems).
+# Usage: bash bench/real_model.sh [audit|sft|base|all]   (default all; run from the project root)
+set -euo pipefail
+part=${1:-all}
+gsm8k=../shared/data/gsm8k
+if [ "$part" = audit ] || [ "$part" = all ]; then
+    for seed in 0 1 2; do
+        [ -e "runs/audit-gsm8k-seed$seed/audit.json" ] && continue
+        rm -rf "runs/audit-gsm8k-seed$seed"
+        qtune audit --data $gsm8k/train.jsonl --eval-data $gsm8k/test.jsonl --seed $seed \
+            --out "runs/audit-gsm8k-seed$seed"
+    done
+fi
+if [ "$part" = sft ] || [ "$part" = all ]; then
+    qtune bench --config bench/configs/real-smollm2-gsm8k.yaml
+fi
+if [ "$part" = base ] || [ "$part" = all ]; then
+    [ -e runs/real-smollm2-gsm8k-base/metrics.json ] || \
+        qtune eval --model smollm2-135m-instruct --data $gsm8k/test.jsonl --limit 500 --max-new-tokens 256 \
+            --batch-size 16 --out runs/real-smollm2-gsm8k-base
+fi
