@@ -150,7 +150,7 @@ def run_fsdp2(rank):
             names = compare(chunked, logits, micro_batches(rank), full_gradient, lambda model, loss: loss.backward(),
                             chunk_tokens)
             done.append({"layout": name, "tied": tied, "chunk_tokens": chunk_tokens, "parameters": len(names),
-                         "head_gathers": len(gathers),
+                         "path": qtune.head.resolve_head_impl(chunked, "chunked"), "head_gathers": len(gathers),
                          "head_gathered_alone": all(m is chunked.lm_head for m in gathers)})
     return done
 
@@ -239,6 +239,7 @@ def run_zero3(rank):
         names = compare(chunked, logits, micro_batches(rank), safe_get_full_grad,
                         lambda engine, loss: engine.backward(loss), chunk_tokens)
         done.append({"tied": tied, "chunk_tokens": chunk_tokens, "threshold": threshold, "parameters": len(names),
+                     "path": qtune.head.resolve_head_impl(chunked, "chunked"),
                      "head_partitioned_at_start": partitioned,
                      "head_persistent": chunked.module.lm_head.weight.ds_persist})
     return done

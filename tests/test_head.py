@@ -334,6 +334,7 @@ def test_chunked_head_under_fsdp2_matches_the_logits_path_for_every_layout(fsdp2
                                                                   ("accelerate tail", True))
                        for chunk in (None, 4)}
     assert all(r["parameters"] == (20 if r["tied"] else 21) for r in done)  # every one has its gradient
+    assert all(r["path"] == "chunked" for r in done)  # none fell back to the logits path
     for r in done:
         # Only a head whose group resharded after the forward is gathered by qtune.head (its own
         # group, once for the check, twice for the losses, twice for the scores); the others are
@@ -368,6 +369,7 @@ def test_chunked_head_under_zero3_matches_the_logits_path():
     assert [(r["tied"], r["chunk_tokens"], r["threshold"]) for r in done] == [
         (False, None, 0), (False, 4, 0), (True, None, 0), (True, 4, 0), (False, None, None)]
     assert all(r["parameters"] == (20 if r["tied"] else 21) for r in done)
+    assert all(r["path"] == "chunked" for r in done)  # none fell back to the logits path
     # The head starts partitioned; ZeRO-3 keeps it whole after its first gather ("persistent") only
     # under the default threshold.
     assert all(r["head_partitioned_at_start"] for r in done)
