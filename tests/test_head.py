@@ -1,17 +1,25 @@
-"""The output projection applied chunk by chunk (qtune.head): scores, losses and gradients equal
-the direct computation from full logits; models whose head cannot be split off fall back."""
+"""The output projection applied a block at a time (qtune.head): the block's size rule on
+hand-made shapes; scores, losses and gradients equal the direct computation from full logits at
+any block size, whole or sharded (FSDP2, DeepSpeed ZeRO-3: 2 processes over gloo); scoring's
+memory under FSDP2 stays flat in the vocabulary; models whose head cannot be split off fall back."""
 
 import copy
+import json
+import os
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import qtune.head
 from qtune.errors import QTuneError
-from qtune.head import linear_cross_entropy, resolve_head_impl
-from qtune.scoring import IGNORE_INDEX, score_batch
+from qtune.head import MIN_BLOCK_ELEMENTS, linear_cross_entropy, resolve_head_impl, working_block
+from qtune.scoring import IGNORE_INDEX, chunked_token_statistics, score_batch
 from qtune.step import micro_batch_loss
 from test_scoring import random_batch, tiny_llama
 
@@ -39,10 +47,63 @@ def gradients(model):
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+# ----------------------------------------------------------------------------- the block's size
+
+
+def test_working_block_follows_the_hidden_states_not_the_vocabulary():
+    # 2,048 positions x hidden 256 are 524,288 elements, under the 2**21 floor: the budget is 2**21.
+    # 800 entries: 2**21 // 800 = 2,621 rows, down to a power of two: 2,048 (all of them).
+    assert working_block(2048, 256, 800) == (2048, 800)
+    # 152k entries: 13 rows, down to 8, raised to the 128-row minimum. The loss takes whole rows;
+    # scoring splits the vocabulary into 2**21 // 128 = 16,384 columns.
+    assert working_block(2048, 256, 151936) == (128, 151936)
+    assert working_block(2048, 256, 151936, split_vocabulary=True) == (128, 16384)
+    # Hidden states above the floor set the budget (Liger's rule): 16,384 x 4,096 = 2**26 elements;
+    # 2**26 // 128,256 = 523 -> 512 rows; 2**26 // 32,000 = 2,097 -> 2,048 rows (Liger: 2,048 too).
+    assert working_block(16384, 4096, 128256, split_vocabulary=True) == (512, 128256)
+    assert working_block(16384, 4096, 32000) == (2048, 32000)
+    # Fewer positions than the minimum: all of them; 40 x 32,000 fits the budget, 40 x 151,936 does
+    # not: 2**21 // 40 = 52,428 -> 32,768 columns.
+    assert working_block(40, 32, 32000, split_vocabulary=True) == (40, 32000)
+    assert working_block(40, 32, 151936, split_vocabulary=True) == (40, 32768)
+    assert working_block(0, 256, 800) == (1, 800)
+    # An explicit chunk_tokens: that many rows (at most all) of the whole vocabulary.
+    assert working_block(2048, 256, 151936, 128, split_vocabulary=True) == (128, 151936)
+    assert working_block(2048, 256, 151936, 5000) == (2048, 151936)
+
+
+def direct_statistics(hidden, head, gold):
+    """Float64 NLL of `gold` and entropy of the softmax of the full logits."""
+    logp = torch.log_softmax(F.linear(hidden.double(), head.weight.double(), head.bias.double()), dim=-1)
+    entropy = -(logp.exp() * logp).nan_to_num().sum(-1)  # p log p = 0 where p = 0 (masked entries)
+    return -logp.gather(1, gold[:, None]).squeeze(1), entropy
+
+
+@pytest.mark.parametrize("chunk_tokens", [None, 1, 3, 100])
+def test_statistics_over_blocks_of_columns_equal_the_full_softmax(monkeypatch, chunk_tokens):
+    # A 64-element budget splits the 50 entries into 7 blocks of 8 columns (the last of 2) for 7
+    # positions; logits large enough that the running maximum moves between blocks; a masked
+    # vocabulary (-inf): entries 10-19 and the whole fourth block (24-31).
+    monkeypatch.setattr(qtune.head, "MIN_BLOCK_ELEMENTS", 64)
+    assert working_block(7, 4, 50, split_vocabulary=True) == (7, 8)
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(4, 50)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(50, 4, generator=g) * 8)
+        head.bias[10:20] = float("-inf")
+        head.bias[24:32] = float("-inf")
+    hidden = torch.randn(7, 4, generator=g)
+    gold = torch.tensor([0, 7, 8, 33, 47, 48, 49])  # first and last columns of blocks, the last block
+    nll, entropy = chunked_token_statistics(hidden, head, gold, chunk_tokens=chunk_tokens)
+    expected_nll, expected_entropy = direct_statistics(hidden, head, gold)
+    torch.testing.assert_close(nll.double(), expected_nll, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy.double(), expected_entropy, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- the loss maths
 
 
-@pytest.mark.parametrize("chunk_tokens", [1, 3, 1000])
+@pytest.mark.parametrize("chunk_tokens", [1, 3, None, 1000])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_cross_entropy_equals_cross_entropy_of_the_logits(chunk_tokens, bias):
     g = torch.Generator().manual_seed(0)
@@ -80,11 +141,14 @@ def test_linear_cross_entropy_passes_gradcheck():
 
 
 @pytest.mark.parametrize("entropy_over", ["response", "attended"])
-def test_chunked_scores_equal_logits_scores(entropy_over):
+@pytest.mark.parametrize("split", [False, True])
+def test_chunked_scores_equal_logits_scores(monkeypatch, entropy_over, split):
+    if split:  # blocks of columns: 2**9 elements over up to 128 rows
+        monkeypatch.setattr(qtune.head, "MIN_BLOCK_ELEMENTS", 512)
     model = tiny_llama()
     batch = random_batch()
     direct = score_batch(model, *batch, entropy_over=entropy_over, head_impl="logits")
-    for chunk_tokens in (1, 7, 500):
+    for chunk_tokens in (1, 7, 500, None):  # 500: more than the batch's positions
         chunked = score_batch(model, *batch, entropy_over=entropy_over, head_impl="chunked", chunk_tokens=chunk_tokens)
         for name in ("nll", "entropy", "ppl", "ent"):
             torch.testing.assert_close(getattr(chunked, name), getattr(direct, name), rtol=1e-5, atol=1e-5)
@@ -102,16 +166,17 @@ def test_chunked_loss_and_gradients_equal_direct(weights, tied):
     reference = copy.deepcopy(model)
     direct = direct_loss(reference, batch, 17)
     direct.backward()
-    for impl in ("chunked", "logits"):
+    for impl, chunk_tokens in (("chunked", 5), ("chunked", None), ("chunked", 100), ("logits", None)):
         model.zero_grad()
-        loss = micro_batch_loss(model, batch, 17, head_impl=impl, chunk_tokens=5)
+        loss = micro_batch_loss(model, batch, 17, head_impl=impl, chunk_tokens=chunk_tokens)
         loss.backward()
         torch.testing.assert_close(loss, direct, rtol=1e-5, atol=1e-6)
         ours, theirs = gradients(model), gradients(reference)
         assert ours.keys() == theirs.keys()
         assert tied or "lm_head.weight" in ours
         for name in theirs:
-            torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-6, msg=f"{impl}: {name}")
+            torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-6,
+                                       msg=f"{impl}, {chunk_tokens}: {name}")
 
 
 def test_chunked_loss_under_bfloat16_matches_direct_within_bfloat16():
@@ -230,3 +295,82 @@ def test_on_cuda_in_bfloat16_each_path_matches_the_logits_path(impl):
                            head_impl="logits")
     torch.testing.assert_close(scores.nll, expected.nll, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(scores.entropy, expected.entropy, rtol=1e-2, atol=1e-2)
+
+
+# ----------------------------------------------------------------------------- sharded (2 processes)
+
+WORKER = Path(__file__).with_name("sharded_head_worker.py")
+
+
+def run_sharded(engine: str):
+    """tests/sharded_head_worker.py ENGINE in 2 CPU processes (torchrun, gloo); its result."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
+               engine]
+    # 600 s: DeepSpeed builds one communication op on its first use (about 90 s), once per machine.
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+
+
+@pytest.fixture(scope="module")
+def fsdp2_run():
+    """One launch of the FSDP2 worker for both of its tests (starting 2 processes costs seconds)."""
+    if not torch.distributed.is_available():
+        pytest.skip("needs torch.distributed")
+    return run_sharded("fsdp2")
+
+
+def test_chunked_head_under_fsdp2_matches_the_logits_path_for_every_layout(fsdp2_run):
+    # Losses, scores and the gradients gathered from the shards within 1e-5 (checked in the worker)
+    # for each way FSDP2 can hold the head, tied and untied, auto and 4-position chunks.
+    done = fsdp2_run["layouts"]
+    layouts = {(r["layout"], r["tied"], r["chunk_tokens"]) for r in done}
+    assert layouts == {(layout, tied, chunk) for layout, tied in (("layers+root", False), ("layers+root", True),
+                                                                  ("root only", False), ("head alone", False),
+                                                                  ("accelerate tail", False),
+                                                                  ("accelerate tail", True))
+                       for chunk in (None, 4)}
+    assert all(r["parameters"] == (20 if r["tied"] else 21) for r in done)  # every one has its gradient
+    assert all(r["path"] == "chunked" for r in done)  # none fell back to the logits path
+    for r in done:
+        # Only a head whose group resharded after the forward is gathered by qtune.head (its own
+        # group, once for the check, twice for the losses, twice for the scores); the others are
+        # still whole when the loss meets them.
+        assert r["head_gathers"] == (5 if r["layout"] == "head alone" else 0), r
+        assert r["head_gathered_alone"]
+
+
+def test_scoring_memory_under_fsdp2_stays_flat_in_the_vocabulary(fsdp2_run):
+    # Peak bytes of the tensors a scoring pass creates (see LiveBytes in the worker), at 50k and
+    # 200k entries, against a forward that projects one position (what the model needs anyway).
+    peak = fsdp2_run["memory"]
+    small, large = 50_000, 200_000
+    model_growth = peak[f"forward/{large}"] - peak[f"forward/{small}"]
+    # The fixed 128-position chunk grows by its two float32 [128 x V] blocks (the measurement sees it) ...
+    assert peak[f"128/{large}"] - peak[f"128/{small}"] >= 0.9 * 2 * 128 * (large - small) * 4
+    # ... the working block sized to the work does not grow more than the forward does ...
+    assert peak[f"auto/{large}"] - peak[f"auto/{small}"] <= model_growth + 2**20
+    # ... and stays within two blocks of the budget (2**21 elements here, 228 positions x 32 being less).
+    for vocab in (small, large):
+        assert peak[f"auto/{vocab}"] <= peak[f"forward/{vocab}"] + 2 * MIN_BLOCK_ELEMENTS * 4 + 2**20
+
+
+def test_chunked_head_under_zero3_matches_the_logits_path():
+    if not torch.distributed.is_available():
+        pytest.skip("needs torch.distributed")
+    pytest.importorskip("deepspeed")
+    # Every parameter partitioned (persistence threshold 0), tied and untied, auto and 4-position
+    # chunks; and the head kept whole by the default threshold. Losses, scores and full gradients
+    # (safe_get_full_grad) within 1e-5 in the worker.
+    done = run_sharded("zero3")
+    assert [(r["tied"], r["chunk_tokens"], r["threshold"]) for r in done] == [
+        (False, None, 0), (False, 4, 0), (True, None, 0), (True, 4, 0), (False, None, None)]
+    assert all(r["parameters"] == (20 if r["tied"] else 21) for r in done)
+    assert all(r["path"] == "chunked" for r in done)  # none fell back to the logits path
+    # The head starts partitioned; ZeRO-3 keeps it whole after its first gather ("persistent") only
+    # under the default threshold.
+    assert all(r["head_partitioned_at_start"] for r in done)
+    assert [r["head_persistent"] for r in done] == [False, False, False, False, True]

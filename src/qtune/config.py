@@ -262,11 +262,15 @@ class ComputeConfig(Options):
     """How a step computes: the output projection and the layout of the kept rows. These change
     memory and time, not what is trained (results agree within float rounding)."""
 
-    chunk_tokens: int = option(128, "Positions projected onto the vocabulary at once (float32 logits of "
-                               "chunk_tokens x vocabulary exist at a time), in scoring and in the loss.",
-                               bounds="[1, inf)")
+    chunk_tokens: int | None = option(None, "Positions projected onto the vocabulary at once, in scoring and in "
+                                      "the loss. Unset (auto, the default): sized to the work (qtune.head."
+                                      "working_block): a block's float32 logits take about the memory of the "
+                                      "batch's hidden states, at least 128 positions, and scoring splits a large "
+                                      "vocabulary into blocks of columns, so memory does not grow with it. A number: "
+                                      "that many positions x the whole vocabulary at a time (128 was the default "
+                                      "before).", bounds="[1, inf)")
     head_impl: str = option("auto", "How the output projection meets the loss and the scores: chunked (the "
-                            "body's hidden states projected chunk_tokens positions at a time; memory flat in the "
+                            "body's hidden states projected a block at a time, see chunk_tokens; memory flat in the "
                             "vocabulary), liger (Liger Kernel's fused loss; CUDA, unweighted losses), logits (the "
                             "model's own logits of the needed positions), auto (chunked, the fastest of the three with a "
                             "150k vocabulary as measured; logits, with a notice, for models whose head cannot be "

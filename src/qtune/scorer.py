@@ -70,7 +70,7 @@ class Scorer:
     layer's received attention as `attention`.
     """
 
-    def __init__(self, *, chunk_tokens: int = 128, head_impl: str = "auto", layers: int = 0,
+    def __init__(self, *, chunk_tokens: int | None = None, head_impl: str = "auto", layers: int = 0,
                  rescore_drift: float = 0.0, reference=None, attention: bool = False):
         if layers < 0 or rescore_drift < 0:
             raise ValueError("layers and rescore_drift must be >= 0")

@@ -1,9 +1,9 @@
 """Error-Uncertainty scores: per-token NLL and entropy, per-sample PPL and mean entropy.
 
 Everything is computed in float32 whatever the model's dtype, and never for the whole
-[batch x length x vocab] block at once: the output projection and the log-softmax are applied to
-chunks of positions (`qtune.head`), so scoring memory does not grow with the vocabulary beyond
-one [chunk x vocab] block.
+[batch x length x vocab] block at once: the output projection and the log-softmax are applied a
+working block of positions x vocabulary entries at a time (`qtune.head.working_block`), whose
+size follows the batch's hidden states, not the vocabulary.
 
 Token statistics are aligned with `labels`: `nll[b, t]` is `-log p(labels[b, t] | tokens < t)`,
 so a mask computed from them applies to `labels` directly.
@@ -16,11 +16,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .data import IGNORE_INDEX, collate, length_bucketed_batches
-from .head import accepts_logits_to_keep, head_forward, resolve_head_impl
+from .head import accepts_logits_to_keep, full_parameters, head_forward, resolve_head_impl, working_block
 
-#: Default number of positions whose float32 log-probabilities exist at one time.
+#: Rows of existing logits (the logits path) converted to float32 at a time when `chunk_tokens` is
+#: None: the logits themselves are the larger tensor there.
 DEFAULT_CHUNK_TOKENS = 128
 
 
@@ -42,57 +44,100 @@ class BatchScores:
     attention: torch.Tensor | None = None
 
 
+class _SoftmaxStatistics:
+    """The NLL of each row's gold token and the entropy of each row's softmax, in float32, from
+    logits that arrive a block of columns at a time (`add`), for rows [n] with gold tokens `gold`.
+
+    With m the maximum of the columns seen, s = sum exp(x - m) and u = sum exp(x - m) (x - m):
+    nll = log s - (x_gold - m) and H = -sum p log p = log s - u / s. A block that raises the
+    maximum to m' rescales the sums seen so far by exp(m - m') (u also gains (m - m') s), as an
+    online softmax does; with one block it is the direct computation. Each block and its
+    exponential (which then holds e (x - m)) are the only large temporaries.
+    """
+
+    def __init__(self, gold: torch.Tensor):
+        self.gold = gold
+        like = dict(dtype=torch.float32, device=gold.device)
+        # The running maximum starts finite, so that the first block's rescaling is 0 x finite.
+        self.top = torch.full(gold.shape, torch.finfo(torch.float32).min, **like)
+        self.total = torch.zeros(gold.shape, **like)
+        self.expected = torch.zeros(gold.shape, **like)
+        self.gold_logit = torch.zeros(gold.shape, **like)
+
+    def add(self, x: torch.Tensor, first: int) -> None:
+        """Take float32 logits `x` [n, c] of vocabulary entries first .. first + c - 1 (overwritten)."""
+        columns = x.shape[1]
+        index = self.gold - first
+        picked = x.gather(1, index.clamp(0, columns - 1)[:, None]).squeeze(1)
+        self.gold_logit = torch.where((index >= 0) & (index < columns), picked, self.gold_logit)
+        top = torch.maximum(self.top, x.amax(dim=1))
+        shift = self.top - top
+        scale = shift.exp()
+        # -inf logits (a masked vocabulary) would give e*z = 0*(-inf) = nan: made finite, exp 0.
+        x.sub_(top[:, None]).clamp_(min=torch.finfo(torch.float32).min)
+        e = torch.exp(x)
+        total = e.sum(dim=1)
+        self.expected = (self.expected + shift * self.total) * scale + e.mul_(x).sum(dim=1)  # e*z in place
+        self.total = self.total * scale + total
+        self.top = top
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(nll, entropy) of the rows, float32 [n]."""
+        log_total = self.total.log()
+        return log_total - (self.gold_logit - self.top), log_total - self.expected / self.total
+
+
 def gold_nll_and_entropy(
     logits: torch.Tensor,
     gold: torch.Tensor,
     *,
     index: torch.Tensor | None = None,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunk_tokens: int | None = None,
     overwrite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For rows of 2-D `logits` [n, V] (or the rows picked by `index`), the NLL of `gold` and the
-    entropy of the softmax, in float32, `chunk_tokens` rows at a time.
-
-    With z = x - max(x), e = exp(z), s = sum(e):  nll = log s - z_gold  and
-    H = -sum p log p = log s - sum(e z) / s.  A float32 chunk and `e` (which then holds e z) are
-    the only large temporaries; `overwrite=True` lets float32 `logits` serve as the chunk itself (the caller
-    gives them up), which saves a copy.
+    entropy of the softmax (`_SoftmaxStatistics`), in float32, `chunk_tokens` rows at a time
+    (None: DEFAULT_CHUNK_TOKENS). `overwrite=True` lets float32 `logits` serve as the chunk itself
+    (the caller gives them up), which saves a copy.
     """
+    rows = DEFAULT_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens
     n = gold.numel() if index is None else index.numel()
     nll = torch.empty(n, dtype=torch.float32, device=logits.device)
     entropy = torch.empty_like(nll)
     in_place = overwrite and index is None and logits.dtype == torch.float32
-    for start in range(0, n, chunk_tokens):
-        part = slice(start, start + chunk_tokens)
+    for start in range(0, n, rows):
+        part = slice(start, start + rows)
         if index is not None:
             x = logits.index_select(0, index[part]).float()
         else:
             x = logits[part] if in_place else logits[part].to(torch.float32, copy=True)
-        x.sub_(x.amax(dim=-1, keepdim=True))
-        gold_z = x.gather(1, gold[part, None]).squeeze(1)
-        # -inf logits (a masked vocabulary) would give e*z = 0*(-inf) = nan: made finite, exp 0.
-        x.clamp_(min=torch.finfo(torch.float32).min)
-        e = torch.exp(x)
-        total = e.sum(dim=-1)
-        expected = e.mul_(x).sum(dim=-1)  # e is not needed after: e*z in place, no third block
-        log_total = total.log()
-        nll[part] = log_total - gold_z
-        entropy[part] = log_total - expected / total
+        statistics = _SoftmaxStatistics(gold[part])
+        statistics.add(x, 0)
+        nll[part], entropy[part] = statistics.result()
     return nll, entropy
 
 
 @torch.no_grad()
 def chunked_token_statistics(hidden: torch.Tensor, head: torch.nn.Linear, gold: torch.Tensor, *,
-                             chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+                             chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`gold_nll_and_entropy` of `head(hidden)` for hidden states [n, d] (the body's output),
-    projecting `chunk_tokens` positions at a time: the [n x V] logits never exist, one float32
-    [chunk_tokens x V] block does."""
+    projecting one working block (`qtune.head.working_block`) at a time: the [n x V] logits never
+    exist, one float32 block of rows x columns does (its statistics accumulate over the blocks of
+    columns of a row: `_SoftmaxStatistics`). A sharded head is gathered (`full_parameters`)."""
     nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     entropy = torch.empty_like(nll)
-    for start in range(0, hidden.shape[0], chunk_tokens):
-        part = slice(start, start + chunk_tokens)
-        logits = torch.nn.functional.linear(hidden[part], head.weight, head.bias).float()
-        nll[part], entropy[part] = gold_nll_and_entropy(logits, gold[part], chunk_tokens=chunk_tokens, overwrite=True)
+    with full_parameters(head) as (weight, bias):
+        vocab = weight.shape[0]
+        rows, columns = working_block(hidden.shape[0], hidden.shape[1], vocab, chunk_tokens, split_vocabulary=True)
+        for start in range(0, hidden.shape[0], rows):
+            part = slice(start, start + rows)
+            statistics = _SoftmaxStatistics(gold[part])
+            for first in range(0, vocab, columns):
+                block = slice(first, first + columns)
+                logits = F.linear(hidden[part], weight[block], None if bias is None else bias[block])
+                statistics.add(logits.float(), first)
+                del logits
+            nll[part], entropy[part] = statistics.result()
     return nll, entropy
 
 
@@ -128,7 +173,7 @@ def token_statistics(
     labels: torch.Tensor,
     *,
     entropy_mask: torch.Tensor | None = None,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """NLL of each gold token and entropy of each next-token distribution, in float32.
 
@@ -182,16 +227,17 @@ def score_batch(
     labels: torch.Tensor,
     *,
     entropy_over: str = "response",
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunk_tokens: int | None = None,
     head_impl: str = "auto",
 ) -> BatchScores:
     """Score a batch with a gradient-free forward pass of `model` (its current weights).
 
     `entropy_over="response"` (default) averages entropy over response positions, as the paper
     defines it; `"attended"` averages over every attended position, as the authors' code does.
-    `head_impl` (see `qtune.head`): "auto" and "chunked" project the body's hidden states
-    `chunk_tokens` positions at a time (memory independent of the vocabulary); "logits" asks the
-    model for the logits of the predicting positions.
+    `head_impl` (see `qtune.head`): "auto" and "chunked" project the body's hidden states a
+    working block at a time (`qtune.head.working_block`: `chunk_tokens` None sizes it to the
+    batch's hidden states, memory independent of the vocabulary; a number fixes the rows); "logits"
+    asks the model for the logits of the predicting positions.
     """
     if entropy_over not in ("response", "attended"):
         raise ValueError(f"entropy_over must be 'response' or 'attended', not {entropy_over!r}")
@@ -256,7 +302,7 @@ def score_dataset(
     pad_token_id: int,
     batch_size: int = 8,
     per_token: bool = False,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunk_tokens: int | None = None,
     head_impl: str = "auto",
     progress: bool = True,
 ) -> DatasetScores:

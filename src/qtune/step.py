@@ -335,7 +335,7 @@ def plan_step(batches: list[dict], scores: list[BatchScores] | None, method: Met
 
 
 def micro_batch_loss(model, micro_batch: dict, loss_tokens, world_size: int = 1, *, unwrapped=None,
-                     return_outputs: bool = False, head_impl: str = "auto", chunk_tokens: int = 128,
+                     return_outputs: bool = False, head_impl: str = "auto", chunk_tokens: int | None = None,
                      objective: Objective | None = None):
     """This process's share of the step's loss on one packed micro-batch: sum of (weighted) token
     cross-entropies / the step's kept tokens over every process, times the world size (see the
@@ -345,7 +345,8 @@ def micro_batch_loss(model, micro_batch: dict, loss_tokens, world_size: int = 1,
 
     Only positions that predict a kept label reach the output projection (prompt, padding and
     pruned tokens cost none). `head_impl` (see `qtune.head`): "chunked" computes the loss and
-    its gradient `chunk_tokens` positions at a time from the body's hidden states, "liger" with
+    its gradient a chunk of positions at a time from the body's hidden states (`chunk_tokens`
+    positions, None: sized to the work by `qtune.head.working_block`), "liger" with
     Liger Kernel's fused kernel, "logits" from float32 logits of every kept position; "auto" is
     chunked (a model whose head cannot be split off takes the logits path).
     """
@@ -411,7 +412,7 @@ def reduce_sum(value: torch.Tensor) -> torch.Tensor:
 
 
 def train_step(model, batches: list[dict], method: Method, step: int, total_steps: int, *, pad_token_id: int,
-               triage_scope: str = "global", chunk_tokens: int = 128, head_impl: str = "auto",
+               triage_scope: str = "global", chunk_tokens: int | None = None, head_impl: str = "auto",
                clock: PhaseClock | None = None, kept_row_layout: str = "auto",
                scorer: Scorer | None = None, objective: Objective | None = None) -> tuple[StepPlan, float]:
     """Score, decide, and run forward and backward over this process's kept rows; returns the plan

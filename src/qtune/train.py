@@ -156,7 +156,7 @@ class QTuneTrainer(StagedCheckpoints, Trainer):
     """A `transformers.Trainer` whose steps train only what a pruning `Method` keeps."""
 
     def __init__(self, *args, method: Method, pad_token_id: int, triage_scope: str = "global",
-                 chunk_tokens: int = 128, head_impl: str = "auto", kept_row_layout: str = "auto",
+                 chunk_tokens: int | None = None, head_impl: str = "auto", kept_row_layout: str = "auto",
                  scorer: Scorer | None = None, pass_scorer: Callable[[torch.device], Scorer] | None = None,
                  objective: Objective | None = None, step_log: str | Path | None = None, nonfinite: str = "stop",
                  keep_checkpoints: int | None = None, log_token_masks: bool = False, progress: bool = True,
