@@ -22,6 +22,6 @@ if [ "$part" = sft ] || [ "$part" = all ]; then
 fi
 if [ "$part" = base ] || [ "$part" = all ]; then
     [ -e runs/real-smollm2-gsm8k-base/metrics.json ] || \
-        qtune eval --model smollm2-135m-instruct --data $gsm8k/test.jsonl --limit 500 --max-new-tokens 256 \
-            --batch-size 16 --out runs/real-smollm2-gsm8k-base
+        qtune eval --model smollm2-135m-instruct --data $gsm8k/test.jsonl --limit 500 \
+            --out runs/real-smollm2-gsm8k-base  # the defaults: 256 new tokens, 16 prompts at once, as the config
 fi
