@@ -616,6 +616,24 @@ class InfoBatchConfig(Options):
 
 
 @dataclass
+class UdsConfig(Options):
+    """Options of the `uds` sample rule (`qtune.methods.uds`); the defaults are the authors' (see
+    docs/methods.md, UDS, for uds_alpha's units)."""
+
+    uds_alpha: float = option(11.0, "uds: weight of the diversity term (mean Euclidean distance of a sample's "
+                                    "logits sketch to the memory buffer, in units of the logits' Frobenius "
+                                    "norm) against the nuclear norm; 11 is the authors' 2.5e-3 in their "
+                                    "projection's units, for a 152,064-token vocabulary and 512 positions.",
+                              bounds="[0, inf)")
+    uds_buffer: int = option(1024, "uds: sketches of earlier kept samples in the memory buffer (first in, "
+                                   "first out).", bounds="[1, inf)")
+    uds_sketch_rows: int = option(8, "uds: rows of a logits matrix's sketch (over its response positions).",
+                                  bounds="[1, inf)")
+    uds_sketch_columns: int = option(128, "uds: columns of a logits matrix's sketch (over the vocabulary).",
+                                     bounds="[1, inf)")
+
+
+@dataclass
 class PerplexityTokenConfig(Options):
     """Options of the `perplexity` token rule (`qtune.methods.token_perplexity`)."""
 
@@ -636,7 +654,7 @@ class ReferenceModelConfig(Options):
 
 
 @dataclass
-class PruningConfig(PerplexitySampleConfig, InfoBatchConfig, PerplexityTokenConfig, ReferenceModelConfig,
+class PruningConfig(PerplexitySampleConfig, InfoBatchConfig, UdsConfig, PerplexityTokenConfig, ReferenceModelConfig,
                     TokenMatchedConfig, QTuningConfig):
     """The method and how the training step applies it. TrainConfig composes every method's
     options (so that each reaches the CLI and YAML); a method reads only its own config class."""
@@ -748,7 +766,7 @@ def _names(registry_names, what: str, extra: tuple[str, ...] = ()):
 
 
 @dataclass
-class AuditConfig(SelectorOptions, LessConfig, PerplexitySampleConfig, InfoBatchConfig,
+class AuditConfig(SelectorOptions, LessConfig, PerplexitySampleConfig, InfoBatchConfig, UdsConfig,
                   PerplexityTokenConfig, ReferenceModelConfig, QTuningConfig, ComputeConfig, DataConfig,
                   ModelConfig):
     """Options of `qtune audit` (`qtune.audit.run.run_audit`): plant labelled defects into a sample of the
