@@ -207,3 +207,20 @@ def test_two_processes_decide_as_one(tiny_run_inputs, tmp_path):
         method.load_state_dict(state)
         buffers.append(method.rule_state.sketches)
     torch.testing.assert_close(buffers[1], buffers[0], rtol=1e-4, atol=1e-5)
+
+
+def test_head_factors_are_recomputed_only_when_the_head_changes():
+    """The Gram factor is kept while the head's weight is unchanged and recomputed after an in-place
+    update (as an optimizer step makes): the nuclear norms follow the new head."""
+    torch.manual_seed(2)
+    weight, hidden = torch.randn(12, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    rows = sample_index([5])
+    summaries = LogitSummaries(nuclear_norm=True)
+    first, _ = summaries.of_hidden(hidden, weight, None, rows, 1)
+    kept = summaries._head
+    summaries.of_hidden(hidden, weight, None, rows, 1)
+    assert summaries._head is kept
+    weight.mul_(3)
+    again, _ = summaries.of_hidden(hidden, weight, None, rows, 1)
+    assert summaries._head is not kept
+    torch.testing.assert_close(again, 3 * first)

@@ -13,8 +13,10 @@ have the same singular values (the square roots of its eigenvalues), so
 
     ||L||_* = sum of the singular values of X M   (an n x (d+1) matrix), exactly.
 
-G and its factor are computed once per scoring pass (the head does not change within it; float64):
-V (d+1)^2 multiply-adds and (d+1)^3 / 3 for the Cholesky factor; each sample then costs n (d+1)^2 for
+G and its factor (float64) are computed once for each state of the head's weights (`LogitSummaries`
+keeps them while the weights' storage and version counter stay the same: once per step when the
+head trains, once for the whole run when it does not, as with LoRA): V (d+1)^2 multiply-adds and
+(d+1)^3 / 3 for the Cholesky factor; each sample then costs n (d+1)^2 for
 X M and one SVD of an n x (d+1) matrix, O(n (d+1) min(n, d+1)), against n V (d+1) to materialise L
 and O(n^2 V) for its SVD. Extra memory: the (d+1) x (d+1) factor and, while a batch is summarised,
 its samples' X M zero-padded to the longest (zero rows add only zero singular values). A model whose
@@ -25,7 +27,7 @@ s2(v), A (r1 x n) sends the j-th response position to row h1(j) with sign s1(j) 
 side: one signed bucket per entry). For any fixed matrix M, E ||A M B||_F^2 = ||M||_F^2, so sketch
 distances estimate the Frobenius distance between two logits matrices (a sample's j-th response
 position meets the other's j-th; a shorter one counts zero rows). S is computed as
-A (X (F^T B)): F^T B ((d+1) x r2) once per pass (V (d+1) additions), then n (d+1) r2 per sample. The
+A (X (F^T B)): F^T B ((d+1) x r2) with G (V (d+1) additions), then n (d+1) r2 per sample. The
 hashes are drawn from CPU generators seeded by `seed` (vocabulary) and by (seed, block) for each
 block of POSITION_BLOCK positions, so every process and every pass uses the same A and B.
 """
@@ -149,20 +151,23 @@ def sketches(projected: torch.Tensor, sample_of: torch.Tensor, n_samples: int, s
 @dataclass
 class LogitSummaries:
     """What the scoring pass adds for UDS, per sample: the nuclear norm of its logits matrix
-    (`nuclear_norm`) and its sketch (`sketch`, None: not computed). One instance serves one pass: the
-    head's factors are computed at its first batch and kept (the weights do not change within a pass)."""
+    (`nuclear_norm`) and its sketch (`sketch`, None: not computed). The head's factors are kept while
+    its weight and bias are unchanged (same storage, same version counter: an optimizer step or any
+    in-place change bumps it), so a scorer recomputes them once per step at most."""
 
     nuclear_norm: bool = False
     sketch: LogitSketch | None = None
-    _head: tuple | None = field(default=None, repr=False)  # (Gram factor, F^T B), from the pass's first batch
+    # (the weight's and bias's identity and version, (Gram factor, F^T B)) of the last head seen
+    _head: tuple | None = field(default=None, repr=False)
 
     def of_hidden(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   sample_of: torch.Tensor, n_samples: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(nuclear norms [B] or None, sketches [B, r1 x r2] or None) of the logits matrices
         `hidden` W^T + b, from the hidden states [n, d] of the samples' response-predicting positions."""
-        if self._head is None:
-            self._head = self._head_factors(weight, bias)
-        factor, projection = self._head
+        state = [(t.data_ptr(), t._version) for t in (weight, bias) if t is not None]
+        if self._head is None or self._head[0] != state:
+            self._head = (state, self._head_factors(weight, bias))
+        factor, projection = self._head[1]
         rows = hidden.detach().float()
         if bias is not None:
             rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)

@@ -87,6 +87,9 @@ class Scorer:
         self.attention = attention
         self.nuclear_norm = nuclear_norm
         self.logit_sketch = logit_sketch
+        # Kept across passes: the head's factors are recomputed only when its weights change.
+        self.summaries = (LogitSummaries(nuclear_norm, logit_sketch) if nuclear_norm or logit_sketch is not None
+                          else None)
         self.path = 0.0       # summed update norms so far
         self.weight_norm = 0.0  # nothing is fresh before the first measured step
         # sample id -> (path when scored, its row's tensors up to its last attended position)
@@ -109,12 +112,9 @@ class Scorer:
         scoring = getattr(model, "module", model)
         was_training = scoring.training
         scoring.eval()
-        # One per pass: the head's factors are computed once for the pass's batches.
-        summaries = (LogitSummaries(self.nuclear_norm, self.logit_sketch)
-                     if self.nuclear_norm or self.logit_sketch is not None else None)
         try:
             with first_layers(scoring, self.layers):
-                return [self._score(scoring, b, entropy_over, summaries) for b in batches]
+                return [self._score(scoring, b, entropy_over, self.summaries) for b in batches]
         finally:
             scoring.train(was_training)
 
