@@ -210,8 +210,8 @@ def test_two_processes_decide_as_one(tiny_run_inputs, tmp_path):
 
 
 def test_head_factors_are_recomputed_only_when_the_head_changes():
-    """The Gram factor is kept while the head's weight is unchanged and recomputed after an in-place
-    update (as an optimizer step makes): the nuclear norms follow the new head."""
+    """The Gram factor is kept while the head's weight is unchanged and recomputed after an update,
+    even one that leaves its version counter alone (as fused optimizers do): the norms follow it."""
     torch.manual_seed(2)
     weight, hidden = torch.randn(12, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
     rows = sample_index([5])
@@ -220,7 +220,7 @@ def test_head_factors_are_recomputed_only_when_the_head_changes():
     kept = summaries._head
     summaries.of_hidden(hidden, weight, None, rows, 1)
     assert summaries._head is kept
-    weight.mul_(3)
+    weight.data.mul_(3)  # through .data: the version counter does not move (as with a fused optimizer)
     again, _ = summaries.of_hidden(hidden, weight, None, rows, 1)
     assert summaries._head is not kept
     torch.testing.assert_close(again, 3 * first)

@@ -14,9 +14,11 @@ have the same singular values (the square roots of its eigenvalues), so
     ||L||_* = sum of the singular values of X M   (an n x (d+1) matrix), exactly.
 
 G and its factor (float64) are computed once for each state of the head's weights (`LogitSummaries`
-keeps them while the weights' storage and version counter stay the same: once per step when the
-head trains, once for the whole run when it does not, as with LoRA): V (d+1)^2 multiply-adds and
-(d+1)^3 / 3 for the Cholesky factor; each sample then costs n (d+1)^2 for
+keeps them while the head's fingerprint, its storage and the float64 sum and sum of squares of its
+entries, stays the same: once per step when the head trains, once for the whole run when it does
+not, as with LoRA; the fingerprint costs 2 V (d+1), and an optimizer's fused kernels change
+weights without bumping their version counters): V (d+1)^2 multiply-adds and (d+1)^3 / 3 for the
+Cholesky factor; each sample then costs n (d+1)^2 for
 X M and one SVD of an n x (d+1) matrix, O(n (d+1) min(n, d+1)), against n V (d+1) to materialise L
 and O(n^2 V) for its SVD. Extra memory: the (d+1) x (d+1) factor and, while a batch is summarised,
 its samples' X M zero-padded to the longest (zero rows add only zero singular values). A model whose
@@ -148,23 +150,38 @@ def sketches(projected: torch.Tensor, sample_of: torch.Tensor, n_samples: int, s
     return out.view(n_samples, sketch.size)
 
 
+def fingerprint(weight: torch.Tensor, bias: torch.Tensor | None) -> list[tuple[int, float, float]]:
+    """The head's (storage address, float64 sum, float64 sum of squares) per tensor, read `VOCABULARY_CHUNK`
+    rows at a time: any update of its weights changes it (but on a set of measure zero), version
+    counter or not."""
+    prints = []
+    for tensor in (weight, bias):
+        if tensor is None:
+            continue
+        sums = torch.zeros(2, dtype=torch.float64, device=tensor.device)
+        for start in range(0, tensor.shape[0], VOCABULARY_CHUNK):
+            part = tensor[start:start + VOCABULARY_CHUNK].detach().double()
+            sums += torch.stack([part.sum(), part.square().sum()])
+        prints.append((tensor.data_ptr(), *sums.tolist()))
+    return prints
+
+
 @dataclass
 class LogitSummaries:
     """What the scoring pass adds for UDS, per sample: the nuclear norm of its logits matrix
     (`nuclear_norm`) and its sketch (`sketch`, None: not computed). The head's factors are kept while
-    its weight and bias are unchanged (same storage, same version counter: an optimizer step or any
-    in-place change bumps it), so a scorer recomputes them once per step at most."""
+    its fingerprint (`fingerprint`) is unchanged, so a scorer recomputes them once per step at most."""
 
     nuclear_norm: bool = False
     sketch: LogitSketch | None = None
-    # (the weight's and bias's identity and version, (Gram factor, F^T B)) of the last head seen
+    # (the head's fingerprint, (Gram factor, F^T B)) of the last head seen
     _head: tuple | None = field(default=None, repr=False)
 
     def of_hidden(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   sample_of: torch.Tensor, n_samples: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(nuclear norms [B] or None, sketches [B, r1 x r2] or None) of the logits matrices
         `hidden` W^T + b, from the hidden states [n, d] of the samples' response-predicting positions."""
-        state = [(t.data_ptr(), t._version) for t in (weight, bias) if t is not None]
+        state = fingerprint(weight, bias)
         if self._head is None or self._head[0] != state:
             self._head = (state, self._head_factors(weight, bias))
         factor, projection = self._head[1]
