@@ -384,9 +384,14 @@ def plot_vocab(rows: list[dict], path: Path, title: str) -> None:
 def measure_methods(args) -> dict:
     """Each method's step (scoring if it asks, decision, training of what it keeps, optimizer)
     against the full-data step of the same batch, variants alternating, medians. Rho-1's
-    reference model is a second random model of the same shape (with --model, a second copy of it)."""
+    reference model is a second random model of the same shape (with --model, a second copy of it).
+    A name METHOD/LOSS trains with that token objective (`full/asft`, `random/eaft`); ASFT without
+    LoRA anchors to a second copy of the model, as Rho-1's reference."""
     from qtune.config import TrainConfig
+    from qtune.logit_matrix import LogitSketch
     from qtune.methods import build_method
+    from qtune.objectives import Objective
+    from qtune.reference_policy import reference_policy
     from qtune.scorer import Scorer
     from qtune.step import train_step
 
@@ -399,17 +404,27 @@ def measure_methods(args) -> dict:
 
     def step(name):
         nonlocal reference
-        cfg = TrainConfig(model="m", data="d", out="o", method=name, r_sample=0.25, r_token=0.7)
-        method = build_method(name, cfg)
+        method_name, _, loss = name.partition("/")
+        cfg = TrainConfig(model="m", data="d", out="o", method=method_name, r_sample=0.25, r_token=0.7,
+                          loss=loss or "nll")
+        method = build_method(method_name, cfg)
         if "reference_nll" in method.needs and reference is None:
             reference = build_model(args).eval()
+        sketch = LogitSketch(cfg.uds_sketch_rows, cfg.uds_sketch_columns) if "logit_sketch" in method.needs else None
         scorer = Scorer(chunk_tokens=args.chunk_tokens, head_impl=args.head_impl,
-                        reference=reference if "reference_nll" in method.needs else None)
+                        reference=reference if "reference_nll" in method.needs else None,
+                        nuclear_norm="nuclear_norm" in method.needs, logit_sketch=sketch)
+        objective = Objective.of(cfg)
+        policy = reference_policy(objective, model, lambda: build_model(args).eval())
+        # Step 0 every time (the same decisions at each repeat), but for PSFT, which copies its old
+        # policy at the first step of each window: 1 step in loss_window pays for the copy.
+        steps = iter(range(10**9))
 
         def run():
             model.train()
-            plan, _ = train_step(model, batches, method, step=0, total_steps=10, pad_token_id=pad_token_id,
-                                 chunk_tokens=args.chunk_tokens, head_impl=args.head_impl, scorer=scorer)
+            plan, _ = train_step(model, batches, method, step=next(steps) if objective.reference == "old" else 0,
+                                 total_steps=10, pad_token_id=pad_token_id, chunk_tokens=args.chunk_tokens,
+                                 head_impl=args.head_impl, scorer=scorer, objective=objective, reference=policy)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             kept[name] = plan.record["kept_tokens"] / plan.record["response_tokens"]
@@ -554,7 +569,8 @@ def main() -> None:
     parser.add_argument("--score-layers", type=int, default=0,
                         help="score with the first N decoder layers (item 1; 0: all, as the paper)")
     parser.add_argument("--methods", default="random,qtuning,longest+perplexity,entropy+random,infobatch+all,"
-                        "random+rho1", help="methods of item 5 (full is always measured)")
+                        "random+rho1", help="methods of item 5 (full is always measured); METHOD/LOSS trains "
+                        "with that token objective (full/asft, full/psft, full/eaft)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense bf16 TFLOP/s (for the MFU)")
     parser.add_argument("--out", default="runs/step_cost", help="folder for step_cost.json and the plot")

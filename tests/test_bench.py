@@ -603,7 +603,8 @@ def test_an_invalid_option_fails_the_bench_before_any_cell_runs(tiny_bench_input
                                                         "method: anti_oracle, full, oracle, oracle_ratio, qtuning, "
                                                         "random, token_matched_random; or SAMPLE+TOKEN with SAMPLE one "
                                                         "of anti_oracle, entropy, infobatch, infobatch_exact, longest, "
-                                                        "oracle_ratio, perplexity, random, shortest and TOKEN one of all, attention, perplexity, random, rho1, "
+                                                        "oracle_ratio, perplexity, random, shortest, uds and TOKEN "
+                                                        "one of all, attention, perplexity, random, rho1, "
                                                         "token_cleaning"),
                            (["--keep-models-of", "qtuning"],
                             "--keep-models-of: qtuning is not among the methods run (full, random)"),

@@ -114,14 +114,30 @@ def test_each_config_makes_the_cells_of_the_command_it_replaced(name):
     assert now == before
 
 
-#: Configs of experiments first run as configs (no earlier command to compare with): on the
-#: testbed, those of issue 27; on user data, those of issue 26.
-NEW_CONFIGS = set()
+# Configs written for measurements not run yet (docs/bench.md says which), as the commands they stand for.
+UDS = f"{SATURATED} --jobs 2 --methods full,random,qtuning,token_matched_random,uds+all,uds+random " \
+      "--reference-model runs/grid-saturated/reference/model"
+PLANNED = {
+    "saturated-uds-b4": f"{UDS} --batch-size 4 --budgets 0.25x0.5 --out runs/grid-saturated/b4",
+    "saturated-uds-b8": f"{UDS} --batch-size 8 --budgets 0.125x0.5 --out runs/grid-saturated/b8",
+    **{f"saturated-objectives/{loss}": f"{ZOO} --methods full --loss {loss} --out runs/grid-saturated/objectives/{loss}"
+       for loss in ("dft", "asft", "psft", "eaft")},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PLANNED))
+def test_each_planned_config_makes_the_cells_of_its_command(name):
+    planned = dataclasses.asdict(parse_bench(shlex.split(PLANNED[name])))
+    now = dataclasses.asdict(parse_bench(["--config", str(ROOT / "bench" / "configs" / f"{name}.yaml")]))
+    assert now == planned
+
+
+#: A config on user data (its own model, data and eval data), which takes no preset's settings.
 USER_DATA_CONFIGS = {"bench/configs/real-smollm2-gsm8k.yaml"}
 
 
 def test_every_config_is_covered_by_the_comparison_above():
-    assert {f"bench/configs/{name}.yaml" for name in BEFORE} | NEW_CONFIGS | USER_DATA_CONFIGS == set(CONFIGS)
+    assert {f"bench/configs/{name}.yaml" for name in {**BEFORE, **PLANNED}} | USER_DATA_CONFIGS == set(CONFIGS)
 
 
 #: Flags of the preset settings, and the keys of `sft_settings` each one sets (`--batch-size` is the

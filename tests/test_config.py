@@ -36,7 +36,7 @@ def from_yaml(tmp_path, text: str, cls=TrainConfig):
     ("lr: .nan", "lr in {path} must be a finite number; got nan"),
     ("r_token: 1.5", "r_token in {path} must be in (0, 1]; got 1.5"),
     ("method: nope", "method in {path} must be a registered method: anti_oracle, full, oracle, oracle_ratio, qtuning, random, token_matched_random"
-     "; or SAMPLE+TOKEN with SAMPLE one of anti_oracle, entropy, infobatch, infobatch_exact, longest, oracle_ratio, perplexity, random, shortest and TOKEN one of all, attention, perplexity, random, rho1, token_cleaning; got 'nope'"),
+     "; or SAMPLE+TOKEN with SAMPLE one of anti_oracle, entropy, infobatch, infobatch_exact, longest, oracle_ratio, perplexity, random, shortest, uds and TOKEN one of all, attention, perplexity, random, rho1, token_cleaning; got 'nope'"),
 ])
 def test_yaml_values_of_the_wrong_type_or_range_are_one_line_errors(tmp_path, line, expected):
     path = tmp_path / "run.yaml"
@@ -83,7 +83,7 @@ TRAIN_FLAGS = [
     (["--lam", "1.5"], "--lam must be in [0, 1]; got 1.5"),
     (["--triage-start", "1"], "--triage-start must be in [0, 1); got 1.0"),
     (["--method", "nope"], "--method must be a registered method: anti_oracle, full, oracle, oracle_ratio, qtuning, random, token_matched_random"
-     "; or SAMPLE+TOKEN with SAMPLE one of anti_oracle, entropy, infobatch, infobatch_exact, longest, oracle_ratio, perplexity, random, shortest and TOKEN one of all, attention, perplexity, random, rho1, token_cleaning; got 'nope'"),
+     "; or SAMPLE+TOKEN with SAMPLE one of anti_oracle, entropy, infobatch, infobatch_exact, longest, oracle_ratio, perplexity, random, shortest, uds and TOKEN one of all, attention, perplexity, random, rho1, token_cleaning; got 'nope'"),
     (["--warmup-ratio", "1"], "--warmup-ratio must be in [0, 1); got 1.0"),
     (["--weight-decay", "-0.1"], "--weight-decay must be at least 0; got -0.1"),
     (["--max-grad-norm", "-1"], "--max-grad-norm must be at least 0; got -1.0"),

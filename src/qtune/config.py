@@ -620,6 +620,24 @@ class InfoBatchConfig(Options):
 
 
 @dataclass
+class UdsConfig(Options):
+    """Options of the `uds` sample rule (`qtune.methods.uds`); the defaults are the authors' (see
+    docs/methods.md, UDS, for uds_alpha's units)."""
+
+    uds_alpha: float = option(11.0, "uds: weight of the diversity term (mean Euclidean distance of a sample's "
+                                    "logits sketch to the memory buffer, in units of the logits' Frobenius "
+                                    "norm) against the nuclear norm; 11 is the authors' 2.5e-3 in their "
+                                    "projection's units, for a 152,064-token vocabulary and 512 positions.",
+                              bounds="[0, inf)")
+    uds_buffer: int = option(1024, "uds: sketches of earlier kept samples in the memory buffer (first in, "
+                                   "first out).", bounds="[1, inf)")
+    uds_sketch_rows: int = option(8, "uds: rows of a logits matrix's sketch (over its response positions).",
+                                  bounds="[1, inf)")
+    uds_sketch_columns: int = option(128, "uds: columns of a logits matrix's sketch (over the vocabulary).",
+                                     bounds="[1, inf)")
+
+
+@dataclass
 class PerplexityTokenConfig(Options):
     """Options of the `perplexity` token rule (`qtune.methods.token_perplexity`)."""
 
@@ -640,7 +658,7 @@ class ReferenceModelConfig(Options):
 
 
 @dataclass
-class PruningConfig(PerplexitySampleConfig, InfoBatchConfig, PerplexityTokenConfig, ReferenceModelConfig,
+class PruningConfig(PerplexitySampleConfig, InfoBatchConfig, UdsConfig, PerplexityTokenConfig, ReferenceModelConfig,
                     TokenMatchedConfig, QTuningConfig):
     """The method and how the training step applies it. TrainConfig composes every method's
     options (so that each reaches the CLI and YAML); a method reads only its own config class."""
@@ -686,10 +704,25 @@ class LossConfig(Options):
     loss: str = option("nll", "Token objective on the kept tokens: nll (cross-entropy), dft (NLL weighted by the "
                        "detached token probability, DFT), prob ((1 - p^a)/a, 'Beyond Log Likelihood'; a = "
                        "loss_alpha: 1 is -p, 10 is -p^10), top_p / bottom_p ((1 - p) on tokens with p >= or <= "
-                       "loss_threshold), top_logp / bottom_logp (-log p on those tokens).",
+                       "loss_threshold), top_logp / bottom_logp (-log p on those tokens), asft (DFT plus "
+                       "loss_kl_weight x KL from the base model's distribution, ASFT), psft (PPO's clipped ratio "
+                       "p/p_old with advantage 1, clip loss_clip, p_old the weights at the start of each window of "
+                       "loss_window steps, PSFT), eaft (NLL weighted by the normalised entropy of the top "
+                       "loss_top_k logits to the power loss_alpha, EAFT).",
                        choices=OBJECTIVES)
-    loss_alpha: float = option(1.0, "a of --loss prob.", bounds="(0, inf)")
+    loss_alpha: float = option(1.0, "a of --loss prob; the exponent of --loss eaft's entropy weight.",
+                               bounds="(0, inf)")
     loss_threshold: float = option(0.5, "q (a probability) of the thresholded objectives.", bounds="[0, 1]")
+    loss_clip: float = option(0.28, "eps of --loss psft: a token's ratio p/p_old above 1 + eps gets no gradient "
+                                    "(the authors' clip_ratio_high; the lower clip never binds with advantage 1).",
+                              bounds="(0, inf)")
+    loss_window: int = option(8, "--loss psft: optimizer steps per old policy (its weights are copied at the start "
+                                 "of each window; the authors' 256-prompt batches in 32-prompt mini-batches).",
+                              bounds="[1, inf)")
+    loss_kl_weight: float = option(0.1, "lambda of --loss asft: weight of KL(base || model) per token.",
+                                   bounds="[0, inf)")
+    loss_top_k: int = option(20, "K of --loss eaft: the entropy is that of the softmax over the K largest logits.",
+                             bounds="[2, inf)")
 
 
 @dataclass
@@ -752,7 +785,7 @@ def _names(registry_names, what: str, extra: tuple[str, ...] = ()):
 
 
 @dataclass
-class AuditConfig(SelectorOptions, LessConfig, PerplexitySampleConfig, InfoBatchConfig,
+class AuditConfig(SelectorOptions, LessConfig, PerplexitySampleConfig, InfoBatchConfig, UdsConfig,
                   PerplexityTokenConfig, ReferenceModelConfig, QTuningConfig, ComputeConfig, DataConfig,
                   ModelConfig):
     """Options of `qtune audit` (`qtune.audit.run.run_audit`): plant labelled defects into a sample of the

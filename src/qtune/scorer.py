@@ -19,7 +19,9 @@ A `reference` model (Rho-1's, `--reference-model`) adds its token NLL to the sco
 Token Cleaning needs it only in its one pass over the training set before training
 (`build_scorer(training_set_pass=True)`), then no more.
 `attention=True` adds the attention each position receives in the last layer that runs
-(`BatchScores.attention`, `qtune.attention`), from the same pass.
+(`BatchScores.attention`, `qtune.attention`), from the same pass; `nuclear_norm=True` and
+`logit_sketch` add each sample's logits matrix summarised (`BatchScores.nuclear_norm`,
+`logit_sketch`, `qtune.logit_matrix`: UDS's scores), from the same pass too.
 
 A reused sample keeps its token scores as well as its sample scores, so token pruning sees what
 it saw then. Each process keeps its own cache: under several processes a sample's scores are
@@ -34,8 +36,9 @@ import torch
 
 from .attention import attention_probabilities, capture_last_layer, received_attention
 from .errors import QTuneError
+from .logit_matrix import LogitSketch, LogitSummaries
 from .models import check_vocabulary, decoder_layers, load_model
-from .scoring import BatchScores, score_batch
+from .scoring import TOKEN_FIELDS, BatchScores, score_batch
 
 
 @contextlib.contextmanager
@@ -67,11 +70,13 @@ class Scorer:
     all). rescore_drift: reuse a visit's scores while the weights have moved less than this (0: never);
     needs a `DriftMeter` to report each optimizer step through `moved`. reference: a frozen model
     whose token NLL is added as `reference_nll` (None: not computed). attention: add the last
-    layer's received attention as `attention`.
+    layer's received attention as `attention`. nuclear_norm, logit_sketch: add each sample's
+    logits matrix's nuclear norm and its sketch of that shape (None: not computed).
     """
 
     def __init__(self, *, chunk_tokens: int | None = None, head_impl: str = "auto", layers: int = 0,
-                 rescore_drift: float = 0.0, reference=None, attention: bool = False):
+                 rescore_drift: float = 0.0, reference=None, attention: bool = False, nuclear_norm: bool = False,
+                 logit_sketch: LogitSketch | None = None):
         if layers < 0 or rescore_drift < 0:
             raise ValueError("layers and rescore_drift must be >= 0")
         self.chunk_tokens = chunk_tokens
@@ -80,6 +85,11 @@ class Scorer:
         self.rescore_drift = rescore_drift
         self.reference = reference
         self.attention = attention
+        self.nuclear_norm = nuclear_norm
+        self.logit_sketch = logit_sketch
+        # Kept across passes: the head's factors are recomputed only when its weights change.
+        self.summaries = (LogitSummaries(nuclear_norm, logit_sketch) if nuclear_norm or logit_sketch is not None
+                          else None)
         self.path = 0.0       # summed update norms so far
         self.weight_norm = 0.0  # nothing is fresh before the first measured step
         # sample id -> (path when scored, its row's tensors up to its last attended position)
@@ -104,52 +114,54 @@ class Scorer:
         scoring.eval()
         try:
             with first_layers(scoring, self.layers):
-                return [self._score(scoring, b, entropy_over) for b in batches]
+                return [self._score(scoring, b, entropy_over, self.summaries) for b in batches]
         finally:
             scoring.train(was_training)
 
-    def _score_rows(self, model, batch: dict, entropy_over: str) -> BatchScores:
-        def score(scoring):
+    def _score_rows(self, model, batch: dict, entropy_over: str, summaries: LogitSummaries | None) -> BatchScores:
+        def score(scoring, summaries=None):
             return score_batch(scoring, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                               entropy_over=entropy_over, chunk_tokens=self.chunk_tokens, head_impl=self.head_impl)
+                               entropy_over=entropy_over, chunk_tokens=self.chunk_tokens, head_impl=self.head_impl,
+                               summaries=summaries)
 
         if self.attention:
             with capture_last_layer(model) as captured:
-                scores = score(model)
+                scores = score(model, summaries)
             probs = attention_probabilities(captured, batch["attention_mask"])
             scores.attention = received_attention(probs, batch["attention_mask"])
         else:
-            scores = score(model)
+            scores = score(model, summaries)
         if self.reference is not None:
             scores.reference_nll = score(self.reference.eval()).nll
         return scores
 
-    def _score(self, model, batch: dict, entropy_over: str) -> BatchScores:
+    def _score(self, model, batch: dict, entropy_over: str, summaries: LogitSummaries | None) -> BatchScores:
         if not self.rescore_drift:
-            scores = self._score_rows(model, batch, entropy_over)
+            scores = self._score_rows(model, batch, entropy_over, summaries)
             self.scored += len(scores.ppl)
             return scores
         ids = batch["sample_id"].tolist()
         stale = [i for i, sid in enumerate(ids) if not self._fresh(sid)]
         width = batch["input_ids"].shape[1]
-        optional = {"reference_nll": self.reference is not None, "attention": self.attention}
+        optional = {"reference_nll": self.reference is not None, "attention": self.attention,
+                    "nuclear_norm": self.nuclear_norm, "logit_sketch": self.logit_sketch is not None}
         fields = [k for k in BatchScores.__dataclass_fields__ if optional.get(k, True)]
         out = {k: [None] * len(ids) for k in fields}
         if stale:
             rows = torch.tensor(stale, device=batch["input_ids"].device)
-            new = self._score_rows(model, _rows(batch, rows), entropy_over)
+            new = self._score_rows(model, _rows(batch, rows), entropy_over, summaries)
             # Each row up to its last attended position (0 for an empty row), read in one transfer.
             mask = batch["attention_mask"][rows].bool()
             ends = (mask * torch.arange(1, width + 1, device=mask.device)).max(dim=1).values.tolist()
             for j, i in enumerate(stale):
                 row = {k: getattr(new, k)[j] for k in fields}
-                row = {k: v[:ends[j]].clone() if v.dim() else v.clone() for k, v in row.items()}
+                row = {k: v[:ends[j]].clone() if k in TOKEN_FIELDS else v.clone() for k, v in row.items()}
                 self._cache[ids[i]] = (self.path, row)
         self.scored += len(stale)
         self.reused += len(ids) - len(stale)
         for i, sid in enumerate(ids):
             for key, value in self._cache[sid][1].items():
-                if value.dim():  # token tensors: padded back to this micro-batch's width with zeros
+                if key in TOKEN_FIELDS:  # padded back to this micro-batch's width with zeros
                     value = torch.nn.functional.pad(value, (0, width - value.numel()))
                 out[key][i] = value
         return BatchScores(**{k: torch.stack(v) for k, v in out.items()})
@@ -185,9 +197,11 @@ def build_scorer(cfg, tokenizer, device, *, needs=frozenset(), dtype: str = "aut
                  training_set_pass: bool = False) -> Scorer:
     """The `Scorer` of a config with `qtune.config.ScorerConfig` and `ComputeConfig` fields, for a
     method that `needs` these scores; when "reference_nll" is needed, loads `cfg.reference_model`
-    (frozen, on `device`) and checks that `tokenizer` fits it. `training_set_pass`: the Scorer of
-    a method's one-time pass over the training set (`Method.pass_needs`), which scores the initial
-    weights once: every layer, every sample afresh, whatever `score_layers` and `rescore_drift` say."""
+    (frozen, on `device`) and checks that `tokenizer` fits it; when "logit_sketch" is needed, the
+    sketch is `cfg.uds_sketch_rows` x `cfg.uds_sketch_columns`, hashed from `cfg.seed`.
+    `training_set_pass`: the Scorer of a method's one-time pass over the training set
+    (`Method.pass_needs`), which scores the initial weights once: every layer, every sample afresh,
+    whatever `score_layers` and `rescore_drift` say."""
     reference = None
     if "reference_nll" in needs:
         if not getattr(cfg, "reference_model", None):
@@ -197,5 +211,8 @@ def build_scorer(cfg, tokenizer, device, *, needs=frozenset(), dtype: str = "aut
                                trust_remote_code=trust_remote_code).requires_grad_(False)
         check_vocabulary(reference, tokenizer, cfg.reference_model)
     cheaper = {} if training_set_pass else {"layers": cfg.score_layers, "rescore_drift": cfg.rescore_drift}
+    sketch = (LogitSketch(cfg.uds_sketch_rows, cfg.uds_sketch_columns, cfg.seed) if "logit_sketch" in needs
+              else None)
     return Scorer(chunk_tokens=cfg.chunk_tokens, head_impl=cfg.head_impl, reference=reference,
-                  attention="attention" in needs, **cheaper)
+                  attention="attention" in needs, nuclear_norm="nuclear_norm" in needs, logit_sketch=sketch,
+                  **cheaper)

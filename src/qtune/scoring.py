@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .data import IGNORE_INDEX, collate, length_bucketed_batches
 from .head import accepts_logits_to_keep, full_parameters, head_forward, resolve_head_impl, working_block
+from .logit_matrix import LogitSummaries
 
 #: Rows of existing logits (the logits path) converted to float32 at a time when `chunk_tokens` is
 #: None: the logits themselves are the larger tensor there.
@@ -42,6 +43,17 @@ class BatchScores:
     # float32 [B, L]: the attention each position receives in the last decoder layer (only when
     # the method needs "attention": `qtune.attention`).
     attention: torch.Tensor | None = None
+    # float32 [B]: the nuclear norm of each sample's logits matrix over its response-predicting
+    # positions (only when the method needs "nuclear_norm": `qtune.logit_matrix`).
+    nuclear_norm: torch.Tensor | None = None
+    # float32 [B, r1 x r2]: each sample's sketch of that matrix (only when the method needs
+    # "logit_sketch": `qtune.logit_matrix.LogitSketch`).
+    logit_sketch: torch.Tensor | None = None
+
+
+#: The `BatchScores` fields with one value per position ([B, L]); the others hold one value (or one
+#: vector) per sample.
+TOKEN_FIELDS = frozenset({"nll", "entropy", "response_mask", "reference_nll", "attention"})
 
 
 class _SoftmaxStatistics:
@@ -229,6 +241,7 @@ def score_batch(
     entropy_over: str = "response",
     chunk_tokens: int | None = None,
     head_impl: str = "auto",
+    summaries: LogitSummaries | None = None,
 ) -> BatchScores:
     """Score a batch with a gradient-free forward pass of `model` (its current weights).
 
@@ -237,14 +250,19 @@ def score_batch(
     `head_impl` (see `qtune.head`): "auto" and "chunked" project the body's hidden states a
     working block at a time (`qtune.head.working_block`: `chunk_tokens` None sizes it to the
     batch's hidden states, memory independent of the vocabulary; a number fixes the rows); "logits"
-    asks the model for the logits of the predicting positions.
+    asks the model for the logits of the predicting positions. `summaries`: also each sample's
+    logits matrix summarised (`BatchScores.nuclear_norm`, `logit_sketch`), from the same forward.
     """
     if entropy_over not in ("response", "attended"):
         raise ValueError(f"entropy_over must be 'response' or 'attended', not {entropy_over!r}")
     attended = attention_mask.bool() if entropy_over == "attended" else None
     impl = resolve_head_impl(model, head_impl, scoring=True)
+    summary = (None, None)
     if impl == "logits" and not accepts_logits_to_keep(model):
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        if summaries is not None:
+            rows, cols = response_positions(labels).nonzero(as_tuple=True)
+            summary = summaries.of_logits(logits[rows, cols - 1], rows, labels.shape[0])
         nll, entropy, response_mask = token_statistics(logits, labels, entropy_mask=attended,
                                                        chunk_tokens=chunk_tokens)
         del logits
@@ -256,18 +274,27 @@ def score_batch(
         predicting[:, :-1] = wanted[:, 1:]
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         gold = labels[wanted].clamp_min(0)
+        # The projected positions that predict a response token, and the sample of each.
+        responding, rows = response_mask[wanted], wanted.nonzero()[:, 0]
         split = head_forward(model, inputs, predicting) if impl == "chunked" else None
         if split is not None:
             _, hidden, head = split
+            if summaries is not None:
+                with full_parameters(head) as (weight, bias):  # a sharded head, gathered
+                    summary = summaries.of_hidden(hidden[responding], weight, bias, rows[responding],
+                                                  labels.shape[0])
             values = chunked_token_statistics(hidden, head, gold, chunk_tokens=chunk_tokens)
         else:
             logits = model(**inputs, logits_to_keep=predicting).logits
-            values = gold_nll_and_entropy(logits.reshape(-1, logits.shape[-1]), gold,
-                                          chunk_tokens=chunk_tokens, overwrite=True)
+            logits = logits.reshape(-1, logits.shape[-1])
+            if summaries is not None:
+                summary = summaries.of_logits(logits[responding], rows[responding], labels.shape[0])
+            values = gold_nll_and_entropy(logits, gold, chunk_tokens=chunk_tokens, overwrite=True)
             del logits
         nll, entropy = _scatter(*values, wanted, response_mask, entropy_mask)
     ppl, ent, n_response = sample_scores(nll, entropy, response_mask, attended)
-    return BatchScores(nll, entropy, response_mask, ppl, ent, n_response)
+    return BatchScores(nll, entropy, response_mask, ppl, ent, n_response, nuclear_norm=summary[0],
+                       logit_sketch=summary[1])
 
 
 @dataclass

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import types
 from dataclasses import dataclass
 
 import torch
@@ -35,13 +36,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .data import IGNORE_INDEX
-from .methods import Decision, Method, Selection, response_mask_of
-from .objectives import Objective
+from .errors import QTuneError
 from .head import accepts_logits_to_keep, head_forward, linear_cross_entropy, resolve_head_impl
+from .loss_terms import chunked_entropy_weights, linear_kl_divergence
+from .methods import Decision, Method, Selection, response_mask_of
 from .models import base_model
+from .objectives import GOLD_OBJECTIVES, Objective, entropy_weights, proximal_value_and_weight
 from .phases import PhaseClock
+from .reference_policy import ReferencePolicy
 from .scorer import Scorer
-from .scoring import BatchScores
+from .scoring import BatchScores, chunked_token_statistics
 
 TRIAGE_SCOPES = ("global", "local")
 
@@ -336,12 +340,13 @@ def plan_step(batches: list[dict], scores: list[BatchScores] | None, method: Met
 
 def micro_batch_loss(model, micro_batch: dict, loss_tokens, world_size: int = 1, *, unwrapped=None,
                      return_outputs: bool = False, head_impl: str = "auto", chunk_tokens: int | None = None,
-                     objective: Objective | None = None):
+                     objective: Objective | None = None, reference: ReferencePolicy | None = None):
     """This process's share of the step's loss on one packed micro-batch: sum of (weighted) token
     cross-entropies / the step's kept tokens over every process, times the world size (see the
     module's rules). `unwrapped`: the model inside a DDP/FSDP wrapper, to see which arguments it
     takes. `objective`: a token objective in place of cross-entropy (`qtune.objectives`; None or
-    "nll": cross-entropy).
+    "nll": cross-entropy). `reference`: the policy the objective compares with, if it does (ASFT's
+    base model, PSFT's old policy: `qtune.reference_policy`), run without gradient on the same rows.
 
     Only positions that predict a kept label reach the output projection (prompt, padding and
     pruned tokens cost none). `head_impl` (see `qtune.head`): "chunked" computes the loss and
@@ -364,31 +369,109 @@ def micro_batch_loss(model, micro_batch: dict, loss_tokens, world_size: int = 1,
     target = unwrapped if unwrapped is not None else model
     if objective is not None and objective.is_nll:
         objective = None
+    if objective is not None and objective.reference is not None and reference is None:
+        raise QTuneError(f"--loss {objective.name} compares the model with another policy: give micro_batch_loss "
+                         "its reference= (qtune.reference_policy.reference_policy)")
     impl = resolve_head_impl(target, head_impl, weighted=weights is not None or objective is not None)
-    split = None
+    split = predicting = None
     if accepts_logits_to_keep(target):
         predicting = torch.zeros_like(labels, dtype=torch.bool)
         predicting[:, :-1] = targets_mask
         split = head_forward(model, inputs, predicting) if impl != "logits" else None
-        if split is not None:
-            outputs, hidden, head = split
-            loss = linear_cross_entropy(hidden, head, targets, weights, chunk_tokens=chunk_tokens, impl=impl,
-                                        objective=objective)
-        else:
+        if split is None:
             outputs = model(**inputs, logits_to_keep=predicting)
             logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])
     else:
         outputs = model(**inputs)
         logits = outputs.logits[:, :-1][targets_mask]
-    if split is None and objective is None and weights is None:
-        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
-    elif split is None:
-        token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
-        if objective is not None:
-            token_loss = objective(-token_loss)
-        loss = token_loss.sum() if weights is None else (token_loss * weights).sum()
+    other = None
+    if objective is not None and objective.reference is not None:
+        other = _reference_forward(reference, target, inputs, predicting, targets_mask, split is not None)
+    if split is not None:
+        outputs, hidden, head = split
+        loss = chunked_objective_loss(hidden, head, targets, weights, objective, other, impl, chunk_tokens)
+    else:
+        loss = logits_objective_loss(logits, targets, weights, objective, other)
     loss = loss / loss_tokens * world_size
     return (loss, outputs) if return_outputs else loss
+
+
+def _reference_forward(reference: ReferencePolicy, target, inputs: dict, predicting, targets_mask, split: bool):
+    """The reference policy on the micro-batch, without gradient: (hidden states, head) at the
+    predicting positions when the trained model's head is split off, else its logits there. The
+    head's weight and bias are taken inside the policy's context (detached views: PSFT's old policy
+    swaps its weights back when the context ends)."""
+    with torch.no_grad(), reference.applied(target) as policy:
+        if split:
+            found = head_forward(policy, inputs, predicting)
+            if found is None:
+                raise QTuneError("the reference policy transforms its logits after its head, the trained model does "
+                                 "not: they must be the same architecture")
+            _, hidden, head = found
+            bias = None if head.bias is None else head.bias.detach()
+            return hidden, types.SimpleNamespace(weight=head.weight.detach(), bias=bias)
+        if predicting is not None:
+            logits = policy(**inputs, logits_to_keep=predicting).logits
+            return logits.reshape(-1, logits.shape[-1])
+        return policy(**inputs).logits[:, :-1][targets_mask]
+
+
+def _times(weights: torch.Tensor | None, factor: torch.Tensor) -> torch.Tensor:
+    return factor if weights is None else weights * factor
+
+
+def chunked_objective_loss(hidden, head, targets, weights, objective: Objective | None, other, impl: str = "chunked",
+                           chunk_tokens: int | None = None) -> torch.Tensor:
+    """The summed loss of `objective` (None: NLL) over positions with hidden states [n, d] at the head's
+    input and gold tokens `targets` [n], each weighted by `weights` (None: 1), computed a chunk of
+    positions at a time (`qtune.head`, `qtune.loss_terms`). `other`: the reference policy's (hidden
+    states, head) at the same positions, for an objective that compares with one."""
+    if objective is None or objective.name in GOLD_OBJECTIVES:
+        return linear_cross_entropy(hidden, head, targets, weights, chunk_tokens=chunk_tokens, impl=impl,
+                                    objective=objective)
+    if objective.name == "eaft":
+        entropy = chunked_entropy_weights(hidden, head, top_k=objective.top_k, alpha=objective.alpha,
+                                          chunk_tokens=chunk_tokens)
+        return linear_cross_entropy(hidden, head, targets, _times(weights, entropy), chunk_tokens=chunk_tokens)
+    ref_hidden, ref_head = other
+    if objective.name == "psft":
+        logp = -chunked_token_statistics(hidden.detach(), head, targets, chunk_tokens=chunk_tokens)[0]
+        logp_old = -chunked_token_statistics(ref_hidden, ref_head, targets, chunk_tokens=chunk_tokens)[0]
+        value, slope = proximal_value_and_weight(logp, logp_old, objective.clip)
+        surrogate = linear_cross_entropy(hidden, head, targets, _times(weights, slope), chunk_tokens=chunk_tokens)
+        return _with_value(surrogate, _times(weights, value).sum())
+    anchor = linear_kl_divergence(hidden, head, ref_hidden, ref_head, weights, chunk_tokens=chunk_tokens)
+    return (linear_cross_entropy(hidden, head, targets, weights, chunk_tokens=chunk_tokens, objective=objective.gold)
+            + objective.kl_weight * anchor)
+
+
+def logits_objective_loss(logits, targets, weights, objective: Objective | None, other) -> torch.Tensor:
+    """The same as `chunked_objective_loss` from the logits [n, V] of the positions (a head that cannot
+    be split off); `other`: the reference policy's logits there."""
+    if objective is None and weights is None:
+        return F.cross_entropy(logits.float(), targets, reduction="sum")
+    token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
+    if objective is None:
+        pass
+    elif objective.name in GOLD_OBJECTIVES:
+        token_loss = objective(-token_loss)
+    elif objective.name == "eaft":
+        token_loss = token_loss * entropy_weights(logits, objective.top_k, objective.alpha)
+    elif objective.name == "psft":
+        logp_old = -F.cross_entropy(other.float(), targets, reduction="none")
+        value, slope = proximal_value_and_weight(-token_loss, logp_old, objective.clip)
+        token_loss = _with_value(token_loss * slope, value)
+    else:
+        anchor = F.kl_div(torch.log_softmax(logits.float(), dim=-1), torch.softmax(other.float(), dim=-1),
+                          reduction="none").sum(dim=-1)
+        token_loss = objective.gold(-token_loss) + objective.kl_weight * anchor
+    return token_loss.sum() if weights is None else (token_loss * weights).sum()
+
+
+def _with_value(surrogate: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`value` (detached) with the gradient of `surrogate`: PSFT's loss is -min(r, 1 + eps), its
+    gradient that of cross-entropy weighted by r where the ratio is not clipped."""
+    return surrogate - surrogate.detach() + value
 
 
 def concatenates_kept_rows(model, kept_row_layout: str) -> bool:
@@ -414,7 +497,8 @@ def reduce_sum(value: torch.Tensor) -> torch.Tensor:
 def train_step(model, batches: list[dict], method: Method, step: int, total_steps: int, *, pad_token_id: int,
                triage_scope: str = "global", chunk_tokens: int | None = None, head_impl: str = "auto",
                clock: PhaseClock | None = None, kept_row_layout: str = "auto",
-               scorer: Scorer | None = None, objective: Objective | None = None) -> tuple[StepPlan, float]:
+               scorer: Scorer | None = None, objective: Objective | None = None,
+               reference: ReferencePolicy | None = None) -> tuple[StepPlan, float]:
     """Score, decide, and run forward and backward over this process's kept rows; returns the plan
     and the step's loss (mean over every kept token of every process). The caller then clips,
     steps the optimizer and zeroes the gradients. `model` may be wrapped in DDP: gradients are
@@ -422,10 +506,13 @@ def train_step(model, batches: list[dict], method: Method, step: int, total_step
     `clock` receives the phases' seconds (`qtune.phases`): score, select, pack, forward, backward.
     `kept_row_layout`: see `concatenates_kept_rows`. `scorer`: where the scores come from
     (default: the model itself, every layer, every visit). `objective`: the token objective
-    (`qtune.objectives`; default cross-entropy)."""
+    (`qtune.objectives`; default cross-entropy); `reference`: the policy it compares with, if it
+    does (`qtune.reference_policy`)."""
     clock = clock or PhaseClock()
     scorer = scorer or Scorer(chunk_tokens=chunk_tokens, head_impl=head_impl)
     unwrapped = getattr(model, "module", model)  # the no-grad pass needs no DDP wrapper
+    if reference is not None:
+        reference.begin_step(unwrapped, step)
     scores = None
     if method.needs_scores_at(step, total_steps):
         with clock.phase("score"):
@@ -439,7 +526,7 @@ def train_step(model, batches: list[dict], method: Method, step: int, total_step
             with clock.phase("forward"):
                 loss = micro_batch_loss(model, micro_batch, plan.loss_tokens, plan.world_size,
                                         unwrapped=unwrapped, head_impl=head_impl, chunk_tokens=chunk_tokens,
-                                        objective=objective)
+                                        objective=objective, reference=reference)
             with clock.phase("backward"):
                 loss.backward()
         total += loss.detach()

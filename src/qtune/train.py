@@ -51,6 +51,7 @@ from .methods import Method, TokenMasks, build_method
 from .objectives import Objective
 from .models import check_vocabulary, load_model, load_tokenizer, machine_stamp, resolve_device, resolve_dtype
 from .phases import PhaseClock
+from .reference_policy import ReferencePolicy, reference_policy
 from .samples import load_samples
 from .scorer import DriftMeter, Scorer, build_scorer
 from .step import (concatenates_kept_rows, gather, launched_processes, loss_token_count, micro_batch_loss, pack_kept,
@@ -158,7 +159,8 @@ class QTuneTrainer(StagedCheckpoints, Trainer):
     def __init__(self, *args, method: Method, pad_token_id: int, triage_scope: str = "global",
                  chunk_tokens: int | None = None, head_impl: str = "auto", kept_row_layout: str = "auto",
                  scorer: Scorer | None = None, pass_scorer: Callable[[torch.device], Scorer] | None = None,
-                 objective: Objective | None = None, step_log: str | Path | None = None, nonfinite: str = "stop",
+                 objective: Objective | None = None, reference: ReferencePolicy | None = None,
+                 step_log: str | Path | None = None, nonfinite: str = "stop",
                  keep_checkpoints: int | None = None, log_token_masks: bool = False, progress: bool = True,
                  **kwargs):
         super().__init__(*args, **kwargs)
@@ -176,6 +178,7 @@ class QTuneTrainer(StagedCheckpoints, Trainer):
         self.kept_row_layout = kept_row_layout
         self.scorer = scorer or Scorer(chunk_tokens=chunk_tokens, head_impl=head_impl)
         self.objective = objective
+        self.reference = reference  # the policy the objective compares with (qtune.reference_policy)
         self.step_log = Path(step_log) if step_log else Path(self.args.output_dir) / STEP_LOG
         self.nonfinite = nonfinite
         self.keep_checkpoints = keep_checkpoints
@@ -214,6 +217,8 @@ class QTuneTrainer(StagedCheckpoints, Trainer):
         scores = None
         reused = self.scorer.reused
         self.clock = PhaseClock(batches[0]["input_ids"].device)
+        if self.reference is not None:
+            self.reference.begin_step(self.model, step)
         if self.method.needs_scores_at(step, self.state.max_steps):
             with self.clock.phase("score"):
                 scores = self.scorer(self.model, batches, self.method.entropy_over)
@@ -370,7 +375,8 @@ class QTuneTrainer(StagedCheckpoints, Trainer):
         with self.clock.phase("forward") if model.training else contextlib.nullcontext():
             return micro_batch_loss(model, inputs, num_items_in_batch, world()[1],
                                     unwrapped=self.accelerator.unwrap_model(model), return_outputs=return_outputs,
-                                    head_impl=self.head_impl, chunk_tokens=self.chunk_tokens, objective=self.objective)
+                                    head_impl=self.head_impl, chunk_tokens=self.chunk_tokens, objective=self.objective,
+                                    reference=self.reference)
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         """Add the pruning statistics since the last log to the Trainer's logs (tensorboard, ...)."""
@@ -681,6 +687,11 @@ def _train(cfg: TrainConfig, out: Path, args: TrainingArguments, resume_from: Pa
     check_vocabulary(model, tokenizer, cfg.model)
     if cfg.lora_r > 0:
         model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target=cfg.lora_target)
+    objective = Objective.of(cfg)
+    # ASFT without adapters to disable anchors to a frozen copy of the starting weights, loaded as
+    # Rho-1's reference model is (qtune.scorer.build_scorer).
+    reference = reference_policy(objective, model, lambda: load_model(
+        cfg.model, dtype=cfg.dtype, device=str(args.device), trust_remote_code=cfg.trust_remote_code))
 
     trainer = QTuneTrainer(
         model=model,
@@ -699,7 +710,8 @@ def _train(cfg: TrainConfig, out: Path, args: TrainingArguments, resume_from: Pa
                             trust_remote_code=cfg.trust_remote_code),
         pass_scorer=lambda device: build_scorer(cfg, tokenizer, device, needs=method.pass_needs, dtype=cfg.dtype,
                                                 trust_remote_code=cfg.trust_remote_code, training_set_pass=True),
-        objective=Objective(cfg.loss, alpha=cfg.loss_alpha, threshold=cfg.loss_threshold),
+        objective=objective,
+        reference=reference,
         step_log=step_log,
         nonfinite=cfg.nonfinite,
         keep_checkpoints=cfg.save_total_limit,

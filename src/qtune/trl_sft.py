@@ -40,8 +40,10 @@ from .config import ComputeConfig, LossConfig, ParallelConfig, PruningConfig, Sc
 from .data import require_pad_token
 from .errors import QTuneError
 from .methods import build_method
+from .models import load_model
 from .objectives import Objective
 from .pretrained import resolve_model_path
+from .reference_policy import reference_policy
 from .scorer import build_scorer
 from .train import QTuneTrainer
 
@@ -175,13 +177,24 @@ class QTuneSFTTrainer(QTuneTrainer, trl.SFTTrainer):
         self.pad_token_id = getattr(self.data_collator, "pad_token_id", None)
         if self.pad_token_id is None:
             self.pad_token_id = require_pad_token(getattr(self.processing_class, "tokenizer", self.processing_class))
-        self.objective = Objective(args.loss, alpha=args.loss_alpha, threshold=args.loss_threshold)
+        self.objective = Objective.of(args)
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         dtype = "bfloat16" if args.bf16 else "float32"
+        self.reference = reference_policy(self.objective, self.model, lambda: self._starting_weights(dtype))
         self.scorer = build_scorer(args, tokenizer, self.args.device, needs=method.needs, dtype=dtype)
         self.pass_scorer = lambda device: build_scorer(args, tokenizer, device, needs=method.pass_needs, dtype=dtype,
                                                        training_set_pass=True)
         self.data_collator = _CollateWithIds(self.data_collator)
+
+    def _starting_weights(self, dtype: str):
+        """A frozen copy of the model's starting weights (loss="asft" without a PEFT adapter), loaded again
+        from the path it was loaded from."""
+        path = getattr(self.model.config, "name_or_path", "")
+        if not path:
+            raise QTuneError("loss='asft' on a fully fine-tuned model anchors to its starting weights, loaded again "
+                             "from the model's name_or_path, which this model lacks: load it by path, or train a "
+                             "PEFT adapter (peft_config=...)")
+        return load_model(path, dtype=dtype, device=str(self.args.device))
 
     def _set_signature_columns_if_needed(self):
         # `remove_unused_columns` keeps only these columns of the prepared dataset.

@@ -160,6 +160,8 @@ def _audit(cfg: AuditConfig, out: Path, rules: list[str], tokens: list[str], sel
     needs = set()
     for name in tokens[1:]:
         needs |= TOKEN_RULES[name].needs | TOKEN_RULES[name].pass_needs
+    for name in rules:  # the sample rules' own scores besides NLL and entropy (uds: the logits matrix's)
+        needs |= SAMPLE_RULES[name].needs
     scorer = build_scorer(cfg, tokenizer, model.device, needs=frozenset(needs), dtype=cfg.dtype,
                           trust_remote_code=cfg.trust_remote_code, training_set_pass=True)
     log(f"scoring {len(samples)} samples with {cfg.model} on {model.device}, in batches of {cfg.batch_size}")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..config import (ComputeConfig, ContaminationConfig, InfoBatchConfig, LossConfig, OptimConfig,
                       PerplexitySampleConfig, PerplexityTokenConfig, QTuningAblationConfig, ReferenceModelConfig,
-                      ScorerConfig, TokenPruningConfig, check_device, option)
+                      ScorerConfig, TokenPruningConfig, UdsConfig, check_device, option)
 from ..errors import QTuneError
 
 DEFAULT_BUDGETS = "0.125x0.5,0.125x0.7,0.25x0.5,0.25x0.7,0.5x0.5,0.5x0.7"
@@ -28,7 +28,7 @@ DEFAULT_TESTBED = "saturated"
 
 @dataclass
 class BenchConfig(ContaminationConfig, ScorerConfig, ComputeConfig, LossConfig, OptimConfig, QTuningAblationConfig,
-                  TokenPruningConfig, PerplexitySampleConfig, InfoBatchConfig, PerplexityTokenConfig,
+                  TokenPruningConfig, PerplexitySampleConfig, InfoBatchConfig, UdsConfig, PerplexityTokenConfig,
                   ReferenceModelConfig):
     """Options of `qtune bench`. Training and evaluation options, and the options of the sample and
     token rules (`qtune methods`), are passed to every cell. On user data (--data or --eval-data

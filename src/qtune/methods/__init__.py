@@ -6,7 +6,7 @@ rules, one file per rule family, that `build_method` combines by name, "SAMPLE+T
 (`rules.py`: `longest+perplexity`, `entropy+random`, `infobatch+all`)."""
 
 from . import (  # noqa: F401 (register rules)
-    entropy, infobatch, length, perplexity, random_rules, rho1, token_attention, token_cleaning, token_perplexity)
+    entropy, infobatch, length, perplexity, random_rules, rho1, token_attention, token_cleaning, token_perplexity, uds)
 from .base import (
     METHODS,
     SCORES,

@@ -43,9 +43,10 @@ from ..errors import QTuneError
 from ..scoring import BatchScores, DatasetScores, response_positions
 
 #: The scores a method may ask the step for (`Method.needs`): the current model's token NLL and
-#: entropy, a reference model's token NLL (`--reference-model`), and the attention each position
-#: receives in the last layer (`qtune.attention`).
-SCORES = frozenset({"nll", "entropy", "reference_nll", "attention"})
+#: entropy, a reference model's token NLL (`--reference-model`), the attention each position
+#: receives in the last layer (`qtune.attention`), and each sample's logits matrix summarised: its
+#: nuclear norm and its sketch (`qtune.logit_matrix`).
+SCORES = frozenset({"nll", "entropy", "reference_nll", "attention", "nuclear_norm", "logit_sketch"})
 
 
 @dataclass

@@ -19,7 +19,9 @@ every sample's mask from all of them (`fix_masks`); the steps apply the stored m
 
 Random draws come from one generator per step, seeded by (seed, step) (`step_generator`): the
 sample rule draws first, then the token rule, micro-batch by micro-batch, so `random+random`
-decides exactly as the `random` method. No rule keeps state across steps.
+decides exactly as the `random` method. A sample rule may keep state across steps (`new_state`,
+e.g. UDS's memory buffer): the composed method holds it, hands it to `choose` as `view.state`,
+and saves it with the checkpoints (`state_dict`); token rules keep none.
 
 Each rule file registers its rules with `register_sample_rule` / `register_token_rule` and names
 its options' dataclass (`config_class`, in `qtune.config`); a composed method's options are those
@@ -49,7 +51,9 @@ class StepView:
     scoring pass ran; step: the optimizer step (0-based); total_steps: the run's optimizer steps,
     None when unknown (the method was not told; see `ComposedMethod.needs_scores_at`);
     generator: the step's draws (shared with the token rule, which draws after); bound: for a rule
-    with `needs_metadata`, what its `bind` made of the training records' metadata (None otherwise).
+    with `needs_metadata`, what its `bind` made of the training records' metadata (None otherwise);
+    state: the rule's state across steps (`SampleRule.new_state`; None for a rule without any),
+    which `choose` may update.
     """
 
     batches: list[dict]
@@ -58,6 +62,7 @@ class StepView:
     total_steps: int | None
     generator: torch.Generator
     bound: object = None  # what a rule that reads the records' metadata made of it (`SampleRule.bind`)
+    state: object = None
 
     @property
     def n(self) -> int:
@@ -68,8 +73,9 @@ class StepView:
         return torch.cat([response_mask_of(b).sum(1).cpu() for b in self.batches])
 
     def sample_scores(self, name: str) -> torch.Tensor:
-        """float [N] on the CPU: the per-sample score `name` ("ppl", "ent") of every sample, or the
-        mean token NLL ("loss", = log ppl, taken from the token NLLs)."""
+        """float [N] (or [N, k] for a vector per sample) on the CPU: the per-sample score `name`
+        ("ppl", "ent", "nuclear_norm", "logit_sketch") of every sample, or the mean token NLL
+        ("loss", = log ppl, taken from the token NLLs)."""
         if self.scores is None:
             raise QTuneError("this sample rule needs the scoring pass, which did not run at this step")
         if name == "loss":
@@ -111,7 +117,23 @@ class SampleRule:
     def needs_scores_at(self, cfg, step: int, total_steps: int) -> bool:
         return bool(self.needs)
 
+    def new_state(self, cfg) -> RuleState | None:
+        """The state the rule keeps across steps, fresh (None: it keeps none)."""
+        return None
+
     def choose(self, cfg, view: StepView) -> SampleChoice:
+        raise NotImplementedError
+
+
+class RuleState:
+    """A sample rule's state across steps: JSON-serialisable through `state_dict`, restored by
+    `load_state_dict` on --resume. Under global triage every process updates it from the same
+    gathered batch, so it is the same on every process."""
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
         raise NotImplementedError
 
 
@@ -210,6 +232,8 @@ class ComposedMethod(Method):
         self.token_masks: TokenMasks | None = None
         # What the sample rule made of the training records' metadata (`bind_records`).
         self.bound: object = None
+        # What the sample rule carries from step to step (`SampleRule.new_state`).
+        self.rule_state = self.sample_rule.new_state(config)
 
     def bind_records(self, metadata):
         self.bound = self.sample_rule.bind(metadata, self.name)
@@ -231,7 +255,7 @@ class ComposedMethod(Method):
         clock = PhaseClock(batches[0]["input_ids"].device)
         with clock.phase("triage"):
             choice = self.sample_rule.choose(cfg, StepView(batches, scores, step, self.total_steps, generator,
-                                                           self.bound))
+                                                           self.bound, self.rule_state))
         weights = [None] * len(batches) if choice.weights is None else split_rows(choice.weights, batches)
         selections = []
         with clock.phase("token_select"):
@@ -243,6 +267,13 @@ class ComposedMethod(Method):
                 selections.append(Selection(kept.nonzero().flatten(), mask, weights[j]))
         stats = {"samples": choice.kept.numel(), "kept": int(choice.kept.sum()), **choice.stats}
         return Decision.over(batches, selections, self.nominal_budget, stats, clock.seconds)
+
+    def state_dict(self):
+        return {} if self.rule_state is None else {"sample_rule": self.rule_state.state_dict()}
+
+    def load_state_dict(self, state):
+        if self.rule_state is not None and "sample_rule" in state:
+            self.rule_state.load_state_dict(state["sample_rule"])
 
     def pass_values(self, batch, scores):
         values = self.token_rule.pass_values(self.config, scores)
