@@ -84,11 +84,13 @@ def completed(runs, engine: str, name: str) -> Path:
 @pytest.fixture(scope="module")
 def spec(tiny_run_inputs, testbed):  # noqa: F811 (fixtures)
     model, data = tiny_run_inputs
-    rl = rl_config(testbed, "unused", batch_size=4, save_steps=1, rewards=("test_rl:text_length",),
-                   eval_data=str(testbed.test_path), eval_limit=3, eval_max_new_tokens=8)
+    rl = rl_config(testbed, "unused", batch_size=4, save_steps=1, rewards=("test_rl:text_length",), limit=16,
+                   filter_zero_variance=True, eval_data=str(testbed.test_path), eval_limit=3, eval_batch_size=1,
+                   eval_max_new_tokens=8)
     rl_values = {k: getattr(rl, k) for k in ("model", "data", "max_steps", "num_generations", "batch_size",
                                               "max_completion_length", "lr", "save_steps", "progress", "seed",
-                                              "eval_data", "eval_limit", "eval_max_new_tokens")}
+                                              "limit", "filter_zero_variance", "eval_data", "eval_limit",
+                                              "eval_batch_size", "eval_max_new_tokens")}
     return {"train": dict(model=str(model), data=str(data), **COMMON, save_steps=2, logging_steps=1, progress=False),
             "rl": {**rl_values, "rewards": list(rl.rewards)}, "fsdp_config": ENGINES["fsdp2"]["fsdp_config"]}
 
@@ -191,9 +193,13 @@ def test_out_model_loads_and_matches_ddp(runs, engine, run):
 
 @pytest.mark.parametrize("engine", EVERY)
 def test_rl_trains_what_ddp_trains(runs, engine):
-    """qtune rl: the same rewards and losses as DDP; held-out accuracy after the last step, each
-    process generating its share (under ZeRO-3 with the weights gathered; refused under FSDP2,
-    tested in test_rl.py)."""
+    """qtune rl: the zero-variance pre-pass's verdicts (the main process generating alone, under
+    ZeRO-3 with the start model's weights gathered), rewards and losses as under DDP; held-out
+    accuracy after the last step, each process generating its share (2 and 1 records, one at a time:
+    the processes generate out of step; under ZeRO-3 with the weights gathered; refused under
+    FSDP2, tested in test_rl.py)."""
+    verdicts = [json.loads((completed(runs, e, "rl") / "zero_variance.json").read_text()) for e in (engine, "ddp")]
+    assert verdicts[0]["groups"] == verdicts[1]["groups"] and verdicts[0]["prompts"] == 16
     rows, reference = steps(completed(runs, engine, "rl")), steps(completed(runs, "ddp", "rl"))
     assert [r["step"] for r in rows] == [1, 2]
     for a, b in zip(reference, rows):

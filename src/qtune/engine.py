@@ -18,7 +18,8 @@ gradients and optimizer state sharded) and "zero3" (DeepSpeed ZeRO-3: parameters
 - Models run outside the engine's training wrapper: `frozen_for_engine` puts a frozen model (a
   reference) in an inference engine of its own under ZeRO-3 (which partitions every model loaded
   while it is on); `gathered_parameters` holds a ZeRO-3 model whole for work that is not in step
-  across processes; `engine_scope` ends a run's hold on the process (model loading, environment).
+  across processes (`whole_model_work`); `engine_scope` ends a run's hold on the process (model
+  loading, environment).
 - `local_shards`: the part of each parameter this process holds, for norms summed over processes.
 """
 
@@ -204,18 +205,34 @@ def frozen_for_engine(model, accelerator):
 
 
 @contextlib.contextmanager
+def whole_model_work():
+    """Inside, transformers treats models as whole, also while a ZeRO-3 run has its config
+    registered, under which it would build and load every model partitioned over the processes and
+    make `generate` wait for every process at each token: both are collectives, which processes
+    working out of step (the main process alone, each process on its own share) never join."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref  # transformers keeps no public getter
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
+
+
+@contextlib.contextmanager
 def gathered_parameters(model):
     """Inside the block every process holds the whole weights of `model`, a model that ZeRO-3
     partitioned at load and no engine wraps yet, so that work out of step with the other processes
-    (a pass on the main process only) can run it: the partitions are gathered on entering (every
-    process must enter) and dropped on leaving. Costs the whole model's memory while inside.
-    Models that are not partitioned pass through."""
+    (a pass on the main process only) can run it (`whole_model_work`): the partitions are gathered
+    on entering (every process must enter) and dropped on leaving. Costs the whole model's memory
+    while inside. Models that are not partitioned pass through."""
     if not any(hasattr(p, "ds_id") for p in model.parameters()):
         yield model
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+    with deepspeed.zero.GatheredParameters(list(model.parameters())), whole_model_work():
         yield model
 
 
@@ -272,20 +289,6 @@ def _tied_weights_once(model, state: dict) -> dict:
     return {k: v for k, v in state.items() if k not in aliases}
 
 
-@contextlib.contextmanager
-def _whole_models():
-    """Inside, models that transformers builds are whole, also while a ZeRO-3 run has its config
-    registered (it would partition them: a collective, which the other processes do not join)."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    registered = hf_deepspeed._hf_deepspeed_config_weak_ref  # transformers keeps no public getter
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
-
-
 def _merged_copy(unwrapped, state: dict, adapter: str):
     """The model with `adapter` merged into its base weights, built on the CPU from the gathered
     `state` (the trained model's own weights are shards under FSDP2 and ZeRO-3)."""
@@ -293,7 +296,7 @@ def _merged_copy(unwrapped, state: dict, adapter: str):
     from transformers import AutoModelForCausalLM
 
     base = unwrapped.get_base_model()
-    with _whole_models(), torch.device("meta"):
+    with whole_model_work(), torch.device("meta"):
         copy_model = get_peft_model(AutoModelForCausalLM.from_config(base.config), unwrapped.peft_config[adapter],
                                     adapter_name=adapter)
     wanted = copy_model.state_dict()

@@ -27,7 +27,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 from trl import GRPOTrainer
 
-from ..engine import check_engine
+from ..engine import check_engine, whole_model_work
 from ..errors import QTuneError
 from ..evaluate import evaluate_exact_match
 from ..train import StagedCheckpoints
@@ -91,12 +91,12 @@ class QTuneGRPOTrainer(StagedCheckpoints, GRPOTrainer):
         generates for its share of the records (every num_processes-th one) and the verdicts are
         gathered, so every process returns the same number. Under ZeRO-3 the weights are gathered
         whole on every process meanwhile (TRL's `unwrap_model_for_generation`), since the processes
-        generate out of step."""
+        generate out of step (`qtune.engine.whole_model_work`)."""
         from trl.models.utils import unwrap_model_for_generation
 
         share = self.heldout[self.args.process_index::self.args.world_size]
         verdicts = []
-        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as model:
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as model, whole_model_work():
             if share:
                 _, predictions = evaluate_exact_match(model, self.processing_class, share, self.eval_config,
                                                       progress=False)
