@@ -2,22 +2,22 @@
 DeepSpeed ZeRO-2 and ZeRO-3 what one process trains, for every front end (`qtune train`,
 `QTuneSFTTrainer`, `qtune rl`), with the shipped example configs (examples/distributed/).
 
-Each engine is one launch (`launch_engine`, module-scoped): its runs follow each other in the
-same two processes (tests/engine_worker.py), and the tests read their folders. Against one
-process on the same global batches (2 processes x 1 micro-batch against 1 x 2, the sampler
-groups by length over the global batch; see tests/test_distributed.py): the same kept ids and
-losses within 1e-5. Against the DDP launch: OUT/model loads with `from_pretrained` and holds the
-same weights within 1e-4 (full fine-tuning and LoRA), and --resume ends where the straight run
-ends. The defects these engines had are tested where they lived: FSDP asked for where accelerate
-runs DDP, a save whose gathering fails, ZeRO-3 with Token Cleaning's pass and reference model,
-ZeRO-2/3 with --nonfinite skip, score reuse and the early exit under sharding.
+Each engine is one launch (`runs`, module-scoped): its runs follow each other in the same two
+processes (tests/engine_worker.py), and the tests read their folders. Against one process on the
+same global batches (2 processes x 1 micro-batch against 1 x 2, the sampler groups by length over
+the global batch; see tests/test_distributed.py): the same kept ids and losses within 1e-5.
+Against the DDP launch: OUT/model loads with `from_pretrained` and holds the same weights within
+1e-4 (full fine-tuning, LoRA, merged), and --resume ends where the straight run ends. The defects
+these engines had are tested where they lived: FSDP asked for where accelerate runs DDP, a save
+whose gathering fails, ZeRO-3 with Token Cleaning's pass and reference model, --nonfinite skip
+under DeepSpeed, score reuse and the early exit under sharding, generation out of step under ZeRO-3.
 
 DeepSpeed (the `deepspeed` extra, installed by `make test`) runs on its CPU accelerator; its first
-launch builds one communication op (once per virtual environment, `launch`). FSDP2 runs
-on CPU only through a test-only switch (tests/fsdp_on_cpu/sitecustomize.py: accelerate gives FSDP
-only to accelerator processes). The ZeRO-2 and FSDP2 launches are marked slow (`make test-all`,
-or `pytest -m slow tests/test_engines.py`); DDP and ZeRO-3, whose defects were the worst, run in
-`make test`.
+launch builds one communication op (once per virtual environment, `launch_env`). FSDP2 runs on CPU
+only through a test-only switch (tests/fsdp_on_cpu/sitecustomize.py: accelerate gives FSDP only to
+accelerator processes). `make test` launches DDP, ZeRO-3 and FSDP2; the ZeRO-2 launch and a
+pipeline under ZeRO-3 are marked `matrix`, deselected by default: `make test-engines` runs the
+whole file (`pytest -m 'matrix or not matrix' tests/test_engines.py`).
 """
 
 import json
