@@ -7,18 +7,24 @@ CONSTRAINTS ?= constraints-cpu.txt
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.qtune-installed
 
-.PHONY: install test test-all demo bench clean
+.PHONY: install test test-all test-engines demo bench clean
 
+# DS_BUILD_OPS=0: DeepSpeed (in the dev extra) installs without compiling its ops; the one its
+# CPU runs use is built on first use, once per environment (tests/test_engines.py).
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[dev,plots]'
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[dev,plots]'
 	touch $@
 
 install: $(STAMP)
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The whole engine matrix of tests/test_engines.py (make test runs DDP, ZeRO-3 and FSDP2; this adds ZeRO-2).
+test-engines: install
+	$(BIN)/python -m pytest -q -m 'matrix or not matrix' tests/test_engines.py
 
 demo: install
 	$(BIN)/qtune demo

@@ -200,8 +200,10 @@ def test_missing_optional_engines_are_named_before_out_is_touched(testbed, tmp_p
 
 
 def test_held_out_evaluation_is_refused_when_the_processes_hold_shards(testbed, tmp_path, monkeypatch):
-    monkeypatch.setattr(QTuneGRPOTrainer, "shards_the_model", lambda self: True)  # as under FSDP or ZeRO-3
-    with pytest.raises(QTuneError, match="FSDP and DeepSpeed ZeRO-3 shard: leave eval_data unset"):
+    import qtune.rl.trainer
+
+    monkeypatch.setattr(qtune.rl.trainer, "check_engine", lambda args, accelerator: "fsdp2")  # as under FSDP2
+    with pytest.raises(QTuneError, match="which FSDP2 shards: leave eval_data unset"):
         run_rl(rl_config(testbed, tmp_path / "sharded", eval_data=str(testbed.test_path), eval_limit=2))
     run_rl(rl_config(testbed, tmp_path / "no-eval", max_steps=1))  # without held-out evaluation it trains
 

@@ -726,9 +726,22 @@ class LossConfig(Options):
 
 
 @dataclass
-class ParallelConfig(Options):
+class EngineConfig(Options):
+    """The sharded engine of a training command, passed to transformers' `TrainingArguments`
+    (docs/distributed.md; without one: DDP under a launcher, else one process)."""
+
+    fsdp: str | None = option(None, "FSDP mode, as TrainingArguments.fsdp, e.g. 'full_shard auto_wrap' (FSDP2 "
+                                    "with --fsdp-config; GPU processes only).")
+    fsdp_config: str | None = option(None, "FSDP config file, as TrainingArguments.fsdp_config (fsdp_version 2).",
+                                     check=_json_file)
+    deepspeed: str | None = option(None, "DeepSpeed config file (ZeRO-2 or ZeRO-3), as TrainingArguments.deepspeed "
+                                         "(pip install 'qtune[deepspeed]').", check=_json_file)
+
+
+@dataclass
+class ParallelConfig(EngineConfig):
     """Options passed unchanged to transformers' `TrainingArguments` for large and multi-GPU runs
-    (launched with torchrun or accelerate launch; see docs/training.md, Multi-process)."""
+    (launched with torchrun or accelerate launch; see docs/distributed.md)."""
 
     gradient_checkpointing: bool = option(False, "Recompute activations during the backward pass: less memory, "
                                                  "about a third more compute.")
@@ -738,10 +751,6 @@ class ParallelConfig(Options):
     ddp_find_unused_parameters: bool = option(False, "DDP: look for parameters without a gradient at every step "
                                                      "(only for a model with branches that some inputs skip; "
                                                      "slower).")
-    fsdp: str | None = option(None, "FSDP mode, as TrainingArguments.fsdp, e.g. 'full_shard auto_wrap'.")
-    fsdp_config: str | None = option(None, "FSDP config file, as TrainingArguments.fsdp_config.", check=_json_file)
-    deepspeed: str | None = option(None, "DeepSpeed config file (e.g. ZeRO-2 or ZeRO-3), as "
-                                         "TrainingArguments.deepspeed.", check=_json_file)
 
 
 @dataclass

@@ -71,12 +71,14 @@ class Scorer:
     needs a `DriftMeter` to report each optimizer step through `moved`. reference: a frozen model
     whose token NLL is added as `reference_nll` (None: not computed). attention: add the last
     layer's received attention as `attention`. nuclear_norm, logit_sketch: add each sample's
-    logits matrix's nuclear norm and its sketch of that shape (None: not computed).
+    logits matrix's nuclear norm and its sketch of that shape (None: not computed). lockstep: every
+    micro-batch runs a forward pass, also when all its rows' scores are reused (under FSDP2 and
+    ZeRO-3 a forward gathers weights from every process, so every process must run as many).
     """
 
     def __init__(self, *, chunk_tokens: int | None = None, head_impl: str = "auto", layers: int = 0,
                  rescore_drift: float = 0.0, reference=None, attention: bool = False, nuclear_norm: bool = False,
-                 logit_sketch: LogitSketch | None = None):
+                 logit_sketch: LogitSketch | None = None, lockstep: bool = False):
         if layers < 0 or rescore_drift < 0:
             raise ValueError("layers and rescore_drift must be >= 0")
         self.chunk_tokens = chunk_tokens
@@ -90,6 +92,7 @@ class Scorer:
         # Kept across passes: the head's factors are recomputed only when its weights change.
         self.summaries = (LogitSummaries(nuclear_norm, logit_sketch) if nuclear_norm or logit_sketch is not None
                           else None)
+        self.lockstep = lockstep
         self.path = 0.0       # summed update norms so far
         self.weight_norm = 0.0  # nothing is fresh before the first measured step
         # sample id -> (path when scored, its row's tensors up to its last attended position)
@@ -109,6 +112,8 @@ class Scorer:
     @torch.no_grad()
     def __call__(self, model, batches: list[dict], entropy_over: str = "response") -> list[BatchScores]:
         """Scores of each of `batches` (no-grad, eval mode: no dropout) with `model`'s current weights."""
+        # Inside DDP's or DeepSpeed's wrapper; ZeRO-3 gathers weights through hooks on the module
+        # itself, and FSDP2 shards in place (no wrapper), so the module's forward gathers under both.
         scoring = getattr(model, "module", model)
         was_training = scoring.training
         scoring.eval()
@@ -132,7 +137,8 @@ class Scorer:
         else:
             scores = score(model, summaries)
         if self.reference is not None:
-            scores.reference_nll = score(self.reference.eval()).nll
+            self.reference.eval()  # (a DeepSpeed engine's eval() returns None)
+            scores.reference_nll = score(self.reference).nll
         return scores
 
     def _score(self, model, batch: dict, entropy_over: str, summaries: LogitSummaries | None) -> BatchScores:
@@ -157,6 +163,9 @@ class Scorer:
                 row = {k: getattr(new, k)[j] for k in fields}
                 row = {k: v[:ends[j]].clone() if k in TOKEN_FIELDS else v.clone() for k, v in row.items()}
                 self._cache[ids[i]] = (self.path, row)
+        elif self.lockstep:  # this process joins the others' scoring forward (and its gathers) with one row, unused
+            self._score_rows(model, _rows(batch, torch.zeros(1, dtype=torch.long, device=batch["input_ids"].device)),
+                             entropy_over, summaries)
         self.scored += len(stale)
         self.reused += len(ids) - len(stale)
         for i, sid in enumerate(ids):
@@ -169,18 +178,23 @@ class Scorer:
 
 class DriftMeter:
     """How far one optimizer step moves the trainable weights: `before()` keeps a copy, `after()`
-    returns (||theta_new - theta_old||, ||theta_new||), summed over every process when the
-    weights are sharded (`reduce` sums a tensor over processes)."""
+    returns (||theta_new - theta_old||, ||theta_new||). Where the weights are sharded, `shards`
+    gives the part of each parameter this process holds and `reduce` sums a tensor over processes
+    (`qtune.engine.local_shards`, `qtune.step.reduce_sum`)."""
 
-    def __init__(self, reduce=lambda t: t):
+    def __init__(self, reduce=lambda t: t, shards=list):
         self.reduce = reduce
+        self.shards = shards
         self._copy: list[torch.Tensor] | None = None
 
+    def _trainable(self, model) -> list[torch.Tensor]:
+        return [t.detach() for t in self.shards([p for p in model.parameters() if p.requires_grad])]
+
     def before(self, model) -> None:
-        self._copy = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        self._copy = [t.clone() for t in self._trainable(model)]
 
     def after(self, model) -> tuple[float, float]:
-        params = [p.detach() for p in model.parameters() if p.requires_grad]
+        params = self._trainable(model)
         if self._copy is None or len(params) != len(self._copy):
             raise RuntimeError("DriftMeter.after without a matching before")
         device = params[0].device

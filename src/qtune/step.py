@@ -510,7 +510,8 @@ def train_step(model, batches: list[dict], method: Method, step: int, total_step
     does (`qtune.reference_policy`)."""
     clock = clock or PhaseClock()
     scorer = scorer or Scorer(chunk_tokens=chunk_tokens, head_impl=head_impl)
-    unwrapped = getattr(model, "module", model)  # the no-grad pass needs no DDP wrapper
+    # The no-grad pass needs no DDP wrapper (FSDP2 has none: it shards the module in place).
+    unwrapped = getattr(model, "module", model)
     if reference is not None:
         reference.begin_step(unwrapped, step)
     scores = None

@@ -8,21 +8,28 @@ One optimizer step, as `QTuneTrainer` runs it:
    returns the packed micro-batches and the step's kept-token count over every process;
 2. the Trainer's own loop runs forward and backward on each packed micro-batch (`training_step`,
    `compute_loss` = `qtune.step.micro_batch_loss`), with its accumulation, mixed precision and
-   DDP/FSDP/DeepSpeed handling. No micro-batch is empty, so no process skips a backward.
+   engine (DDP, FSDP2, DeepSpeed ZeRO-2/3: `qtune.engine`, checked when the Trainer is built).
+   No micro-batch is empty, so no process skips a backward.
 
 Once the gradients are in, the step's loss (summed over processes) and gradient norm are read
 together (the step's one host sync); a non-finite value stops the run before the optimizer moves
 (`nonfinite="stop"`) or drops the step's gradients (`"skip"`). Non-finite scores count the same.
+DeepSpeed steps inside the last backward, before the norm is read: it skips a step whose
+gradients are not finite itself (its overflow path, which also drops the reduced gradient
+partitions), and a step skipped for its scores is given gradients it skips (`_skip_under_deepspeed`).
 
 A method that decides once before training (`Method.pass_needs`, e.g. Token Cleaning) gets its
-pass in `QTuneTrainer.train`, before the first step: each process scores its share of the
-training set with the initial weights, the values are gathered, every process fixes the same
-label masks and the main process saves them (`TOKEN_MASKS`); --resume reads them back.
+pass when training begins, once the engine wraps the model and before the first step: each
+process scores its share of the training set with the initial weights (as many forward passes on
+every process), the values are gathered, every process fixes the same label masks and the main
+process saves them (`TOKEN_MASKS`); --resume reads them back. A reference model (Rho-1, Token
+Cleaning) is made ready for the engine at the same point (`qtune.engine.frozen_for_engine`).
 
 Everything else (optimizer, schedule, checkpoints, resume, logging integrations) is the Trainer's;
 checkpoints are written through `qtune.checkpoints`, so that each one is complete or absent, and
 hold the method's state (`METHOD_STATE`). Only the main process writes files: step log, run
-config, token masks, checkpoints' own files, summary and model.
+config, token masks, checkpoints' own files, summary and model (which every process gathers:
+`qtune.engine.save_trained_model`).
 """
 
 from __future__ import annotations
@@ -30,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -45,8 +51,10 @@ from . import checkpoints
 from .config import TrainConfig
 from .console import log
 from .data import collate, length_bucketed_batches, require_pad_token
+from .engine import (SHARDED, check_engine, check_launcher, engine_scope, frozen_for_engine, local_shards,
+                     save_trained_model)
 from .errors import QTuneError
-from .io import atomic_path, claim_output_dir, replace_dir, write_json, write_text
+from .io import atomic_path, claim_output_dir, write_json, write_text
 from .methods import Method, TokenMasks, build_method
 from .objectives import Objective
 from .models import check_vocabulary, load_model, load_tokenizer, machine_stamp, resolve_device, resolve_dtype
@@ -186,8 +194,11 @@ class QTuneTrainer(StagedCheckpoints, Trainer):
         self.clock = PhaseClock()  # a step's own, on its device, from get_batch_samples on
         self._step_loss = torch.zeros(())
         self._since_log: list[dict] = []
+        self._resumed = False  # whether the current train() resumes (its token masks are read back)
         # compute_loss divides by the step's kept-token count: already scaled for accumulation.
         self.loss_is_scaled_for_ga = True
+        self.engine = check_engine(self.args, self.accelerator)  # `qtune.engine`: the one asked for
+        self.add_callback(_BeforeFirstStep(self))
         self.add_callback(_StepRecorder(self))
         self.add_callback(_DriftRecorder(self))
 
@@ -226,8 +237,11 @@ class QTuneTrainer(StagedCheckpoints, Trainer):
                          triage_scope=self.triage_scope, clock=self.clock,
                          concatenate=concatenates_kept_rows(self.model, self.kept_row_layout),
                          log_token_masks=self.log_token_masks)
+        micro_batches = plan.micro_batches
         if plan.nonfinite:
             self._nonfinite_step(plan.nonfinite)
+            if self.is_deepspeed_enabled:
+                micro_batches = [_skip_under_deepspeed(mb) for mb in micro_batches]
         self.step_record = {
             **plan.record,
             "scoring_seconds": time.perf_counter() - start,
@@ -245,7 +259,7 @@ class QTuneTrainer(StagedCheckpoints, Trainer):
         filler = (placeholder_row(batches[0]) if self.is_deepspeed_enabled
                   else {SKIP: True, "input_ids": empty, "attention_mask": empty}
                   for _ in range(len(batches) - len(plan.micro_batches)))
-        return [*filler, *plan.micro_batches], torch.tensor(plan.loss_tokens, device=device)
+        return [*filler, *micro_batches], torch.tensor(plan.loss_tokens, device=device)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if inputs.get(SKIP):  # a micro-batch the kept rows did not need (get_batch_samples)
@@ -266,11 +280,15 @@ class QTuneTrainer(StagedCheckpoints, Trainer):
         step_loss = reduce_sum(self._step_loss.float()) / self.args.world_size
         loss, norm = torch.stack([step_loss, norm]).tolist()
         self.step_record.update(loss=loss, grad_norm=norm)
-        if not (math.isfinite(loss) and math.isfinite(norm)):
+        if not (math.isfinite(loss) and math.isfinite(norm)) and not self.step_record.get("skipped"):
             self._nonfinite_step(f"loss {loss:.4g}, gradient norm {norm:.4g}")
             self.step_record["skipped"] = True
         if self.step_record.get("skipped"):
-            model.zero_grad(set_to_none=True)
+            if not self.is_deepspeed_enabled:
+                model.zero_grad(set_to_none=True)
+            elif model.was_step_applied():  # DeepSpeed has stepped already: it must have skipped
+                raise QTuneError(f"DeepSpeed applied step {self.state.global_step + 1}, which qtune skips "
+                                 f"({'its scores' if math.isfinite(loss) else 'non-finite loss'})")
         return grad_norm
 
     def _nonfinite_step(self, what: str) -> None:
@@ -283,6 +301,20 @@ class QTuneTrainer(StagedCheckpoints, Trainer):
                                                 complete[-1] if complete else None))
         if self.args.should_save:
             log(f"step {step} skipped: {what} (--nonfinite skip)")
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """A user's `trainer.save_model()` (a TRL script's): the full model, gathered under any
+        engine and checked (`qtune.engine.save_trained_model`), written to `output_dir` (default:
+        `model/` in the run folder), which it replaces. Every process must call it. The Trainer's own
+        calls (checkpoints) keep the Trainer's save."""
+        if _internal_call:
+            return super().save_model(output_dir, _internal_call=True)
+        run = Path(self.args.output_dir)
+        folder = Path(output_dir) if output_dir else run / "model"
+        if folder.resolve() == run.resolve():
+            raise QTuneError(f"save_model({str(folder)!r}) would replace the run folder, checkpoints included: save "
+                             "into another folder (default: its model/)")
+        save_trained_model(self.accelerator, self.model_wrapped, self.processing_class, folder)
 
     def _checkpoint_extra(self):
         """The method's state of every process, in each checkpoint (METHOD_STATE)."""
@@ -298,10 +330,19 @@ class QTuneTrainer(StagedCheckpoints, Trainer):
         resume_from_checkpoint = self._checkpoint_to_resume(resume_from_checkpoint)
         if resume_from_checkpoint:
             self.load_method_state(Path(resume_from_checkpoint))
-        if self.method.pass_needs:
-            self._fix_token_masks(resumed=bool(resume_from_checkpoint))
+        self._resumed = bool(resume_from_checkpoint)
         self._restart_step_log(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _before_first_step(self) -> None:
+        """Once the engine wraps the model (`_BeforeFirstStep`): the scorer's reference model made
+        ready for the engine, forward passes kept in step under sharding, and the one-time pass of a
+        method that decides before training."""
+        if self.scorer.reference is not None:
+            self.scorer.reference = frozen_for_engine(self.scorer.reference, self.accelerator)
+        self.scorer.lockstep = self.engine in SHARDED
+        if self.method.pass_needs:
+            self._fix_token_masks(resumed=self._resumed)
 
     def _fix_token_masks(self, resumed: bool) -> None:
         """The one-time pass of a method that decides before training (`Method.pass_needs`): on a
@@ -340,20 +381,28 @@ class QTuneTrainer(StagedCheckpoints, Trainer):
                              "training; give QTuneTrainer pass_scorer= (see qtune.scorer.build_scorer)")
         device = next(self.model.parameters()).device
         scorer = self.pass_scorer(device)
+        if scorer.reference is not None:
+            scorer.reference = frozen_for_engine(scorer.reference, self.accelerator)
         dataset = self.train_dataset
         if isinstance(dataset, datasets.Dataset):  # the columns the collator takes, as the training loader keeps them
             dataset = self._remove_unused_columns(dataset, description="the pass over the training set")
         rank, size = world()
         share = range(rank, len(dataset), size)
-        groups = length_bucketed_batches([len(dataset[i]["input_ids"]) for i in share],
-                                         self.args.per_device_train_batch_size)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=[[share[j] for j in group] for group in groups],
+        groups = [[share[j] for j in group] for group in
+                  length_bucketed_batches([len(dataset[i]["input_ids"]) for i in share],
+                                          self.args.per_device_train_batch_size)]
+        # Under FSDP2 and ZeRO-3 each forward gathers weights from every process: a process with
+        # fewer batches runs the others' extra forwards on its first sample, its values unused.
+        extra = max(gather(len(groups))) - len(groups) if self.engine in SHARDED else 0
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=groups + [[0]] * extra,
                                              collate_fn=self.data_collator)
         values = {}
-        for batch in tqdm(loader, desc=f"{self.method.name}: pass over the training set", unit="batch",
-                          disable=not (self.progress and self.is_world_process_zero())):
+        for i, batch in enumerate(tqdm(loader, desc=f"{self.method.name}: pass over the training set", unit="batch",
+                                       disable=not (self.progress and self.is_world_process_zero()))):
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            values.update(self.method.pass_values(batch, scorer(self.model, [batch])[0]))
+            scores = scorer(self.model, [batch])[0]
+            if i < len(groups):
+                values.update(self.method.pass_values(batch, scores))
         return values
 
     def load_method_state(self, checkpoint: Path) -> None:
@@ -430,13 +479,24 @@ class _StepRecorder(TrainerCallback):
         self.trainer.step_record = {}
 
 
+class _BeforeFirstStep(TrainerCallback):
+    """Runs `QTuneTrainer._before_first_step` when training begins: the engine wraps the model by then."""
+
+    def __init__(self, trainer: QTuneTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._before_first_step()
+
+
 class _DriftRecorder(TrainerCallback):
     """Tells the scorer how far each optimizer step moved the weights, when it reuses scores
     (`rescore_drift`)."""
 
     def __init__(self, trainer: QTuneTrainer):
-        # FSDP holds a shard of the weights on each process: the norms are summed over processes.
-        self.meter = DriftMeter(reduce_sum if trainer.is_fsdp_enabled else lambda t: t)
+        # FSDP2 and ZeRO-3 hold a shard of the weights on each process: the norms are summed over processes.
+        sharded = trainer.engine in SHARDED
+        self.meter = DriftMeter(reduce_sum if sharded else lambda t: t, local_shards if sharded else list)
         self.trainer = trainer
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -520,24 +580,12 @@ def apply_lora(model, *, r: int, alpha: float, dropout: float, target: str):
         raise QTuneError(f"LoRA on {target!r}: {str(exc).strip().splitlines()[0]}") from exc
 
 
-def save_model_folder(model, tokenizer, out: Path) -> Path:
-    """Write `model` and `tokenizer` to OUT/model atomically (safetensors): built beside, then
-    swapped in (`io.replace_dir`), so OUT/model is complete or the previous one. Returns its path."""
-    final, tmp = out / "model", out / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    with checkpoints.discard_on_failure(tmp, final):
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    replace_dir(tmp, final)
-    return final
-
-
-def _save_final_model(trainer: QTuneTrainer, tokenizer, cfg: TrainConfig, out: Path) -> None:
-    """OUT/model: the trained weights (with LoRA, the adapter, or the merged model with --merge-lora)."""
-    model = trainer.model
-    if cfg.lora_r > 0 and cfg.merge_lora:
-        model = model.merge_and_unload()
-    save_model_folder(model, tokenizer, out)
+def _skip_under_deepspeed(micro_batch: dict) -> dict:
+    """A micro-batch of a step skipped for its scores, as DeepSpeed gets it: its rows weigh NaN
+    instead of 0, so that the step's gradients are not finite and DeepSpeed skips the step itself
+    (its overflow path: no update, no optimizer state change, the reduced gradient partitions
+    dropped). DeepSpeed steps inside the last backward, before qtune could drop the gradients."""
+    return {**micro_batch, "loss_weight": torch.full_like(micro_batch["loss_weight"], math.nan)}
 
 
 def _sum_phases(rows: list[dict], key: str, combine) -> dict:
@@ -654,14 +702,16 @@ def run_train(cfg: TrainConfig) -> dict:
     launch) the main process claims it and prepares it before the others read it."""
     if cfg.dtype == "float16":
         raise QTuneError("float16 training is not supported; use bfloat16 or float32")
+    check_launcher(cfg.deepspeed)
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
-    args = _training_arguments(cfg, out, device, resolve_dtype(cfg.dtype, device) == torch.bfloat16)
-    main = args.should_save
-    with claim_output_dir(cfg.out, "qtune train") if main else contextlib.nullcontext():
-        with args.main_process_first(desc="preparing the output folder"):
-            resume_from = prepare_folder(cfg, out) if main else resume_point(cfg, out)
-        return _train(cfg, out, args, resume_from)
+    with engine_scope():
+        args = _training_arguments(cfg, out, device, resolve_dtype(cfg.dtype, device) == torch.bfloat16)
+        main = args.should_save
+        with claim_output_dir(cfg.out, "qtune train") if main else contextlib.nullcontext():
+            with args.main_process_first(desc="preparing the output folder"):
+                resume_from = prepare_folder(cfg, out) if main else resume_point(cfg, out)
+            return _train(cfg, out, args, resume_from)
 
 
 def resume_point(cfg: TrainConfig, out: Path) -> Path | None:
@@ -726,10 +776,9 @@ def _train(cfg: TrainConfig, out: Path, args: TrainingArguments, resume_from: Pa
             f"{'bf16 mixed' if args.bf16 else 'fp32'}{', LoRA r=%d' % cfg.lora_r if cfg.lora_r else ''})")
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    final = out / "model"
-    if main:
-        _save_final_model(trainer, tokenizer, cfg, out)
-    trainer.accelerator.wait_for_everyone()  # the step log and the model are complete for every process
+    # Every process joins the save (the weights are gathered); the step log is complete by then.
+    final = save_trained_model(trainer.accelerator, trainer.model_wrapped, tokenizer, out / "model",
+                               merge_lora=cfg.merge_lora)
 
     summary = summarize_run(read_step_log(step_log), method)
     if trainer.pass_seconds is not None:
@@ -738,6 +787,8 @@ def _train(cfg: TrainConfig, out: Path, args: TrainingArguments, resume_from: Pa
         "config": asdict(cfg),
         "model_dir": str(final),
         "process_seconds": time.perf_counter() - started,
+        "engine": trainer.engine,
+        "processes": args.world_size,
         "machine": machine_stamp(args.device, args.world_size),
     })
     if not main:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..config import ModelConfig, check_lr_scheduler, option
+from ..config import EngineConfig, ModelConfig, check_lr_scheduler, option
 from ..errors import OptionError, QTuneError
 
 #: TRL's loss aggregations (GRPOConfig.loss_type) that qtune passes on; docs/rl.md says what each does.
@@ -103,7 +103,7 @@ class GRPOOptions(PromptDataConfig):
 
 
 @dataclass
-class RLConfig(GRPOOptions):
+class RLConfig(GRPOOptions, EngineConfig):
     """Options of `qtune rl` (`qtune.rl.run_rl`)."""
 
     out: str = option(help="Output folder: checkpoints, steps.jsonl, the final model in OUT/model, summary.json.",

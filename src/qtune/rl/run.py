@@ -13,7 +13,9 @@ The run, in its claimed folder OUT:
 4. `QTuneGRPOTrainer` trains (TRL's GRPO step), logging every step to `OUT/steps.jsonl` and
    `report_to`, evaluating on `eval_data` when asked, checkpointing every `save_steps`;
 5. `OUT/model` (full weights; with a LoRA start the adapter, or the merged model with
-   `merge_lora`) and, last, `OUT/summary.json`.
+   `merge_lora`), gathered by every process under any engine
+   (`qtune.engine.save_trained_model`) and, last, `OUT/summary.json` with the engine that ran and
+   the number of processes.
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ from transformers.trainer_callback import PrinterCallback
 from ..config import EvalConfig
 from ..console import log
 from ..data import load_records
+from ..engine import check_launcher, engine_scope, gathered_parameters, save_trained_model
 from ..errors import QTuneError
 from ..io import claim_output_dir, write_json
 from ..models import machine_stamp, resolve_device, resolve_dtype
 from ..rewards import bind_options, parse_spec, resolve
 from ..step import launched_processes
-from ..train import CHECKPOINTING, prepare_folder, read_step_log, resume_point, save_model_folder
+from ..train import CHECKPOINTING, prepare_folder, read_step_log, resume_point
 from .config import RLConfig
 from .prompts import load_policy, load_prompts
 
@@ -115,6 +118,9 @@ def grpo_config(cfg: RLConfig, out: Path):
             report_to=[] if cfg.report_to == "none" else [cfg.report_to],
             disable_tqdm=True,  # replaced by RewardProgress
             dataloader_num_workers=0,
+            fsdp=cfg.fsdp or "",
+            fsdp_config=cfg.fsdp_config,
+            deepspeed=cfg.deepspeed,
         )
     except ValueError as exc:
         raise QTuneError(f"GRPO refuses these options: {str(exc).strip().splitlines()[0]}") from None
@@ -125,19 +131,22 @@ def run_rl(cfg: RLConfig) -> dict:
     and OUT/summary.json (see the module doc). OUT is claimed first: a second run on it is refused
     before anything loads."""
     out = Path(cfg.out)
-    args = grpo_config(cfg, out)
-    main = args.should_save
-    with claim_output_dir(out, "qtune rl") if main else contextlib.nullcontext():
-        with args.main_process_first(desc="preparing the output folder"):
-            resume_from = prepare_folder(cfg, out) if main else resume_point(cfg, out)
-        return _rl(cfg, out, args, resume_from)
+    check_launcher(cfg.deepspeed)
+    with engine_scope():
+        args = grpo_config(cfg, out)
+        main = args.should_save
+        with claim_output_dir(out, "qtune rl") if main else contextlib.nullcontext():
+            with args.main_process_first(desc="preparing the output folder"):
+                resume_from = prepare_folder(cfg, out) if main else resume_point(cfg, out)
+            return _rl(cfg, out, args, resume_from)
 
 
 def _zero_variance_verdict(cfg: RLConfig, out: Path, args, model, tokenizer, prompts, funcs, weights) -> dict:
     """The pre-pass's report (with its per-prompt verdicts): read from OUT when a run already made
-    it, else made by the main process and written before the other processes read it."""
+    it, else made by the main process and written before the other processes read it (under
+    ZeRO-3, with the start model's weights gathered on every process meanwhile)."""
     path = out / ZERO_VARIANCE
-    with args.main_process_first(desc="zero-variance pre-pass"):
+    with gathered_parameters(model), args.main_process_first(desc="zero-variance pre-pass"):
         if not path.exists():
             log(f"zero-variance pre-pass: {cfg.num_generations} completions for each of {len(prompts)} prompts")
             device = torch.device(args.device)
@@ -195,10 +204,8 @@ def _rl(cfg: RLConfig, out: Path, args, resume_from: Path | None) -> dict:
             f"{f' x {args.world_size} processes' if args.world_size > 1 else ''})")
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    final = out / "model"
-    if main:
-        save_policy(trainer.accelerator.unwrap_model(trainer.model), tokenizer, out, merge=cfg.merge_lora)
-    trainer.accelerator.wait_for_everyone()
+    final = save_trained_model(trainer.accelerator, trainer.model_wrapped, tokenizer, out / "model",
+                               merge_lora=cfg.merge_lora)
 
     summary = summarize_rl(read_step_log(out / STEP_LOG), report)
     summary.update({
@@ -208,6 +215,8 @@ def _rl(cfg: RLConfig, out: Path, args, resume_from: Path | None) -> dict:
         "prompts": len(prompts),
         "model_dir": str(final),
         "process_seconds": time.perf_counter() - started,
+        "engine": trainer.engine,
+        "processes": args.world_size,
         "machine": machine_stamp(args.device, args.world_size),
     })
     if main:
@@ -244,13 +253,3 @@ def summarize_rl(rows: list[dict], zero_variance: dict | None) -> dict:
         HELDOUT: heldout[-1] if heldout else None,
         "zero_variance": None if zero_variance is None else {k: v for k, v in zero_variance.items() if k != "groups"},
     }
-
-
-def save_policy(model, tokenizer, out: Path, *, merge: bool = False) -> None:
-    """Write OUT/model atomically (`qtune.train.save_model_folder`): full weights; for a PEFT model
-    its trained adapter (TRL's frozen `ref` copy left out), or the merged weights with `merge`."""
-    if hasattr(model, "peft_config") and "ref" in model.peft_config:
-        model.delete_adapter("ref")
-    if merge and hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    save_model_folder(model, tokenizer, out)

@@ -27,6 +27,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 from trl import GRPOTrainer
 
+from ..engine import check_engine, whole_model_work
 from ..errors import QTuneError
 from ..evaluate import evaluate_exact_match
 from ..train import StagedCheckpoints
@@ -46,23 +47,19 @@ class QTuneGRPOTrainer(StagedCheckpoints, GRPOTrainer):
     def __init__(self, *args, heldout=None, eval_config=None, eval_steps: int = 0, step_log=None,
                  keep_checkpoints: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        if heldout and self.shards_the_model():
-            # Plain generate on one process's shard would fail or wait on the other processes.
-            raise QTuneError("held-out evaluation during RL generates on each process's own model, which FSDP and "
-                             "DeepSpeed ZeRO-3 shard: leave eval_data unset (eval_steps 0) and evaluate OUT/model "
-                             "with qtune eval")
+        self.engine = check_engine(self.args, self.accelerator)  # `qtune.engine`: the one asked for
+        if heldout and self.engine == "fsdp2":
+            # Each process generates for its own share, out of step with the others: FSDP2's shards
+            # cannot be gathered for that (ZeRO-3's are, in heldout_accuracy).
+            raise QTuneError("held-out evaluation during RL generates on each process's own model, which FSDP2 "
+                             "shards: leave eval_data unset (eval_steps 0) and evaluate OUT/model with qtune eval, "
+                             "or train with DDP or DeepSpeed")
         self.heldout = list(heldout) if heldout else None
         self.eval_config = eval_config
         self.eval_steps = eval_steps
         self.step_log = Path(step_log) if step_log else Path(self.args.output_dir) / STEP_LOG
         self.keep_checkpoints = keep_checkpoints
         self.add_callback(_StepRecorder(self))
-
-    def shards_the_model(self) -> bool:
-        """Whether each process holds only a shard of the weights (FSDP, DeepSpeed ZeRO-3)."""
-        from transformers.integrations import is_deepspeed_zero3_enabled
-
-        return bool(self.is_fsdp_enabled or (self.is_deepspeed_enabled and is_deepspeed_zero3_enabled()))
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """TRL's `train`; `True` resumes from the newest complete checkpoint of `output_dir`. Resuming
@@ -92,14 +89,18 @@ class QTuneGRPOTrainer(StagedCheckpoints, GRPOTrainer):
     def heldout_accuracy(self) -> float:
         """Greedy exact match on the held-out records with the current weights. Each process
         generates for its share of the records (every num_processes-th one) and the verdicts are
-        gathered, so every process returns the same number."""
-        model = self.accelerator.unwrap_model(self.model)
+        gathered, so every process returns the same number. Under ZeRO-3 the weights are gathered
+        whole on every process meanwhile (TRL's `unwrap_model_for_generation`), since the processes
+        generate out of step (`qtune.engine.whole_model_work`)."""
+        from trl.models.utils import unwrap_model_for_generation
+
         share = self.heldout[self.args.process_index::self.args.world_size]
         verdicts = []
-        if share:
-            _, predictions = evaluate_exact_match(model, self.processing_class, share, self.eval_config,
-                                                  progress=False)
-            verdicts = [p["correct_strict"] for p in predictions]
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as model, whole_model_work():
+            if share:
+                _, predictions = evaluate_exact_match(model, self.processing_class, share, self.eval_config,
+                                                      progress=False)
+                verdicts = [p["correct_strict"] for p in predictions]
         verdicts = gather_object(verdicts) if self.args.world_size > 1 else verdicts
         return sum(verdicts) / len(verdicts)
 
