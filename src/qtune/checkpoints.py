@@ -15,6 +15,9 @@ Configuration. `OUT/run_config.json` records the options of the run. `--resume` 
 new options with it: options that cannot change what the run trains are never compared
 (`NOT_COMPARED`); options in `CHANGEABLE` may differ when `--allow-config-change` lists them;
 any other difference refuses the resume, even when listed.
+
+`StagedCheckpoints` is the mixin by which a `transformers.Trainer` (qtune's, TRL's) writes its
+checkpoints this way.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import QTuneError
 from .io import disk_full_message, write_json
+from .run_log import truncate_step_log
 
 #: Written last into a checkpoint: its step and the size of every other file in it.
 MARKER = "qtune-checkpoint.json"
@@ -229,3 +233,62 @@ def check_run_config(out: Path, config: dict, allowed: set[str]) -> None:
         names = ",".join(k for k in refused if k in CHANGEABLE)
         advice.append(f"to accept {names.replace(',', ', ')}, pass --allow-config-change {names}")
     raise QTuneError(f"--resume: the options differ from those in {path}: {listed}; {'; '.join(advice)}")
+
+
+class StagedCheckpoints:
+    """Mixin for a `transformers.Trainer` (or a TRL trainer built on it), before it in the bases:
+    checkpoints staged so that `checkpoint-N` appears complete or not at all, then the oldest
+    complete ones beyond `self.keep_checkpoints` deleted (`qtune.checkpoints`). The main process
+    stages, seals and rotates; every process writes its own files (the Trainer's per-process RNG
+    states) between two barriers. A subclass adds files through `_checkpoint_extra`. Its `train`
+    resolves `resume_from_checkpoint` with `_checkpoint_to_resume` and restarts its step log
+    (`self.step_log`, the subclass's) with `_restart_step_log`."""
+
+    keep_checkpoints: int | None = None
+    _staging: Path | None = None  # the staging folder while _save_checkpoint runs
+
+    def _checkpoint_extra(self) -> Callable[[Path], None] | None:
+        """Called by every process before a checkpoint is staged (it may gather); returns what the
+        main process then writes into the checkpoint's folder, or None."""
+        return None
+
+    def _save_checkpoint(self, model, trial):
+        out = Path(self.args.output_dir)
+        main = self.args.should_save
+        extra = self._checkpoint_extra()
+        staged = (staged_checkpoint(out, self.state.global_step) if main
+                  else contextlib.nullcontext(out / STAGING))
+        with staged as staging:
+            self.accelerator.wait_for_everyone()  # the staging folder exists before anyone writes
+            self._staging = staging
+            try:
+                super()._save_checkpoint(model, trial)
+                if main and extra is not None:
+                    extra(staging / f"checkpoint-{self.state.global_step}")
+            finally:
+                self._staging = None
+            self.accelerator.wait_for_everyone()  # every file is written before the main process seals
+        if main:
+            rotate(out, self.keep_checkpoints)
+
+    def _get_output_dir(self, trial):
+        # The Trainer saves a checkpoint under this folder: the staging one while _save_checkpoint runs.
+        return str(self._staging) if self._staging else super()._get_output_dir(trial)
+
+    def _checkpoint_to_resume(self, resume_from_checkpoint: str | bool | None) -> str | None:
+        """`train`'s argument with `True` made the newest complete checkpoint of `output_dir`."""
+        if resume_from_checkpoint is True:
+            complete, _ = scan(Path(self.args.output_dir))
+            if not complete:
+                raise QTuneError(f"no complete checkpoint in {self.args.output_dir} to resume from")
+            return str(complete[-1])
+        return resume_from_checkpoint or None
+
+    def _restart_step_log(self, resumed_from: str | None) -> None:
+        """Main process: cut the step log back to the checkpoint's step (those steps are about to be
+        trained again), or start a new one for a fresh run."""
+        if self.is_world_process_zero():
+            if resumed_from:
+                truncate_step_log(self.step_log, checkpoint_step(Path(resumed_from)))
+            else:
+                self.step_log.unlink(missing_ok=True)

@@ -285,7 +285,7 @@ def stage_report(stages: list[Stage]) -> dict:
     tokens, the response tokens that received loss, and input tokens of the trained rows; RL: loss
     tokens, the completion tokens that received the policy loss, and input tokens, prompts and
     completions read)."""
-    from .train import read_step_log
+    from .run_log import read_step_log
 
     rows: dict[str, dict] = {}
     for stage in stages:

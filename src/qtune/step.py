@@ -1,5 +1,5 @@
 """One training step with dynamic pruning, framework-free: plain functions on a model and the
-step's micro-batches, usable from the transformers Trainer (`qtune.train`), TRL or a plain loop.
+step's micro-batches, usable from the transformers Trainer (`qtune.trainer`), TRL or a plain loop.
 
     scores   = scorer(model, ...)     no-grad pass (`qtune.scorer.Scorer`), if the method asks
     plan     = plan_step(...)         gather (triage_scope) -> decide -> own rows -> pack -> count

@@ -45,7 +45,7 @@ from .objectives import Objective
 from .pretrained import resolve_model_path
 from .reference_policy import reference_policy
 from .scorer import build_scorer
-from .train import QTuneTrainer
+from .trainer import QTuneTrainer
 
 
 @dataclasses.dataclass

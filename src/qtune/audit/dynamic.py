@@ -12,7 +12,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..config import AuditConfig, TrainConfig
-from ..train import read_step_log, run_train
+from ..run_log import read_step_log
+from ..train import run_train
 
 
 def train_config(cfg: AuditConfig, planted: Path, out: Path) -> TrainConfig:

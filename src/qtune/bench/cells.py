@@ -144,7 +144,8 @@ def run_cell(cell: Cell, settings: dict, out: str | Path, keep_model: bool = Fal
     import gc
 
     from ..report import accuracy_by, pruning_audit, token_audit
-    from ..train import read_step_log, run_train
+    from ..run_log import read_step_log
+    from ..train import run_train
     from ..workflows import run_eval
 
     cell_dir = cell_folder(out, cell)

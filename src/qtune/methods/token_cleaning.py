@@ -16,7 +16,7 @@ fixed reference model; their runs warm the reference up on a small high-quality 
 reference retrained chunk by chunk) is not implemented. Reimplemented from the paper.
 
 When it decides: once, before the first step. The trainer scores every training sample with the
-initial weights and the reference model (`pass_needs`; `qtune.train.QTuneTrainer.train`), this
+initial weights and the reference model (`pass_needs`; `qtune.trainer.QTuneTrainer.train`), this
 rule keeps the influence of each response token (`pass_values`), then fixes every sample's mask
 (`fix_masks`). The steps apply the stored masks to the kept samples' response tokens: no scoring
 pass, no reference model in memory, no extra forward per step.
@@ -30,7 +30,7 @@ fixing the masks adds their concatenation (4), torch.kthvalue's working copy (4)
 plus 8 per token tied at the threshold: at most 21 bytes per response token at the peak, freed
 before training. The run holds the masks: 1 byte per response token, 16 bytes per sample.
 
-Resume: the masks are saved in the run's folder before the first step (`qtune.train.TOKEN_MASKS`,
+Resume: the masks are saved in the run's folder before the first step (`qtune.trainer.TOKEN_MASKS`,
 safetensors, written atomically) and read back on --resume, never recomputed: a resume with
 another --device or --dtype would rank ties and near-ties differently.
 """

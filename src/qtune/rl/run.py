@@ -39,7 +39,8 @@ from ..io import claim_output_dir, write_json
 from ..models import machine_stamp, resolve_device, resolve_dtype
 from ..rewards import bind_options, parse_spec, resolve
 from ..step import launched_processes
-from ..train import CHECKPOINTING, prepare_folder, read_step_log, resume_point
+from ..run_log import read_step_log
+from ..train import CHECKPOINTING, prepare_folder, resume_point
 from .config import RLConfig
 from .prompts import load_policy, load_prompts
 

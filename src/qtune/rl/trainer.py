@@ -30,7 +30,7 @@ from trl import GRPOTrainer
 from ..engine import check_engine, whole_model_work
 from ..errors import QTuneError
 from ..evaluate import evaluate_exact_match
-from ..train import StagedCheckpoints
+from ..checkpoints import StagedCheckpoints
 
 STEP_LOG = "steps.jsonl"
 HELDOUT = "heldout_exact_match"
