@@ -57,6 +57,7 @@ def launch(tmp_path, cfg, processes: int, worker: str = WORKER):
     command = [*(launcher if processes > 1 else [sys.executable]), str(script), json.dumps(values)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr[-4000:]
+    return done
 
 
 def weights(out):
@@ -137,6 +138,22 @@ def test_a_process_with_nothing_to_train_still_completes(tiny_run_inputs, tmp_pa
     launch(tmp_path, dataclasses.replace(cfg, max_steps=4, resume=True, allow_config_change="max_steps"), 2)
     resumed = read_step_log(out / "steps.jsonl")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4] and resumed[:3] == rows
+
+
+# Registered before the run, so that it runs after qtune's own exit handler (atexit runs in reverse).
+EXIT_WORKER = """
+import atexit, os
+import torch.distributed as dist
+atexit.register(lambda: print(f"rank {os.environ['RANK']}: process group at exit {dist.is_initialized()}"))
+""" + WORKER
+
+
+def test_the_process_group_ends_before_the_interpreter_does(tiny_run_inputs, tmp_path):
+    """Left to the interpreter's teardown, gloo's threads can abort a finished process (SIGABRT)."""
+    done = launch(tmp_path, train_config(tiny_run_inputs, tmp_path / "run", method="qtuning", batch_size=4,
+                                         max_steps=1), 2, EXIT_WORKER)
+    assert sorted(line for line in done.stdout.splitlines() if "at exit" in line) == [
+        "rank 0: process group at exit False", "rank 1: process group at exit False"]
 
 
 def test_training_arguments_pass_through(tiny_run_inputs, tmp_path):

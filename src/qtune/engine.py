@@ -11,6 +11,8 @@ gradients and optimizer state sharded) and "zero3" (DeepSpeed ZeRO-3: parameters
   for, else a one-line `QTuneError` before the first step. accelerate silently runs an FSDP
   request as DDP where it cannot give FSDP (on CPU), and an unsupported variant (FSDP1, ZeRO-0/1,
   ZeRO-3 without 16-bit gathering on save) would train and then lose the model.
+  In a multi-process run it also ends the process group at exit, before the interpreter's
+  teardown (`_end_process_group`).
 - `save_trained_model`, called by every process: the full state dict is gathered (accelerate's
   `get_state_dict`: FSDP2's full state dict, ZeRO-3's 16-bit consolidation) and the main process
   writes OUT/model beside, checks that the written weights have the model's shapes, then swaps it
@@ -25,11 +27,13 @@ gradients and optimizer state sharded) and "zero3" (DeepSpeed ZeRO-3: parameters
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -125,7 +129,22 @@ def check_engine(args, accelerator) -> str:
     reason = engine_refusal(requested_engine(args), running, plugin.deepspeed_config if plugin else None)
     if reason:
         raise QTuneError(reason)
+    if accelerator.num_processes > 1:
+        atexit.unregister(_end_process_group)  # once per process, however many runs it makes
+        atexit.register(_end_process_group)
     return running
+
+
+def _end_process_group() -> None:
+    """At the exit of a multi-process run, end the process group while the interpreter is still
+    whole. Left to the interpreter's teardown, gloo's worker threads can still hold tensors whose
+    release then needs the GIL, and a process that finished its work aborts ("terminate called
+    without an active exception", SIGABRT), failing the launch. Not after an uncaught exception:
+    the other processes may still be inside a collective, and ending the group could wait on them."""
+    if getattr(sys, "last_value", None) is not None:
+        return
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def check_launcher(deepspeed: str | None) -> None:
