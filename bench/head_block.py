@@ -152,6 +152,7 @@ def main() -> None:
     args = parser.parse_args()
     # What step_cost.build_model reads.
     args.preset, args.device, args.dtype, args.attn, args.lengths = "tiny", "cpu", "float32", "sdpa", [args.length]
+    args.model, args.lora_r = None, 0  # the preset's random weights, not a named model
     if args.variant:
         vocab, label = args.variant.split(":")
         print(json.dumps(scoring_memory(args, int(vocab), SIZINGS[label])))
