@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DEFAULT_STOP, EvalConfig
+from .config import EvalConfig
 from .chat_templates import render_prompt, render_segments
 from .errors import QTuneError
 from .io import write_json, write_jsonl
