@@ -256,11 +256,110 @@ def test_the_testbed_option_picks_the_preset_and_a_folder_keeps_its_preset(tmp_p
         check_settings(tmp_path, resolve_settings(BenchConfig(model="m", data="d", eval_data="e")))
 
 
+def test_draws_of_the_data_multiply_the_grid_and_draw_zero_keeps_its_names(tmp_path, monkeypatch):
+    import types
+
+    import qtune.testbed
+    from qtune.bench.results import draw_settings, resolve_settings
+
+    cells = build_grid(parse_methods("full,qtuning,token_matched_random"), [(0.25, 0.5)], [0, 1], [0, 2])
+    assert [c.name for c in cells] == [
+        "full-seed0", "qtuning-r0.25x0.5-seed0", "token_matched_random-r0.25x0.5-seed0",
+        "full-seed1", "qtuning-r0.25x0.5-seed1", "token_matched_random-r0.25x0.5-seed1",
+        "full-data2-seed0", "qtuning-r0.25x0.5-data2-seed0", "token_matched_random-r0.25x0.5-data2-seed0",
+        "full-data2-seed1", "qtuning-r0.25x0.5-data2-seed1", "token_matched_random-r0.25x0.5-data2-seed1"]
+    # A token-matched cell reads the qtuning cell of its own draw.
+    assert cells[-1].source == Cell("qtuning", 0.25, 0.5, 1, 2) and cells[-1].source.name == cells[-2].name
+    assert cells[-1].label == "token_matched_random r_sample=0.25 r_token=0.5 data_seed=2 seed=1"
+
+    built = []
+
+    def fake_build_testbed(cache_dir=None, *, preset="saturated", data_seed=None, **_):
+        built.append((preset, data_seed))
+        root = tmp_path / f"{preset}-{data_seed}"
+        return types.SimpleNamespace(model_dir=root / "model", train_path=root / "train.jsonl",
+                                     test_path=root / "test.jsonl")
+
+    monkeypatch.setattr(qtune.testbed, "build_testbed", fake_build_testbed)
+    cfg = BenchConfig(data_seeds="0,2")
+    settings = resolve_settings(cfg)
+    assert draw_settings(cfg, settings, 0) is settings and built == [("saturated", None)]
+    other = draw_settings(cfg, settings, 2)
+    assert built[-1] == ("saturated", 2)
+    assert {k: other[k] for k in ("model", "data", "eval_data")} == {
+        "model": str(tmp_path / "saturated-2" / "model"), "data": str(tmp_path / "saturated-2" / "train.jsonl"),
+        "eval_data": str(tmp_path / "saturated-2" / "test.jsonl")}
+    assert {k: v for k, v in other.items() if k not in ("model", "data", "eval_data")} == {
+        k: v for k, v in settings.items() if k not in ("model", "data", "eval_data")}
+    # A model given by the user stays the model of every draw.
+    mine = BenchConfig(data_seeds="0,2", model="mine")
+    assert draw_settings(mine, resolve_settings(mine), 2)["model"] == "mine"
+
+
+def test_draws_need_the_testbeds_data(tiny_bench_inputs, tmp_path, count_training, capsys):
+    out = tmp_path / "bench"
+    base = ["bench", "--model", str(tiny_bench_inputs / "model"), "--data", str(tiny_bench_inputs / "train.jsonl"),
+            "--eval-data", str(tiny_bench_inputs / "test.jsonl"), "--out", str(out)]
+    assert main(base + ["--data-seeds", "0,1"]) == 2
+    assert capsys.readouterr().err == ("error: --data-seeds draws the testbed's data again; with --data or "
+                                       "--eval-data there is only your data: leave --data-seeds at 0\n")
+    assert main(["bench", "--data-seeds", "0,-1", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == "error: --data-seeds: a draw of the data is a non-negative integer, not -1\n"
+    assert main(["bench", "--data-seeds", "0,x", "--out", str(out)]) == 2
+    assert "--data-seeds: '0,x' is not a comma-separated list of integers" in capsys.readouterr().err
+    assert count_training == [] and not out.exists()
+
+
+def test_draws_are_pooled_and_their_spread_is_split_from_the_seeds():
+    def runs(method, r_sample, r_token, by_draw):
+        return [result(method, r_sample, r_token, seed, v, data_seed=d)
+                for d, values in by_draw.items() for seed, v in enumerate(values)]
+
+    rows = (runs("full", 1.0, 1.0, {0: [0.90, 0.92, 0.94], 1: [0.90, 0.92, 0.94]})
+            + runs("random", 0.25, 0.5, {0: [0.80, 0.81, 0.82], 1: [0.86, 0.87, 0.88]})
+            # a clear win over random on draw 0, a tie on draw 1
+            + runs("qtuning", 0.25, 0.5, {0: [0.86, 0.87, 0.88], 1: [0.86, 0.88, 0.90]}))
+    stats = {g.method: g for g in summarize_results(rows)}
+    q = stats["qtuning"]
+    assert q.runs_label == "2x3" and q.data_seeds == [0, 0, 0, 1, 1, 1] and q.seeds == [0, 1, 2, 0, 1, 2]
+    assert q.mean["exact_match_strict"] == pytest.approx(0.875)
+    values = [0.86, 0.87, 0.88, 0.86, 0.88, 0.90]
+    mean = sum(values) / 6
+    assert q.std["exact_match_strict"] == pytest.approx((sum((v - mean) ** 2 for v in values) / 5) ** 0.5)
+    # across draws: the std of the draws' means 0.87 and 0.88; across seeds: sqrt of the mean of the
+    # draws' variances 0.0001 and 0.0004
+    assert q.draw_std == pytest.approx(0.01 / 2 ** 0.5)
+    assert q.seed_std == pytest.approx(0.00025 ** 0.5)
+
+    headers, table, _ = bench.stats.results_table(list(stats.values()), "exact_match_strict")
+    assert headers[3] == "draws x seeds"
+    at = headers.index("strict EM %")
+    assert headers[at + 1:at + 3] == ["std across draws", "std across seeds"]
+    qrow = next(r for r in table if r[0] == "qtuning")
+    assert qrow[3] == "2x3" and qrow[at + 1:at + 3] == ["0.7", "1.6"]
+    rows_csv = list(csv.DictReader(io.StringIO(bench.csv_results(list(stats.values())))))
+    assert next(r for r in rows_csv if r["method"] == "qtuning")["data_seeds"] == "0 0 0 1 1 1"
+
+    headers, table = bench.stats.draw_rows(rows, "exact_match_strict")
+    assert headers == ["method", "r_sample x r_token", "vs random, draw 0", "vs random, draw 1",
+                       "vs full, draw 0", "vs full, draw 1"]
+    by_method = {r[0]: r[2:] for r in table}
+    # draw 0: +6 points, pooled std 1 -> +6.00, win; draw 1: +1 point, pooled std sqrt((4 + 1) / 2) = 1.58
+    assert by_method["qtuning"][:2] == ["+6.0 (+6.00) win", "+1.0 (+0.63) tie"]
+    # against full (std 2 points on both draws): -5 / sqrt((1 + 4) / 2) = -3.16; -4 / 2 = -2.00
+    assert by_method["qtuning"][2:] == ["-5.0 (-3.16) loss", "-4.0 (-2.00) loss"]
+    assert by_method["random"][:2] == ["-", "-"]
+    assert bench.stats.draw_rows([r for r in rows if r["data_seed"] == 0], "exact_match_strict") is None
+    # one draw: the single-draw table, unchanged
+    headers, table, _ = bench.stats.results_table(summarize_results(HAND_ROWS), "exact_match_strict")
+    assert headers[3] == "seeds" and "std across draws" not in headers
+
+
 # --- tables --------------------------------------------------------------------------------------
 
 
 def result(method, r_sample, r_token, seed, strict, **extra):
-    row = {"cell": Cell(method, r_sample, r_token, seed).name, "method": method, "r_sample": r_sample,
+    row = {"cell": Cell(method, r_sample, r_token, seed, extra.get("data_seed", 0)).name, "method": method, "r_sample": r_sample,
            "r_token": r_token, "seed": seed, "nominal_budget": 1.0 if method == "full" else r_sample * r_token,
            "exact_match_strict": strict, "exact_match_flexible": strict + 0.1, "perplexity": 3.0,
            "loss_token_fraction": 0.2, "kept_sample_fraction": 0.25, "scoring_seconds": 1.0,

@@ -373,3 +373,32 @@ def test_rebuild_command_pretrains_a_loadable_model(tmp_path, capsys):
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "m").config.num_hidden_layers == 1
     with pytest.raises(SystemExit, match="exists"):
         rebuild.main([str(tmp_path / "m")])
+
+
+def test_another_draw_has_other_problems_and_the_same_base_model(tmp_path, capsys):
+    from qtune.cli import main
+    from qtune.errors import QTuneError
+    from qtune.testbed import shipped
+
+    config = SaturatedConfig(train_size=60, dev_size=10, test_size=10)
+    own = build_testbed(tmp_path, preset="saturated", config=config, progress=False)
+    assert build_testbed(tmp_path, preset="saturated", config=config, data_seed=0, progress=False) == own
+    other = build_testbed(tmp_path, preset="saturated", config=config, data_seed=3, progress=False)
+    assert other.root != own.root
+    assert json.loads((other.root / "recipe.json").read_text())["data"] == json.loads(json.dumps(dataclasses.asdict(
+        dataclasses.replace(config, seed=3))))
+    questions = [{json.loads(line)["question"] for line in paths.test_path.read_text().splitlines()}
+                 for paths in (own, other)]
+    assert len(questions[0] & questions[1]) < 3  # another draw of the problems
+    kinds = [collections.Counter(json.loads(line)["metadata"]["category"]
+                                 for line in paths.train_path.read_text().splitlines()) for paths in (own, other)]
+    assert kinds[0] == kinds[1]  # the same defect mix
+    for name, digest in shipped.SHA256.items():
+        assert shipped.file_sha256(other.model_dir / name) == digest
+    with pytest.raises(QTuneError, match="the data seed must be a non-negative integer, not -1"):
+        build_testbed(tmp_path, preset="saturated", config=config, data_seed=-1, progress=False)
+    # The command: the preset's full-size draw, printed.
+    assert main(["testbed", "build", "--cache-dir", str(tmp_path / "cli"), "--data-seed", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert f"test:  {build_testbed(tmp_path / 'cli', data_seed=2, progress=False).test_path}" in printed
+    assert json.loads((tmp_path / "cli").glob("*/recipe.json").__next__().read_text())["data"]["seed"] == 2

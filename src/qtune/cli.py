@@ -46,7 +46,7 @@ def _demo(ns: argparse.Namespace) -> None:
 def _testbed_build(ns: argparse.Namespace) -> None:
     from .testbed import build_testbed
 
-    paths = build_testbed(ns.cache_dir, force=ns.force, preset=ns.preset)
+    paths = build_testbed(ns.cache_dir, force=ns.force, preset=ns.preset, data_seed=ns.data_seed)
     dev = f"\ndev:   {paths.dev_path}" if paths.dev_path else ""
     print(f"model: {paths.model_dir}\ntrain: {paths.train_path}{dev}\ntest:  {paths.test_path}")
 
@@ -182,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="saturated (default: a base model that already solves the task in another layout, "
                             "shipped with qtune) or data-starved (a base model far from knowing the task); see "
                             "docs/testbed.md.")
+    build.add_argument("--data-seed", type=int, default=None, metavar="N",
+                       help="Another draw of the preset's problems and defects (same generator, same defect mix, "
+                            "for the saturated preset the same shipped base model); default: the preset's own "
+                            "draw, 0. See docs/testbed.md (\"Other draws\").")
     build.set_defaults(func=_testbed_build)
     return parser
 

@@ -68,7 +68,13 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
         if cfg.keep_models_of is not None and cfg.keep_models_of not in methods:
             raise QTuneError(f"--keep-models-of: {cfg.keep_models_of} is not among the methods run "
                              f"({', '.join(methods)})")
-        cells = build_grid(methods, parse_budgets(cfg.budgets), parse_seeds(cfg.seeds))
+        data_seeds = parse_seeds(cfg.data_seeds, "--data-seeds")
+        if min(data_seeds) < 0:
+            raise QTuneError(f"--data-seeds: a draw of the data is a non-negative integer, not {min(data_seeds)}")
+        if data_seeds != [0] and (cfg.data is not None or cfg.eval_data is not None):
+            raise QTuneError("--data-seeds draws the testbed's data again; with --data or --eval-data there is "
+                             "only your data: leave --data-seeds at 0")
+        cells = build_grid(methods, parse_budgets(cfg.budgets), parse_seeds(cfg.seeds), data_seeds)
     if cells is not None and (cfg.data is not None or cfg.eval_data is not None):
         # On user data, before anything is written; the testbed's splits share templates by construction.
         settings = resolve_settings(cfg)

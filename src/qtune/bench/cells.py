@@ -24,7 +24,7 @@ from ..data import IGNORE_INDEX
 from ..errors import QTuneError
 from ..io import read_jsonl, write_json
 from .grid import BenchConfig, Cell
-from .results import (append_result, cell_folder, check_settings, finished_row, resolve_settings,
+from .results import (append_result, cell_folder, check_settings, draw_settings, finished_row, resolve_settings,
                       sync_results)
 
 
@@ -107,6 +107,7 @@ def result_row(cell: Cell, summary: dict, steps: list[dict], metrics: dict, audi
         "r_sample": cell.r_sample,
         "r_token": cell.r_token,
         "seed": cell.seed,
+        "data_seed": cell.data_seed,
         "nominal_budget": summary["nominal_budget"],
         "exact_match_strict": metrics["exact_match_strict"],
         "exact_match_flexible": metrics["exact_match_flexible"],
@@ -196,16 +197,17 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _check_cell_configs(cells: list[Cell], settings: dict, out: Path) -> None:
-    """Build every cell's TrainConfig and the evaluation config (building checks them), so that
+def _check_cell_configs(cells: list[Cell], draws: dict[int, dict], out: Path) -> None:
+    """Build every cell's TrainConfig and the evaluation configs (building checks them), so that
     settings no cell can run with fail now, in one line, not in every cell after the first ones
-    have trained."""
+    have trained. `draws`: the settings of each draw of the data (`draw_settings`)."""
     for cell in cells:
         try:
-            train_config(cell, settings, out)
+            train_config(cell, draws[cell.data_seed], out)
         except QTuneError as exc:
             raise QTuneError(f"cell {cell.name}: {exc}") from None
-    eval_config(settings, out / "model", out / "eval")  # the same for every cell, but for these paths
+    for settings in draws.values():
+        eval_config(settings, out / "model", out / "eval")  # the same for every cell of a draw, but for these paths
 
 
 def keeps_model(cfg: BenchConfig, cell: Cell) -> bool:
@@ -217,8 +219,9 @@ def keeps_model(cfg: BenchConfig, cell: Cell) -> bool:
 def run_cells(cells: list[Cell], cfg: BenchConfig, out: Path) -> list[str]:
     """Run the cells that have no result yet; return the names of those that failed."""
     settings = resolve_settings(cfg)
-    _check_cell_configs(cells, settings, out)
-    check_settings(out, settings)
+    draws = {d: draw_settings(cfg, settings, d) for d in dict.fromkeys(cell.data_seed for cell in cells)}
+    _check_cell_configs(cells, draws, out)
+    check_settings(out, settings)  # the preset's own draw's: the other draws follow from it and the data seed
     sync_results(out)
     metric = f"exact_match_{cfg.metric}"
     pending, done = [], 0
@@ -230,15 +233,15 @@ def run_cells(cells: list[Cell], cfg: BenchConfig, out: Path) -> list[str]:
             done += 1
             print(f"[{done}/{len(cells)}] {cell.label} ... done earlier: acc {100 * row[metric]:.1f}%", flush=True)
     progress = _Progress(out, done, len(cells), metric)
-    labels = training_labels(settings) if pending else None
+    labels = {d: training_labels(draws[d]) for d in dict.fromkeys(cell.data_seed for cell in pending)}
     if cfg.jobs == 1:
         for cell in pending:
             print(progress.start(cell), end=" ", flush=True)
-            print(progress.finish(cell, *_run_cell_reporting_errors(cell, settings, str(out), keeps_model(cfg, cell),
-                                                                     labels)),
+            print(progress.finish(cell, *_run_cell_reporting_errors(cell, draws[cell.data_seed], str(out),
+                                                                     keeps_model(cfg, cell), labels[cell.data_seed])),
                   flush=True)
     elif pending:
-        _run_parallel(pending, settings, out, cfg, progress, labels)
+        _run_parallel(pending, draws, out, cfg, progress, labels)
     return progress.failures
 
 
@@ -267,8 +270,8 @@ def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _run_parallel(pending: list[Cell], settings: dict, out: Path, cfg: BenchConfig, progress: _Progress,
-                  labels: TrainingLabels) -> None:
+def _run_parallel(pending: list[Cell], draws: dict[int, dict], out: Path, cfg: BenchConfig, progress: _Progress,
+                  labels: dict[int, TrainingLabels]) -> None:
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
@@ -288,8 +291,8 @@ def _run_parallel(pending: list[Cell], settings: dict, out: Path, cfg: BenchConf
 
         def submit(cells: list[Cell]) -> None:
             for cell in cells:
-                futures[pool.submit(_run_cell_reporting_errors, cell, settings, str(out), keeps_model(cfg, cell),
-                                    labels)] = cell
+                futures[pool.submit(_run_cell_reporting_errors, cell, draws[cell.data_seed], str(out),
+                                    keeps_model(cfg, cell), labels[cell.data_seed])] = cell
 
         submit([cell for cell in pending if cell.source not in queued])
         try:

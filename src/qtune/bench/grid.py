@@ -53,6 +53,12 @@ class BenchConfig(ContaminationConfig, ScorerConfig, ComputeConfig, LossConfig, 
                                        "budget and seed; token_matched_random needs qtuning).")
     budgets: str = option(DEFAULT_BUDGETS, "Comma-separated budgets r_sample x r_token, e.g. 0.25x0.7,0.125x0.5.")
     seeds: str = option("0,1,2", "Comma-separated training seeds.")
+    data_seeds: str = option("0", "Comma-separated draws of the testbed's data (qtune testbed build --data-seed): "
+                                  "each draw has its own training, dev and test sets (same generator and defect "
+                                  "mix), and every cell runs on each. The tables pool draws x training seeds and "
+                                  "show the spread across draws beside the spread across training seeds. Only "
+                                  "with the testbed's data (neither --data nor --eval-data); 0 is the preset's "
+                                  "own draw.")
     jobs: int = option(1, "Cells run at once, each in its own process with cpu_count // jobs torch threads.",
                        bounds="[1, inf)")
     # Reports.
@@ -107,32 +113,38 @@ def budget_label(method: str, r_sample: float, r_token: float) -> str:
 @dataclass(frozen=True)
 class Cell:
     """One training and evaluation run of the grid. The budget-free methods (`BUDGET_FREE`: full,
-    oracle) have r_sample = r_token = 1."""
+    oracle) have r_sample = r_token = 1. `data_seed`: the draw of the testbed's data it runs on
+    (0, the preset's own draw, for a bench on user data)."""
 
     method: str
     r_sample: float
     r_token: float
     seed: int
+    data_seed: int = 0
 
     @property
     def name(self) -> str:
-        """The cell's folder name, e.g. qtuning-r0.25x0.7-seed1, or full-seed0 for a budget-free method."""
+        """The cell's folder name, e.g. qtuning-r0.25x0.7-seed1, or full-seed0 for a budget-free
+        method; another draw than 0 adds its seed (qtuning-r0.25x0.7-data2-seed1), so that a run
+        on draw 0 alone keeps its names when other draws are added to it."""
+        draw = f"-data{self.data_seed}" if self.data_seed else ""
         if self.method in BUDGET_FREE:
-            return f"{self.method}-seed{self.seed}"
-        return f"{self.method}-r{self.r_sample:g}x{self.r_token:g}-seed{self.seed}"
+            return f"{self.method}{draw}-seed{self.seed}"
+        return f"{self.method}-r{self.r_sample:g}x{self.r_token:g}{draw}-seed{self.seed}"
 
     @property
     def label(self) -> str:
+        draw = f" data_seed={self.data_seed}" if self.data_seed else ""
         if self.method in BUDGET_FREE:
-            return f"{self.method} seed={self.seed}"
-        return f"{self.method} r_sample={self.r_sample:g} r_token={self.r_token:g} seed={self.seed}"
+            return f"{self.method}{draw} seed={self.seed}"
+        return f"{self.method} r_sample={self.r_sample:g} r_token={self.r_token:g}{draw} seed={self.seed}"
 
     @property
     def source(self) -> Cell | None:
         """The cell whose training run this one reads (`MATCHED`: the qtuning cell of the same
-        budget and seed for token_matched_random), None for the others."""
+        budget, seed and draw for token_matched_random), None for the others."""
         method = MATCHED.get(self.method)
-        return None if method is None else Cell(method, self.r_sample, self.r_token, self.seed)
+        return None if method is None else Cell(method, self.r_sample, self.r_token, self.seed, self.data_seed)
 
 
 def parse_budgets(text: str) -> list[tuple[float, float]]:
@@ -155,14 +167,14 @@ def parse_budgets(text: str) -> list[tuple[float, float]]:
     return budgets
 
 
-def parse_seeds(text: str) -> list[int]:
-    """'0,1,2' -> [0, 1, 2], duplicates dropped."""
+def parse_seeds(text: str, option: str = "--seeds") -> list[int]:
+    """'0,1,2' -> [0, 1, 2], duplicates dropped; `option` names the flag in errors."""
     try:
         seeds = [int(p) for p in text.split(",") if p.strip()]
     except ValueError:
-        raise QTuneError(f"--seeds: {text!r} is not a comma-separated list of integers") from None
+        raise QTuneError(f"{option}: {text!r} is not a comma-separated list of integers") from None
     if not seeds:
-        raise QTuneError("--seeds: no seed given")
+        raise QTuneError(f"{option}: no seed given")
     return list(dict.fromkeys(seeds))
 
 
@@ -195,10 +207,12 @@ def parse_methods(text: str | None) -> list[str]:
     return sorted(names, key=lambda m: m != FULL)
 
 
-def build_grid(methods: list[str], budgets: list[tuple[float, float]], seeds: list[int]) -> list[Cell]:
-    """Seed by seed (so an early stop still has complete seeds): the budget-free methods once (full
-    first), then budget by budget the others, a cell that reads another's run (`MATCHED`) after
-    it. QTuneError when such a cell's source method is not among `methods`."""
+def build_grid(methods: list[str], budgets: list[tuple[float, float]], seeds: list[int],
+               data_seeds: list[int] = (0,)) -> list[Cell]:
+    """Draw by draw, and in each seed by seed (so an early stop still has complete seeds): the
+    budget-free methods once (full first), then budget by budget the others, a cell that reads
+    another's run (`MATCHED`) after it. QTuneError when such a cell's source method is not among
+    `methods`."""
     for method in methods:
         source = MATCHED.get(method)
         if source is not None and source not in methods:
@@ -208,8 +222,9 @@ def build_grid(methods: list[str], budgets: list[tuple[float, float]], seeds: li
     free = [m for m in methods if m in BUDGET_FREE]
     budgeted = sorted((m for m in methods if m not in BUDGET_FREE), key=lambda m: m in MATCHED)  # stable
     cells = []
-    for seed in seeds:
-        cells.extend(Cell(m, 1.0, 1.0, seed) for m in free)
-        for r_sample, r_token in budgets:
-            cells.extend(Cell(m, r_sample, r_token, seed) for m in budgeted)
+    for data_seed in data_seeds:
+        for seed in seeds:
+            cells.extend(Cell(m, 1.0, 1.0, seed, data_seed) for m in free)
+            for r_sample, r_token in budgets:
+                cells.extend(Cell(m, r_sample, r_token, seed, data_seed) for m in budgeted)
     return cells

@@ -13,9 +13,9 @@ from ..errors import QTuneError
 from ..io import read_jsonl, write_text
 from .grid import BUDGET_FREE, FULL, BenchConfig, budget_label
 from .results import RESULTS_FILE, load_settings, read_results
-from .stats import (COLUMNS, COMPARISON_NOTE, TOKEN_AUDIT_NOTE, GroupStats, answer_rows, audit_rows,
-                    comparison_rows, csv_results, markdown_results, phase_rows, results_table, summarize_results,
-                    token_audit_rows, verdict_sentences)
+from .stats import (COLUMNS, COMPARISON_NOTE, DRAWS_NOTE, TOKEN_AUDIT_NOTE, GroupStats, answer_rows, audit_rows,
+                    comparison_rows, csv_results, data_seed, draw_rows, markdown_results, phase_rows, results_table,
+                    summarize_results, token_audit_rows, verdict_sentences)
 
 #: The budget whose Q2 samples the HTML report shows with their pruned tokens, when it is in the grid.
 EXAMPLE_BUDGET = (0.25, 0.7)
@@ -43,8 +43,8 @@ def write_reports(out: Path, cfg: BenchConfig) -> dict[str, Path]:
         except QTuneError as exc:  # e.g. the base model is gone: the other reports are still worth having
             print(f"warning: no EU-plane figures nor token examples: {exc}", file=sys.stderr, flush=True)
             base = None
-        if base is not None:
-            plots.update(_draw_eu_planes(out, rows, base, settings))
+        if base is not None:  # the base model's scores are those of the preset's own draw of the data
+            plots.update(_draw_eu_planes(out, [r for r in rows if data_seed(r) == 0], base, settings))
             eu_note = base["note"]
             if cfg.examples:
                 examples = token_examples(base, settings, rows, cfg.examples)
@@ -57,6 +57,9 @@ def write_reports(out: Path, cfg: BenchConfig) -> dict[str, Path]:
     comparison = comparison_rows(stats, metric)
     if comparison is not None:
         markdown += "\n## Wins, ties and losses\n\n" + COMPARISON_NOTE + "\n\n" + format_table(*comparison) + "\n"
+    draws = draw_rows(rows, metric)
+    if draws is not None:
+        markdown += "\n## Draw by draw\n\n" + DRAWS_NOTE + "\n\n" + format_table(*draws) + "\n"
     if plots:
         markdown += "\n## Plots\n\n" + "".join(f"![{name}]({path.relative_to(out).as_posix()})\n"
                                                 for name, path in plots.items())
@@ -88,8 +91,8 @@ def write_reports(out: Path, cfg: BenchConfig) -> dict[str, Path]:
     written["csv"] = out / "results.csv"
     write_text(written["csv"], csv_results(stats))
     written["html"] = out / "report.html"
-    _write_html(written["html"], settings, rows, stats, metric, verdicts, comparison, audit, audit_kind, answers,
-                token_audit_table, plots, examples, eu_note)
+    _write_html(written["html"], settings, rows, stats, metric, verdicts, comparison, draws, audit, audit_kind,
+                answers, token_audit_table, plots, examples, eu_note)
     print(f"reports: {out / 'results.md'}, {out / 'results.csv'}, {out / 'report.html'}", flush=True)
     return written
 
@@ -313,7 +316,7 @@ def _token_texts(tokenizer, input_ids: list[int], positions: list[int]) -> list[
 
 
 def _write_html(path: Path, settings: dict, rows: list[dict], stats: list[GroupStats], metric: str, verdicts,
-                comparison, audit, audit_kind, answers, token_audit_table, plots: dict[str, Path], examples,
+                comparison, draws, audit, audit_kind, answers, token_audit_table, plots: dict[str, Path], examples,
                 eu_note: str) -> None:
     from .. import html_report as H
 
@@ -321,12 +324,14 @@ def _write_html(path: Path, settings: dict, rows: list[dict], stats: list[GroupS
     metric_name = metric.replace("exact_match_", "")
     sections = [H.section("Verdicts", H.bullets(verdicts))] if verdicts else []
     sections.append(H.section("Results", H.paragraph(
-        "Mean ± sample standard deviation over seeds. Bold: the best method of its budget (highest mean "
+        "Mean ± sample standard deviation over seeds (and draws of the data, pooled, when there are several). Bold: the best method of its budget (highest mean "
         f"{metric_name} exact match, among two or more methods). Budget = r_sample x r_token, the nominal share "
         "of response tokens trained on; loss tokens % is the measured share. Wall time = scoring + training "
         "(evaluation excluded)."), H.table(headers, table_rows, bold=bold)))
     if comparison is not None:
         sections.append(H.section("Wins, ties and losses", H.paragraph(COMPARISON_NOTE), H.table(*comparison)))
+    if draws is not None:
+        sections.append(H.section("Draw by draw", H.paragraph(DRAWS_NOTE), H.table(*draws)))
     figures = [H.image(plots[name], caption) for name, caption in (
         ("accuracy_vs_budget", "Accuracy against the nominal budget (log scale); error bars: standard deviation "
                                "over seeds; dashed line: full data."),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .grid import BUDGET_FREE, FULL, budget_label, is_control
 
@@ -27,20 +27,33 @@ COLUMNS = (
 
 @dataclass
 class GroupStats:
-    """The result rows of one (method, r_sample, r_token) over its seeds."""
+    """The result rows of one (method, r_sample, r_token) over its seeds, pooled over the draws of
+    the data when there are several (`data_seeds`; 0 for every row of a single draw)."""
 
     method: str
     r_sample: float
     r_token: float
     nominal_budget: float
-    seeds: list[int]
+    seeds: list[int]  # one per row: the training seed
     mean: dict[str, float | None]
-    std: dict[str, float | None]  # sample standard deviation; None with a single seed
+    std: dict[str, float | None]  # sample standard deviation over every row; None with a single row
     best: bool = False  # highest mean of the ranking metric among the methods of its budget
+    data_seeds: list[int] = field(default_factory=list)  # one per row: the draw of the data
+    # Of the ranking metric, with two or more draws: the standard deviation of the draws' means
+    # (what changes with the draw), and the root of the mean variance over training seeds within a
+    # draw (what changes with the seed); None where a draw or a seed is single.
+    draw_std: float | None = None
+    seed_std: float | None = None
 
     @property
     def budget_label(self) -> str:
         return budget_label(self.method, self.r_sample, self.r_token)
+
+    @property
+    def runs_label(self) -> str:
+        """How many rows the statistics pool: "3", or "3x3" for 3 draws x 3 training seeds."""
+        draws = len(set(self.data_seeds))
+        return str(len(self.seeds)) if draws < 2 else f"{draws}x{len(self.seeds) // draws}"
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -49,22 +62,45 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
+def data_seed(row: dict) -> int:
+    """The draw of the data a result row ran on (rows from before draws existed: 0)."""
+    return row.get("data_seed", 0)
+
+
+def draw_spread(members: list[dict], metric: str) -> tuple[float | None, float | None]:
+    """(standard deviation of the per-draw means of `metric`, root of the mean within-draw
+    variance over training seeds), each None when there are fewer than two draws, or for the
+    second when no draw has two seeds."""
+    by_draw: dict[int, list[float]] = {}
+    for r in members:
+        if r.get(metric) is not None:
+            by_draw.setdefault(data_seed(r), []).append(r[metric])
+    if len(by_draw) < 2:
+        return None, None
+    means = [statistics.fmean(v) for v in by_draw.values()]
+    variances = [statistics.variance(v) for v in by_draw.values() if len(v) > 1]
+    return statistics.stdev(means), (math.sqrt(statistics.fmean(variances)) if variances else None)
+
+
 def summarize_results(rows: list[dict], metric: str = "exact_match_strict") -> list[GroupStats]:
-    """Mean and standard deviation over seeds per (method, r_sample, r_token), the budget-free
-    methods first (`full`, then `oracle`), then budgets from the largest down; `best` marks, in each
-    budget run by two or more methods, the method(s) with the highest mean `metric` (the controls
-    of experiments, `grid.is_control`, take no part: they bound the methods)."""
+    """Mean and standard deviation over seeds (and draws of the data, pooled) per (method,
+    r_sample, r_token), the budget-free methods first (`full`, then `oracle`), then budgets from
+    the largest down; `best` marks, in each budget run by two or more methods, the method(s) with
+    the highest mean `metric` (the controls of experiments, `grid.is_control`, take no part: they
+    bound the methods). With several draws, `draw_std` and `seed_std` split the spread of `metric`
+    (`draw_spread`)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["method"], row["r_sample"], row["r_token"]), []).append(row)
     stats = []
     for (method, r_sample, r_token), members in groups.items():
-        members.sort(key=lambda r: r["seed"])
+        members.sort(key=lambda r: (data_seed(r), r["seed"]))
         mean, std = {}, {}
         for key, *_ in COLUMNS:
             mean[key], std[key] = _mean_std([r[key] for r in members if r.get(key) is not None])
         stats.append(GroupStats(method, r_sample, r_token, members[0]["nominal_budget"],
-                                [r["seed"] for r in members], mean, std))
+                                [r["seed"] for r in members], mean, std, data_seeds=[data_seed(r) for r in members]))
+        stats[-1].draw_std, stats[-1].seed_std = draw_spread(members, metric)
     stats.sort(key=lambda g: (g.method not in BUDGET_FREE, -g.nominal_budget, -g.r_sample, g.method))
     budgeted = [g for g in stats if g.method not in BUDGET_FREE and not is_control(g.method)]
     for key in {(g.r_sample, g.r_token) for g in budgeted}:
@@ -84,16 +120,26 @@ def _format_stat(mean: float | None, std: float | None, scale: float, decimals: 
 
 
 def results_table(stats: list[GroupStats], metric: str) -> tuple[list[str], list[list[str]], set[tuple[int, int]]]:
-    """Headers, formatted rows and the (row, column) cells to emphasise (best of its budget)."""
-    headers = ["method", "budget", "r_sample x r_token", "seeds"] + [h for _, h, *_ in COLUMNS]
-    metric_column = 4 + [k for k, *_ in COLUMNS].index(metric)
+    """Headers, formatted rows and the (row, column) cells to emphasise (best of its budget).
+    With several draws of the data, "seeds" reads draws x seeds, and two columns after the
+    metric's split its spread: across draws and across training seeds within a draw."""
+    several = any(len(set(g.data_seeds)) > 1 for g in stats)
+    headers = ["method", "budget", "r_sample x r_token", "draws x seeds" if several else "seeds"]
+    metric_column = len(headers) + [k for k, *_ in COLUMNS].index(metric)
     rows, bold = [], set()
     for i, g in enumerate(stats):
-        rows.append([g.method, f"{g.nominal_budget:.4g}", g.budget_label, str(len(g.seeds))]
-                    + [_format_stat(g.mean[k], g.std[k], scale, d) for k, _, scale, d in COLUMNS])
+        cells = [_format_stat(g.mean[k], g.std[k], scale, d) for k, _, scale, d in COLUMNS]
+        if several:
+            spread = [("-" if v is None else f"{100 * v:.1f}") for v in (g.draw_std, g.seed_std)]
+            cells[metric_column - 4 + 1:metric_column - 4 + 1] = spread
+        rows.append([g.method, f"{g.nominal_budget:.4g}", g.budget_label, g.runs_label] + cells)
         if g.best:
             bold.add((i, metric_column))
-    return headers, rows, bold
+    columns = [h for _, h, *_ in COLUMNS]
+    if several:
+        position = metric_column - 4 + 1
+        columns[position:position] = ["std across draws", "std across seeds"]
+    return headers + columns, rows, bold
 
 
 def markdown_results(stats: list[GroupStats], metric: str) -> str:
@@ -111,14 +157,16 @@ def csv_results(stats: list[GroupStats]) -> str:
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["method", "r_sample", "r_token", "nominal_budget", "seeds", "best"]
-                    + [f"{k}_{s}" for k, *_ in COLUMNS for s in ("mean", "std")])
+    writer.writerow(["method", "r_sample", "r_token", "nominal_budget", "seeds", "data_seeds", "best"]
+                    + [f"{k}_{s}" for k, *_ in COLUMNS for s in ("mean", "std")] + ["metric_std_across_draws",
+                                                                                     "metric_std_across_seeds"])
     for g in stats:
         values = []
         for key, *_ in COLUMNS:
             values += ["" if g.mean[key] is None else repr(g.mean[key]), "" if g.std[key] is None else repr(g.std[key])]
+        values += ["" if v is None else repr(v) for v in (g.draw_std, g.seed_std)]
         writer.writerow([g.method, g.r_sample, g.r_token, g.nominal_budget, " ".join(map(str, g.seeds)),
-                         int(g.best)] + values)
+                         " ".join(map(str, g.data_seeds)), int(g.best)] + values)
     return buffer.getvalue()
 
 
@@ -229,6 +277,40 @@ def comparison_rows(stats: list[GroupStats], metric: str) -> tuple[list[str], li
         return None
     return (["method", "r_sample x r_token", "vs random (pp)", "in std", "verdict", "vs full (pp)", "in std",
              "verdict", "wall vs full"], table)
+
+
+DRAWS_NOTE = (
+    "The same comparisons on each draw of the data alone (its training seeds only): a verdict that holds on "
+    "one draw and not on another is a property of that draw, not of the method. Each entry: difference in "
+    "points, in pooled standard deviations of that draw's seeds, verdict.")
+
+
+def draw_rows(rows: list[dict], metric: str) -> tuple[list[str], list[list[str]]] | None:
+    """Per (method, budget) but full data: the comparison against random pruning at the same budget
+    and against full data on each draw of the data alone. None with fewer than two draws."""
+    draws = sorted({data_seed(r) for r in rows})
+    if len(draws) < 2:
+        return None
+    per_draw = {d: summarize_results([r for r in rows if data_seed(r) == d], metric) for d in draws}
+    pooled = summarize_results(rows, metric)
+    table = []
+    for g in pooled:
+        if g.method == FULL:
+            continue
+        against_random, against_full = [], []
+        for d in draws:
+            groups = {(h.method, h.r_sample, h.r_token): h for h in per_draw[d]}
+            own = groups.get((g.method, g.r_sample, g.r_token))
+            random = (groups.get((RANDOM, g.r_sample, g.r_token))
+                      if g.method != RANDOM and g.method not in BUDGET_FREE else None)
+            full = next((h for h in per_draw[d] if h.method == FULL), None)
+            for other, column in ((random, against_random), (full, against_full)):
+                delta, in_std, verdict = versus(own, other, metric) if own is not None else ["-"] * 3
+                column.append("-" if delta == "-" else f"{delta} ({in_std}) {verdict}")
+        table.append([g.method, g.budget_label] + against_random + against_full)
+    headers = (["method", "r_sample x r_token"] + [f"vs random, draw {d}" for d in draws]
+               + [f"vs full, draw {d}" for d in draws])
+    return headers, table
 
 
 #: The method whose comparisons the reports state first, in words: the library's own. Without it in

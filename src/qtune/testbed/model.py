@@ -467,18 +467,26 @@ def build_testbed(
     preset: str = DEFAULT_PRESET,
     recipe: ModelRecipe | None = None,
     config: TestbedConfig | SaturatedConfig | None = None,
+    data_seed: int | None = None,
 ) -> TestbedPaths:
     """Build the testbed (or reuse the cached one) and return where it lies.
 
     `preset` names an entry of `PRESETS`; `recipe` and `config` replace its defaults (the config's
-    type must match the preset). `cache_dir` defaults to `default_cache_root()`. `force=True`
-    rebuilds even when a cached testbed with the same key exists, and replaces it once the new one
-    is complete.
+    type must match the preset). `data_seed` replaces the config's seed: another draw of the
+    problems and defects with the same generator and defect mix (0 is the preset's own draw). The
+    saturated preset's base model is the shipped one whatever the draw; the data-starved preset's
+    is pretrained for each draw, since its corpus leaves out that draw's test questions.
+    `cache_dir` defaults to `default_cache_root()`. `force=True` rebuilds even when a cached
+    testbed with the same key exists, and replaces it once the new one is complete.
     """
     if preset not in PRESETS:
         raise QTuneError(f"unknown testbed preset {preset!r}; choose one of {', '.join(PRESETS)}")
     recipe = PRESETS[preset].recipe if recipe is None else recipe
     config = PRESETS[preset].config if config is None else config
+    if data_seed is not None:
+        if data_seed < 0:
+            raise QTuneError(f"the data seed must be a non-negative integer, not {data_seed}")
+        config = dataclasses.replace(config, seed=data_seed)
     if type(config) is not type(PRESETS[preset].config):
         raise QTuneError(f"the {preset} preset takes a {type(PRESETS[preset].config).__name__}, not a {type(config).__name__}")
     root = Path(cache_dir) if cache_dir is not None else default_cache_root()
