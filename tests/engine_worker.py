@@ -58,20 +58,11 @@ def nonfinite_grads(spec, out):
 def nonfinite_scores(spec, out):
     """A NaN perplexity in each process's second scoring pass: step 2 is skipped for its scores, step 3
     trains (constant learning rate: a skipped step leaves the schedule where it is under DeepSpeed only)."""
-    import math
-
     import qtune.scorer
+    from faults import nan_scores_at
 
-    score_batch, calls = qtune.scorer.score_batch, []
-
-    def nan_at_step_2(*args, **kwargs):
-        scores = score_batch(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 2:
-            scores.ppl[0] = math.nan
-        return scores
-
-    qtune.scorer.score_batch = nan_at_step_2
+    score_batch = qtune.scorer.score_batch
+    qtune.scorer.score_batch = nan_scores_at(2, score_batch)
     train(spec, out, nonfinite="skip", lr_scheduler="constant")
     qtune.scorer.score_batch = score_batch
 

@@ -283,23 +283,15 @@ def test_nonfinite_scores_count_as_divergence(tiny_run_inputs, tmp_path, monkeyp
     """A NaN perplexity from the scoring pass (here injected at step 2) stops the run as a
     diverged one, or, with nonfinite="skip", skips the step: nothing is trained in it."""
     import qtune.scorer
+    from faults import nan_scores_at
 
     score_batch = qtune.scorer.score_batch
-    calls = []
-
-    def nan_at_step_2(*args, **kwargs):
-        scores = score_batch(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 2:
-            scores.ppl[0] = math.nan
-        return scores
-
-    monkeypatch.setattr(qtune.scorer, "score_batch", nan_at_step_2)
+    monkeypatch.setattr(qtune.scorer, "score_batch", nan_scores_at(2, score_batch))
     with pytest.raises(QTuneError, match=r"^training diverged at step 2 \(the scoring pass gave a non-finite PPL or "
                                          r"entropy for 1 of 8 samples\); stopped before updating the weights"):
         run_train(train_config(tiny_run_inputs, tmp_path / "stop", method="qtuning", max_steps=3))
 
-    calls.clear()
+    monkeypatch.setattr(qtune.scorer, "score_batch", nan_scores_at(2, score_batch))  # its calls counted afresh
     summary = run_train(train_config(tiny_run_inputs, tmp_path / "skip", method="qtuning", max_steps=3,
                                      nonfinite="skip"))
     rows = read_step_log(tmp_path / "skip" / "steps.jsonl")

@@ -34,6 +34,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -135,15 +136,29 @@ def check_engine(args, accelerator) -> str:
     return running
 
 
+#: Seconds the exit handler releases the GIL for before the interpreter's teardown (`_end_process_group`).
+_COLLECTIVES_SETTLE_SECONDS = 0.2
+
+
 def _end_process_group() -> None:
-    """At the exit of a multi-process run, end the process group while the interpreter is still
-    whole. Left to the interpreter's teardown, gloo's worker threads can still hold tensors whose
-    release then needs the GIL, and a process that finished its work aborts ("terminate called
-    without an active exception", SIGABRT), failing the launch. Not after an uncaught exception:
-    the other processes may still be inside a collective, and ending the group could wait on them."""
+    """At the exit of a multi-process run, let the last collective's clean-up finish and end the
+    process group while the interpreter is still whole.
+
+    A gloo collective's work object is destroyed on gloo's own worker thread after the collective
+    has completed, and when Python has already dropped its tensors, releasing them needs the GIL.
+    A thread that asks for the GIL once the interpreter is finalizing is ended by an unwind that
+    C++ cannot survive: the process aborts ("terminate called without an active exception",
+    SIGABRT), failing the launch after every step and the save succeeded. It hit the process that
+    exits first (not the main one, which still prints its summary), about one run in 15 on a busy
+    2-core machine, and ending the group does not prevent it (gloo's threads outlive the group
+    until its last reference goes). So the handler first sleeps, which releases the GIL to those
+    threads for a moment that costs nothing beside a training run. Not after an uncaught
+    exception: the other processes may still be inside a collective, and ending the group could
+    wait on them."""
     if getattr(sys, "last_value", None) is not None:
         return
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        time.sleep(_COLLECTIVES_SETTLE_SECONDS)
         torch.distributed.destroy_process_group()
 
 
