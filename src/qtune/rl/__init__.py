@@ -4,6 +4,7 @@ SFT output, full weights or a LoRA adapter. See docs/rl.md.
 - `config`: `RLConfig`, the command's options (flags, YAML keys, Python);
 - `prompts`: the prompts and their checkable answers, the start model;
 - `zero_variance`: the pre-pass that drops prompts whose group rewards all agree;
+- `sft_mix`: the maths of SFT inside RL (CHORD's mixed loss, ReLIFT's all-wrong groups);
 - `trainer`: `QTuneGRPOTrainer`, TRL's trainer with complete checkpoints, a step log, held-out
   accuracy and a reward progress bar;
 - `run`: `run_rl`, the command.

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from ..config import EngineConfig, ModelConfig, check_lr_scheduler, option
 from ..errors import OptionError, QTuneError
+from ..rewards import parse_spec
+from .sft_mix import SCHEDULES, TOKEN_WEIGHTS
 
 #: TRL's loss aggregations (GRPOConfig.loss_type) that qtune passes on; docs/rl.md says what each does.
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo")
@@ -112,6 +114,32 @@ class RLConfig(GRPOOptions, EngineConfig):
                                                "with the start model and drop the prompts whose rewards all agree "
                                                "(all right or all wrong: no learning signal); the count and the "
                                                "pass's time go to OUT/zero_variance.json and summary.json.")
+    sft_weight: float = option(0.0, "CHORD (arXiv 2508.11408): the SFT share mu of the loss, (1 - mu) GRPO + mu SFT "
+                                    "on expert demonstrations (the records' reference answers, batch_size / "
+                                    "num_generations of them per micro-batch, drawn in a seeded order); 0: no SFT "
+                                    "term. With sft_weight_schedule decay, mu's peak (CHORD-mu: 0.9; CHORD-phi: 0.1, "
+                                    "constant).", bounds="[0, 1]")
+    sft_weight_schedule: str = option("constant", "How mu moves: constant (sft_weight throughout) or decay (from "
+                                                  "sft_weight to sft_weight_floor by a half cosine over "
+                                                  "sft_weight_decay_steps, then the floor).", choices=SCHEDULES)
+    sft_weight_floor: float = option(0.05, "The decay schedule's final mu (CHORD-mu: 0.05).",
+                                     bounds="[0, 1]")
+    sft_weight_decay_steps: int | None = option(None, "Optimizer steps over which mu decays (default: max_steps; "
+                                                      "CHORD-mu: 200).", bounds="[1, inf)")
+    sft_token_weight: str = option("none", "Weight of each expert token's NLL: none (1), or p(1-p) with p the "
+                                           "current policy's probability of the token, held constant in the gradient "
+                                           "(CHORD-phi).", choices=TOKEN_WEIGHTS)
+    sft_max_length: int = option(1024, "Most tokens of an expert demonstration (prompt and reference answer, "
+                                       "rendered as qtune train renders them); a longer one loses its end.",
+                                 bounds="[2, inf)")
+    interleave_sft: bool = option(False, "ReLIFT (arXiv 2506.07527): collect the prompts whose every completion is "
+                                         "wrong (interleave_sft_reward <= 0 throughout the group), buffer their "
+                                         "reference answers, and when the buffer holds interleave_sft_batch records "
+                                         "take one extra optimizer step on their NLL, then empty the buffer.")
+    interleave_sft_batch: int = option(64, "Buffered records that trigger an interleaved SFT step (the "
+                                           "authors' released setting: 64).", bounds="[1, inf)")
+    interleave_sft_reward: str = option("exact_match", "The reward (as named in rewards, without its weight) whose "
+                                                       "value <= 0 marks a wrong completion for interleave_sft.")
     eval_data: str | None = option(None, "Held-out problems: greedy exact match (qtune eval's strict extractor) "
                                          "every eval_steps steps and after the last step.")
     eval_steps: int = option(0, "Evaluate on eval_data every N steps (0: after the last step only).",
@@ -140,6 +168,24 @@ class RLConfig(GRPOOptions, EngineConfig):
         super().__post_init__()
         if self.eval_steps > 0 and self.eval_data is None:
             raise OptionError("eval_data", None, "a file of held-out problems when eval_steps is above 0")
+        shaped = [name for name, unset in (("sft_weight_schedule", "constant"), ("sft_token_weight", "none"),
+                                           ("sft_weight_decay_steps", None)) if getattr(self, name) != unset]
+        if self.sft_weight == 0 and shaped:
+            raise OptionError("sft_weight", self.sft_weight, f"above 0 when {' and '.join(shaped)} is set (they "
+                                                             "shape the SFT term that sft_weight weights)")
+        if self.sft_weight_schedule == "decay" and self.sft_weight_floor > self.sft_weight:
+            raise OptionError("sft_weight_floor", self.sft_weight_floor,
+                              f"at most sft_weight ({self.sft_weight:g}) with the decay schedule")
+        if self.interleave_sft:
+            names = [parse_spec(spec)[0] for spec in self.rewards]
+            if self.interleave_sft_reward not in names:
+                raise OptionError("interleave_sft_reward", self.interleave_sft_reward,
+                                  f"one of the run's rewards ({', '.join(names)}) with interleave_sft: the one whose "
+                                  "value <= 0 marks a wrong completion")
+            if self.deepspeed or self.fsdp:
+                raise OptionError("interleave_sft", True, "off under DeepSpeed or FSDP (its extra optimizer step is "
+                                                          "taken outside the Trainer's step, which DeepSpeed owns; "
+                                                          "tested in one process and under DDP)")
 
 
 __all__ = ["LOSS_TYPES", "GRPOOptions", "PromptDataConfig", "RLConfig"]

@@ -3,11 +3,11 @@ renders them, and the start model (full weights or a LoRA adapter)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..console import log
-from ..data import load_records
+from ..data import Record, load_records, record_id_of, tokenize_records
 from ..errors import DataError, QTuneError
 from ..evaluate import build_prompts, extract_strict, gold_answer
 from ..models import check_vocabulary, load_model, load_tokenizer
@@ -20,18 +20,20 @@ ADAPTER_CONFIG = "adapter_config.json"
 class PromptSet:
     """Prompts and their answers, in file order: `sample_id` (the record's position in its file),
     `prompt` (the text the model continues), `answer` (the reference's final answer, normalised by
-    `gold_answer`). The columns of the dataset that GRPOTrainer reads."""
+    `gold_answer`). The columns of the dataset that GRPOTrainer reads; `records`, the records
+    themselves (their reference answers are the expert demonstrations of `demonstrations`)."""
 
     sample_id: list[int]
     prompt: list[str]
     answer: list[str]
+    records: list[Record] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.sample_id)
 
     def subset(self, keep: list[bool]) -> PromptSet:
         """The prompts where `keep` is true, in the same order."""
-        columns = (self.sample_id, self.prompt, self.answer)
+        columns = (self.sample_id, self.prompt, self.answer, self.records)
         return PromptSet(*([v for v, k in zip(column, keep) if k] for column in columns))
 
     def columns(self) -> dict[str, list]:
@@ -78,7 +80,18 @@ def load_prompts(path, tokenizer, *, format: str = "auto", skip_invalid: bool = 
         raise QTuneError(f"{path}: no record with a checkable answer")
     prompts = [without_added_bos(text, tokenizer) for text in build_prompts(usable, tokenizer)]
     return PromptSet([r.sample_id for r in usable], prompts,
-                     [gold_answer(r.messages[-1]["content"]) for r in usable])
+                     [gold_answer(r.messages[-1]["content"]) for r in usable], usable)
+
+
+def demonstrations(records: list[Record], tokenizer, max_length: int) -> dict[int, dict]:
+    """The expert demonstrations of `records` by sample_id: each record tokenized as `qtune train`
+    tokenizes it (`qtune.data.tokenize_records`: the same rendering, labels on the assistant turns
+    only, cut at `max_length` tokens), so its reference answer follows its prompt as SFT trained
+    it. A conversation the chat template splits per assistant turn gives its last turn's sample (the
+    reference after the whole conversation); a record left without a labelled token (its prompt
+    fills max_length) has none."""
+    samples, _ = tokenize_records(records, tokenizer, max_length=max_length)
+    return {record_id_of(s["sample_id"]): s for s in sorted(samples, key=lambda s: s["sample_id"])}
 
 
 def model_folder(path: str) -> str:

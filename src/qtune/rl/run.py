@@ -10,8 +10,10 @@ The run, in its claimed folder OUT:
 3. with `filter_zero_variance`, the pre-pass (`qtune.rl.zero_variance`) drops the prompts whose
    group rewards all agree; its verdict is kept in `OUT/zero_variance.json`, which a resumed run
    reads instead of sampling again;
-4. `QTuneGRPOTrainer` trains (TRL's GRPO step), logging every step to `OUT/steps.jsonl` and
-   `report_to`, evaluating on `eval_data` when asked, checkpointing every `save_steps`;
+4. `QTuneGRPOTrainer` trains (TRL's GRPO step, with the SFT terms of `sft_weight` and
+   `interleave_sft` on the records' reference answers, tokenized as `qtune train` tokenizes them:
+   `qtune.rl.sft_mix`), logging every step to `OUT/steps.jsonl` and `report_to`, evaluating on
+   `eval_data` when asked, checkpointing every `save_steps`;
 5. `OUT/model` (full weights; with a LoRA start the adapter, or the merged model with
    `merge_lora`), gathered by every process under any engine
    (`qtune.engine.save_trained_model`) and, last, `OUT/summary.json` with the engine that ran and
@@ -42,7 +44,8 @@ from ..step import launched_processes
 from ..run_log import read_step_log
 from ..train import CHECKPOINTING, prepare_folder, resume_point
 from .config import RLConfig
-from .prompts import load_policy, load_prompts
+from .prompts import demonstrations, load_policy, load_prompts
+from .sft_mix import SFTMix
 
 try:  # the GRPO step is TRL's, an optional dependency
     from .trainer import HELDOUT, STEP_LOG, QTuneGRPOTrainer, RewardProgress
@@ -171,6 +174,14 @@ def _rl(cfg: RLConfig, out: Path, args, resume_from: Path | None) -> dict:
                                             pad_token=cfg.pad_token)
     prompts = load_prompts(cfg.data, tokenizer, format=cfg.format, skip_invalid=cfg.skip_invalid, limit=cfg.limit)
     funcs, weights = build_rewards(cfg)
+    sft_mix = SFTMix.of(cfg)
+    # From every record, before the zero-variance filter: an all-wrong prompt's reference is what
+    # SFT can teach (ReLIFT); CHORD draws from the whole training data.
+    experts = demonstrations(prompts.records, tokenizer, cfg.sft_max_length) if sft_mix.active else None
+    if sft_mix.active and not experts:
+        raise QTuneError(f"{cfg.data}: no expert demonstration for sft_weight / interleave_sft: every record's "
+                         f"prompt fills sft_max_length ({cfg.sft_max_length}) tokens, leaving none of its reference "
+                         "answer; raise --sft-max-length")
     report = None
     if cfg.filter_zero_variance:
         report = _zero_variance_verdict(cfg, out, args, model, tokenizer, prompts, funcs, weights)
@@ -194,6 +205,8 @@ def _rl(cfg: RLConfig, out: Path, args, resume_from: Path | None) -> dict:
         eval_steps=cfg.eval_steps,
         step_log=out / STEP_LOG,
         keep_checkpoints=cfg.save_total_limit,
+        sft_mix=sft_mix,
+        demonstrations=experts,
     )
     trainer.remove_callback(PrinterCallback)  # a line per step: the step log and RewardProgress show them
     if main and cfg.progress:
@@ -203,6 +216,12 @@ def _rl(cfg: RLConfig, out: Path, args, resume_from: Path | None) -> dict:
         log(f"GRPO from {cfg.model}{' (LoRA adapter)' if adapter else ''} on {len(prompts)} prompts: {cfg.max_steps} "
             f"steps of {prompts_per_step} prompts x {cfg.num_generations} completions ({args.device}"
             f"{f' x {args.world_size} processes' if args.world_size > 1 else ''})")
+        if sft_mix.active:
+            methods = ([f"CHORD, sft_weight {cfg.sft_weight:g} ({cfg.sft_weight_schedule}), token weight "
+                        f"{cfg.sft_token_weight}"] if sft_mix.weight > 0 else [])
+            methods += ([f"ReLIFT, an SFT step per {cfg.interleave_sft_batch} all-wrong prompts "
+                         f"({cfg.interleave_sft_reward} <= 0)"] if sft_mix.interleave else [])
+            log(f"SFT inside RL on {len(experts)} expert demonstrations: {'; '.join(methods)}")
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     final = save_trained_model(trainer.accelerator, trainer.model_wrapped, tokenizer, out / "model",
@@ -234,8 +253,9 @@ def summarize_rl(rows: list[dict], zero_variance: dict | None) -> dict:
     """A run's totals from its step log: steps, seconds (the steps' own, plus the zero-variance
     pre-pass's), completion tokens (the tokens that received the policy loss), the tokens read
     (prompts and completions, TRL's num_tokens), the mean reward of the first and last step, the
-    zero-variance groups met in training, and the last held-out accuracy. (With num_iterations > 1
-    only the steps that generate log rewards and tokens.)"""
+    zero-variance groups met in training, the interleaved SFT steps and the records they trained on
+    (`interleave_sft`), and the last held-out accuracy. (With num_iterations > 1 only the steps
+    that generate log rewards and tokens.)"""
     heldout = [r[HELDOUT] for r in rows if HELDOUT in r]
     rewards = [r["reward"] for r in rows if "reward" in r]
     seen = [r["num_tokens"] for r in rows if "num_tokens" in r]
@@ -251,6 +271,8 @@ def summarize_rl(rows: list[dict], zero_variance: dict | None) -> dict:
         "reward_first": rewards[0] if rewards else None,
         "reward_last": rewards[-1] if rewards else None,
         "zero_variance_groups": sum(r.get("zero_variance_groups", 0) for r in rows),
+        "interleaved_sft_steps": sum("interleaved_sft_records" in r for r in rows),
+        "interleaved_sft_records": sum(r.get("interleaved_sft_records", 0) for r in rows),
         HELDOUT: heldout[-1] if heldout else None,
         "zero_variance": None if zero_variance is None else {k: v for k, v in zero_variance.items() if k != "groups"},
     }
