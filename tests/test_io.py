@@ -1,9 +1,10 @@
-"""Output folders: the exclusive claim (lock + write check) and the one-line disk-full error; and
-reading back JSON-lines files that a killed writer left."""
+"""Output folders: the exclusive claim (lock + write check) and the one-line disk-full error;
+reading back JSON-lines files that a killed writer left; the mode of atomically written files."""
 
 import errno
 import os
 import signal
+import stat
 import subprocess
 import sys
 
@@ -91,3 +92,18 @@ def test_read_jsonl_skips_the_partial_lines_a_killed_writer_leaves(tmp_path):
     # A writer killed mid-line leaves '{"cell": 2, "ac'; the next append starts after it.
     path.write_text('{"cell": 1}\n{"cell": 2, "ac{"cell": 3}\n\n{"cell": 4}\n', encoding="utf-8")
     assert read_jsonl(path) == [{"cell": 1}, {"cell": 4}]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_files_get_the_mode_a_plain_open_would_give(tmp_path, umask, mode):
+    """Not the temporary file's owner-only 0600: a run's outputs and the model cache are read by
+    whoever the umask lets read them."""
+    old = os.umask(umask)
+    try:
+        write_text(tmp_path / "out.txt", "x")
+        with open(tmp_path / "plain.txt", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out.txt").stat().st_mode) == mode
+    assert stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == mode

@@ -30,12 +30,30 @@ CACHE_ENV = "QTUNE_CACHE"
 LOCK_FILE = ".qtune.lock"
 
 
+def _umask() -> int:
+    """The process's file-mode creation mask, read without changing it where Linux says it (setting
+    it to read it back would briefly change it for every thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success it replaces `path` in one rename."""
+    """Yield a temporary path next to `path`; on success it replaces `path` in one rename. The
+    file gets the mode a plain `open(path, "w")` would give it (0666 less the umask), not the
+    owner-only 0600 of the temporary file it starts as."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     try:
         yield Path(tmp)
