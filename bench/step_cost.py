@@ -171,11 +171,22 @@ def _peak_rss() -> int:
 # ------------------------------------------------------------------------------------------ 1. step
 
 
+def method_scorer(args, method, cfg, reference=None):
+    """The `Scorer` a method's step needs (its `needs`: a reference model's losses, UDS's nuclear
+    norms and sketches), with the benchmark's head options."""
+    from qtune.logit_matrix import LogitSketch
+    from qtune.scorer import Scorer
+
+    sketch = LogitSketch(cfg.uds_sketch_rows, cfg.uds_sketch_columns) if "logit_sketch" in method.needs else None
+    return Scorer(chunk_tokens=args.chunk_tokens, head_impl=args.head_impl, layers=args.score_layers,
+                  reference=reference if "reference_nll" in method.needs else None,
+                  nuclear_norm="nuclear_norm" in method.needs, logit_sketch=sketch)
+
+
 def measure_step(args) -> dict:
     from qtune.config import TrainConfig
     from qtune.methods import build_method
     from qtune.phases import PhaseClock
-    from qtune.scorer import Scorer
     from qtune.step import train_step
 
     model = build_model(args)
@@ -184,15 +195,17 @@ def measure_step(args) -> dict:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
 
     def method(name, r):
-        return build_method(name, TrainConfig(model="m", data="d", out="o", method=name, r_sample=r,
-                                              r_token=1.0 if name == "full" else args.r_token))
+        cfg = TrainConfig(model="m", data="d", out="o", method=name, r_sample=r,
+                          r_token=1.0 if name == "full" else args.r_token)
+        return build_method(name, cfg), cfg
 
     shares = {}
     padding = {}
     loss_shares = {}
-    scorer = Scorer(chunk_tokens=args.chunk_tokens, head_impl=args.head_impl, layers=args.score_layers)
 
-    def step(m, key):
+    def step(m, cfg, key):
+        scorer = method_scorer(args, m, cfg)
+
         def run(clock=None):
             model.train()
             plan, _ = train_step(model, batches, m, step=0, total_steps=1, pad_token_id=pad_token_id,
@@ -216,12 +229,12 @@ def measure_step(args) -> dict:
             for b in batches:
                 model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
 
-    variants = {"F": forward, "T": step(method("full", 1.0), "T")}
+    variants = {"F": forward, "T": step(*method("full", 1.0), "T")}
     scored = {}  # whether a variant's method runs the scoring pass, so that F is in its bound
     for r in args.ratios:
         for name in args.step_methods:
-            m = method(name, r)
-            variants[step_key(name, r)] = step(m, step_key(name, r))
+            m, cfg = method(name, r)
+            variants[step_key(name, r)] = step(m, cfg, step_key(name, r))
             scored[step_key(name, r)] = bool(m.needs)
     med = alternating_medians(variants, args)
     phases = {}
@@ -388,11 +401,9 @@ def measure_methods(args) -> dict:
     A name METHOD/LOSS trains with that token objective (`full/asft`, `random/eaft`); ASFT without
     LoRA anchors to a second copy of the model, as Rho-1's reference."""
     from qtune.config import TrainConfig
-    from qtune.logit_matrix import LogitSketch
     from qtune.methods import build_method
     from qtune.objectives import Objective
     from qtune.reference_policy import reference_policy
-    from qtune.scorer import Scorer
     from qtune.step import train_step
 
     model = build_model(args)
@@ -410,10 +421,7 @@ def measure_methods(args) -> dict:
         method = build_method(method_name, cfg)
         if "reference_nll" in method.needs and reference is None:
             reference = build_model(args).eval()
-        sketch = LogitSketch(cfg.uds_sketch_rows, cfg.uds_sketch_columns) if "logit_sketch" in method.needs else None
-        scorer = Scorer(chunk_tokens=args.chunk_tokens, head_impl=args.head_impl,
-                        reference=reference if "reference_nll" in method.needs else None,
-                        nuclear_norm="nuclear_norm" in method.needs, logit_sketch=sketch)
+        scorer = method_scorer(args, method, cfg, reference)
         objective = Objective.of(cfg)
         policy = reference_policy(objective, model, lambda: build_model(args).eval())
         # Step 0 every time (the same decisions at each repeat), but for PSFT, which copies its old
