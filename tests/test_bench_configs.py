@@ -120,6 +120,9 @@ UDS = f"{SATURATED} --jobs 2 --methods full,random,qtuning,token_matched_random,
 PLANNED = {
     "saturated-draws": f"{SATURATED} --jobs 2 --methods full,random,qtuning,token_matched_random,oracle_ratio+random "
                        "--budgets 0.25x0.5 --data-seeds 0,1,2 --out runs/draws-saturated",
+    "saturated-draws-uds": f"{SATURATED} --jobs 2 --methods full,random,qtuning,token_matched_random,"
+                           "oracle_ratio+random,uds+all,uds+random --budgets 0.25x0.5 --data-seeds 0,1,2 "
+                           "--out runs/draws-saturated",
     "saturated-uds-b4": f"{UDS} --batch-size 4 --budgets 0.25x0.5 --out runs/grid-saturated/b4",
     "saturated-uds-b8": f"{UDS} --batch-size 8 --budgets 0.125x0.5 --out runs/grid-saturated/b8",
     **{f"saturated-objectives/{loss}": f"{ZOO} --methods full --loss {loss} --out runs/grid-saturated/objectives/{loss}"
