@@ -260,7 +260,7 @@ def test_draws_of_the_data_multiply_the_grid_and_draw_zero_keeps_its_names(tmp_p
     import types
 
     import qtune.testbed
-    from qtune.bench.results import draw_settings, resolve_settings
+    from qtune.bench.results import resolve_settings
 
     cells = build_grid(parse_methods("full,qtuning,token_matched_random"), [(0.25, 0.5)], [0, 1], [0, 2])
     assert [c.name for c in cells] == [
@@ -283,8 +283,8 @@ def test_draws_of_the_data_multiply_the_grid_and_draw_zero_keeps_its_names(tmp_p
     monkeypatch.setattr(qtune.testbed, "build_testbed", fake_build_testbed)
     cfg = BenchConfig(data_seeds="0,2")
     settings = resolve_settings(cfg)
-    assert draw_settings(cfg, settings, 0) is settings and built == [("saturated", None)]
-    other = draw_settings(cfg, settings, 2)
+    assert built == [("saturated", 0)] and resolve_settings(cfg, 0) == settings
+    other = resolve_settings(cfg, 2)
     assert built[-1] == ("saturated", 2)
     assert {k: other[k] for k in ("model", "data", "eval_data")} == {
         "model": str(tmp_path / "saturated-2" / "model"), "data": str(tmp_path / "saturated-2" / "train.jsonl"),
@@ -293,7 +293,7 @@ def test_draws_of_the_data_multiply_the_grid_and_draw_zero_keeps_its_names(tmp_p
         k: v for k, v in settings.items() if k not in ("model", "data", "eval_data")}
     # A model given by the user stays the model of every draw.
     mine = BenchConfig(data_seeds="0,2", model="mine")
-    assert draw_settings(mine, resolve_settings(mine), 2)["model"] == "mine"
+    assert resolve_settings(mine, 2)["model"] == "mine"
 
 
 def test_draws_need_the_testbeds_data(tiny_bench_inputs, tmp_path, count_training, capsys):
@@ -340,7 +340,7 @@ def test_draws_are_pooled_and_their_spread_is_split_from_the_seeds():
     rows_csv = list(csv.DictReader(io.StringIO(bench.csv_results(list(stats.values())))))
     assert next(r for r in rows_csv if r["method"] == "qtuning")["data_seeds"] == "0 0 0 1 1 1"
 
-    headers, table = bench.stats.draw_rows(rows, "exact_match_strict")
+    headers, table = bench.stats.draw_rows(rows, summarize_results(rows), "exact_match_strict")
     assert headers == ["method", "r_sample x r_token", "vs random, draw 0", "vs random, draw 1",
                        "vs full, draw 0", "vs full, draw 1"]
     by_method = {r[0]: r[2:] for r in table}
@@ -349,7 +349,8 @@ def test_draws_are_pooled_and_their_spread_is_split_from_the_seeds():
     # against full (std 2 points on both draws): -5 / sqrt((1 + 4) / 2) = -3.16; -4 / 2 = -2.00
     assert by_method["qtuning"][2:] == ["-5.0 (-3.16) loss", "-4.0 (-2.00) loss"]
     assert by_method["random"][:2] == ["-", "-"]
-    assert bench.stats.draw_rows([r for r in rows if r["data_seed"] == 0], "exact_match_strict") is None
+    draw_0 = [r for r in rows if r["data_seed"] == 0]
+    assert bench.stats.draw_rows(draw_0, summarize_results(draw_0), "exact_match_strict") is None
     # one draw: the single-draw table, unchanged
     headers, table, _ = bench.stats.results_table(summarize_results(HAND_ROWS), "exact_match_strict")
     assert headers[3] == "seeds" and "std across draws" not in headers

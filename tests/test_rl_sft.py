@@ -69,7 +69,7 @@ def test_the_chord_sft_term_and_its_gradient_match_a_hand_computation():
 
 def test_the_sft_weight_schedules_at_chosen_steps():
     assert [sft_weight_at(t, 0.3, "constant", 0.05, 10) for t in (0, 5, 50)] == [0.3, 0.3, 0.3]
-    # The paper's CHORD-mu: 0.9 down to 0.05 over 200 steps, then 0.05.
+    # CHORD-mu as the authors' released configuration sets it: 0.9 down to 0.05 over 200 steps, then 0.05.
     decay = [sft_weight_at(t, 0.9, "decay", 0.05, 200) for t in (0, 50, 100, 200, 300)]
     assert decay == pytest.approx([0.9, 0.05 + 0.85 * (1 + math.cos(math.pi / 4)) / 2, 0.475, 0.05, 0.05])
     mix = SFTMix(weight=0.5, schedule="decay", floor=0.1)

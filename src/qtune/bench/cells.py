@@ -24,7 +24,7 @@ from ..data import IGNORE_INDEX
 from ..errors import QTuneError
 from ..io import read_jsonl, write_json
 from .grid import BenchConfig, Cell
-from .results import (append_result, cell_folder, check_settings, draw_settings, finished_row, resolve_settings,
+from .results import (append_result, cell_folder, check_settings, finished_row, resolve_settings,
                       sync_results)
 
 
@@ -200,7 +200,7 @@ def _init_worker(threads: int) -> None:
 def _check_cell_configs(cells: list[Cell], draws: dict[int, dict], out: Path) -> None:
     """Build every cell's TrainConfig and the evaluation configs (building checks them), so that
     settings no cell can run with fail now, in one line, not in every cell after the first ones
-    have trained. `draws`: the settings of each draw of the data (`draw_settings`)."""
+    have trained. `draws`: the settings of each draw of the data (`resolve_settings`)."""
     for cell in cells:
         try:
             train_config(cell, draws[cell.data_seed], out)
@@ -218,10 +218,10 @@ def keeps_model(cfg: BenchConfig, cell: Cell) -> bool:
 
 def run_cells(cells: list[Cell], cfg: BenchConfig, out: Path) -> list[str]:
     """Run the cells that have no result yet; return the names of those that failed."""
-    settings = resolve_settings(cfg)
-    draws = {d: draw_settings(cfg, settings, d) for d in dict.fromkeys(cell.data_seed for cell in cells)}
+    draws = {d: resolve_settings(cfg, d) for d in dict.fromkeys(cell.data_seed for cell in cells)}
     _check_cell_configs(cells, draws, out)
-    check_settings(out, settings)  # the preset's own draw's: the other draws follow from it and the data seed
+    # The preset's own draw's settings: the other draws' follow from them and the data seed.
+    check_settings(out, draws[0] if 0 in draws else resolve_settings(cfg))
     sync_results(out)
     metric = f"exact_match_{cfg.metric}"
     pending, done = [], 0

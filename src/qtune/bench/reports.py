@@ -57,7 +57,7 @@ def write_reports(out: Path, cfg: BenchConfig) -> dict[str, Path]:
     comparison = comparison_rows(stats, metric)
     if comparison is not None:
         markdown += "\n## Wins, ties and losses\n\n" + COMPARISON_NOTE + "\n\n" + format_table(*comparison) + "\n"
-    draws = draw_rows(rows, metric)
+    draws = draw_rows(rows, stats, metric)
     if draws is not None:
         markdown += "\n## Draw by draw\n\n" + DRAWS_NOTE + "\n\n" + format_table(*draws) + "\n"
     if plots:
@@ -324,7 +324,8 @@ def _write_html(path: Path, settings: dict, rows: list[dict], stats: list[GroupS
     metric_name = metric.replace("exact_match_", "")
     sections = [H.section("Verdicts", H.bullets(verdicts))] if verdicts else []
     sections.append(H.section("Results", H.paragraph(
-        "Mean ± sample standard deviation over seeds (and draws of the data, pooled, when there are several). Bold: the best method of its budget (highest mean "
+        "Mean ± sample standard deviation over seeds (and draws of the data, pooled, when there are several). "
+        "Bold: the best method of its budget (highest mean "
         f"{metric_name} exact match, among two or more methods). Budget = r_sample x r_token, the nominal share "
         "of response tokens trained on; loss tokens % is the measured share. Wall time = scoring + training "
         "(evaluation excluded)."), H.table(headers, table_rows, bold=bold)))

@@ -13,8 +13,8 @@ from .grid import BenchConfig, Cell
 
 #: Options that choose which cells run and how results are reported: changing them between two runs
 #: into the same OUT does not change any cell's result. Every other option does.
-NOT_RESULT_OPTIONS = frozenset({"out", "methods", "budgets", "seeds", "data_seeds", "jobs", "report_only", "metric", "examples",
-                                "plots", "keep_models", "keep_models_of", "contamination_threshold",
+NOT_RESULT_OPTIONS = frozenset({"out", "methods", "budgets", "seeds", "data_seeds", "jobs", "report_only", "metric",
+                                "examples", "plots", "keep_models", "keep_models_of", "contamination_threshold",
                                 "allow_contamination"})
 SETTINGS_FILE = "bench.json"
 RESULTS_FILE = "results.jsonl"
@@ -25,37 +25,21 @@ def _resolve_path(path: str) -> str:
     return str(Path(path).expanduser().resolve()) if Path(path).expanduser().exists() else path
 
 
-def resolve_settings(cfg: BenchConfig) -> dict:
-    """Every option that determines a cell's result, with model and data resolved (the model and
-    data of the `testbed` preset stand in for any not given; it is built on first use)."""
+def resolve_settings(cfg: BenchConfig, data_seed: int = 0) -> dict:
+    """Every option that determines a cell's result, with model and data resolved: the model and
+    data of the `testbed` preset stand in for any not given, from its draw `data_seed` of the data
+    (0: the preset's own, whose settings bench.json keeps; the draw is built on first use)."""
     settings = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in NOT_RESULT_OPTIONS}
     if None in (cfg.model, cfg.data, cfg.eval_data):
         from ..testbed import build_testbed
 
-        paths = build_testbed(preset=cfg.testbed)
+        paths = build_testbed(preset=cfg.testbed, data_seed=data_seed)
         defaults = {"model": paths.model_dir, "data": paths.train_path, "eval_data": paths.test_path}
         settings.update({k: str(v) for k, v in defaults.items() if settings[k] is None})
     for key in ("model", "data", "eval_data", "reference_model"):
         if settings[key] is not None:
             settings[key] = _resolve_path(settings[key])
     return settings
-
-
-def draw_settings(cfg: BenchConfig, settings: dict, data_seed: int) -> dict:
-    """`settings` (`resolve_settings`: those of the preset's own draw, 0) for the cells of another
-    draw of the testbed's data: its training and test sets, and its model unless --model was given
-    (for the saturated preset the same shipped weights; the draw is built on first use)."""
-    if data_seed == 0:
-        return settings
-    if cfg.data is not None or cfg.eval_data is not None:
-        raise QTuneError("--data-seeds draws the testbed's data again: leave --data and --eval-data unset")
-    from ..testbed import build_testbed
-
-    paths = build_testbed(preset=cfg.testbed, data_seed=data_seed)
-    draw = {"data": paths.train_path, "eval_data": paths.test_path}
-    if cfg.model is None:
-        draw["model"] = paths.model_dir
-    return {**settings, **{k: _resolve_path(str(v)) for k, v in draw.items()}}
 
 
 #: How a bench run made before an option existed behaved, where that differs from the option's

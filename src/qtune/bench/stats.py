@@ -125,21 +125,22 @@ def results_table(stats: list[GroupStats], metric: str) -> tuple[list[str], list
     metric's split its spread: across draws and across training seeds within a draw."""
     several = any(len(set(g.data_seeds)) > 1 for g in stats)
     headers = ["method", "budget", "r_sample x r_token", "draws x seeds" if several else "seeds"]
-    metric_column = len(headers) + [k for k, *_ in COLUMNS].index(metric)
+    for key, header, *_ in COLUMNS:
+        headers.append(header)
+        if several and key == metric:
+            headers += ["std across draws", "std across seeds"]
+    metric_column = headers.index(next(h for k, h, *_ in COLUMNS if k == metric))
     rows, bold = [], set()
     for i, g in enumerate(stats):
-        cells = [_format_stat(g.mean[k], g.std[k], scale, d) for k, _, scale, d in COLUMNS]
-        if several:
-            spread = [("-" if v is None else f"{100 * v:.1f}") for v in (g.draw_std, g.seed_std)]
-            cells[metric_column - 4 + 1:metric_column - 4 + 1] = spread
-        rows.append([g.method, f"{g.nominal_budget:.4g}", g.budget_label, g.runs_label] + cells)
+        row = [g.method, f"{g.nominal_budget:.4g}", g.budget_label, g.runs_label]
+        for key, _, scale, decimals in COLUMNS:
+            row.append(_format_stat(g.mean[key], g.std[key], scale, decimals))
+            if several and key == metric:
+                row += ["-" if v is None else f"{100 * v:.1f}" for v in (g.draw_std, g.seed_std)]
+        rows.append(row)
         if g.best:
             bold.add((i, metric_column))
-    columns = [h for _, h, *_ in COLUMNS]
-    if several:
-        position = metric_column - 4 + 1
-        columns[position:position] = ["std across draws", "std across seeds"]
-    return headers + columns, rows, bold
+    return headers, rows, bold
 
 
 def markdown_results(stats: list[GroupStats], metric: str) -> str:
@@ -285,25 +286,26 @@ DRAWS_NOTE = (
     "points, in pooled standard deviations of that draw's seeds, verdict.")
 
 
-def draw_rows(rows: list[dict], metric: str) -> tuple[list[str], list[list[str]]] | None:
-    """Per (method, budget) but full data: the comparison against random pruning at the same budget
-    and against full data on each draw of the data alone. None with fewer than two draws."""
+def draw_rows(rows: list[dict], stats: list[GroupStats], metric: str) -> tuple[list[str], list[list[str]]] | None:
+    """Per (method, budget) of `stats` (`summarize_results` of `rows`) but full data: the comparison
+    against random pruning at the same budget and against full data on each draw of the data alone.
+    None with fewer than two draws."""
     draws = sorted({data_seed(r) for r in rows})
     if len(draws) < 2:
         return None
-    per_draw = {d: summarize_results([r for r in rows if data_seed(r) == d], metric) for d in draws}
-    pooled = summarize_results(rows, metric)
+    per_draw = {d: {(h.method, h.r_sample, h.r_token): h
+                    for h in summarize_results([r for r in rows if data_seed(r) == d], metric)} for d in draws}
     table = []
-    for g in pooled:
+    for g in stats:
         if g.method == FULL:
             continue
         against_random, against_full = [], []
         for d in draws:
-            groups = {(h.method, h.r_sample, h.r_token): h for h in per_draw[d]}
+            groups = per_draw[d]
             own = groups.get((g.method, g.r_sample, g.r_token))
             random = (groups.get((RANDOM, g.r_sample, g.r_token))
                       if g.method != RANDOM and g.method not in BUDGET_FREE else None)
-            full = next((h for h in per_draw[d] if h.method == FULL), None)
+            full = next((h for h in groups.values() if h.method == FULL), None)
             for other, column in ((random, against_random), (full, against_full)):
                 delta, in_std, verdict = versus(own, other, metric) if own is not None else ["-"] * 3
                 column.append("-" if delta == "-" else f"{delta} ({in_std}) {verdict}")
