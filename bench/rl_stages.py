@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python bench/rl_stages.py [--out runs/rl-stages] [--preset NAME] [--seeds 0,1,2]
                                                 [--starts full,qtuning,random] [--filter-start random]
+                                                [--sft-in-rl chord-phi,relift] [--sft-in-rl-starts full,qtuning]
                                                 [--rl '{max_steps: 60}']
     python bench/rl_stages_report.py [OUT]       (the tables; the runner prints them at the end too)
 
@@ -10,7 +11,9 @@ training set with the preset's calibrated settings (full data, or qtuning / rand
 samples x 50% of the tokens), held-out exact match after it, the same RL stage (RL below) on
 problems with checkable answers, held-out exact match after it. For one start (--filter-start) a
 second RL stage from the same SFT model with the zero-variance pre-pass on, OUT/seed<S>/<start>-
-filtered (an rl-only pipeline), against the first: accuracy, wall time, prompts dropped.
+filtered (an rl-only pipeline), against the first: accuracy, wall time, prompts dropped. With
+--sft-in-rl, for each of --sft-in-rl-starts one more RL stage per variant of SFT_IN_RL (CHORD,
+ReLIFT) from the same SFT model, OUT/seed<S>/<start>-<variant>, against the plain GRPO stage.
 
 The RL prompts (OUT/rl_prompts.jsonl) are the preset's dev split when it has one, else clean
 problems from the preset's generator drawn with another seed, none of whose questions is in the
@@ -49,6 +52,16 @@ RL = {
     "progress": False,
 }
 RL_PROMPTS = 256
+#: SFT inside RL (docs/rl.md, "SFT inside RL"): the qtune rl options each variant adds to RL, run from
+#: the same SFT model as the plain GRPO stage (OUT/seed<S>/<start>-<variant>, rl-only pipelines).
+#: CHORD-phi: the paper's final method (mu 0.1 throughout, token weight p(1-p)); ReLIFT: an SFT step
+#: each time 8 all-wrong prompts are buffered (one RL step's prompts, the "fine-tuning batch size"
+#: of the paper's text: the released script's 64 would not fill in 30 steps from a start that
+#: solves most prompts). Fixed before any of these runs (docs/rl.md).
+SFT_IN_RL = {
+    "chord-phi": {"sft_weight": 0.1, "sft_token_weight": "p(1-p)"},
+    "relift": {"interleave_sft": True, "interleave_sft_batch": 8},
+}
 
 
 def rl_prompts(paths, preset: str, out: Path) -> Path:
@@ -78,6 +91,9 @@ def main(argv=None) -> None:
     parser.add_argument("--starts", default="full,qtuning,random")
     parser.add_argument("--filter-start", default="random", help="The start whose RL stage is also run with the "
                                                                  "zero-variance pre-pass ('' for none).")
+    parser.add_argument("--sft-in-rl", default="", help="Comma list of SFT_IN_RL variants run from the "
+                                                        "--sft-in-rl-starts ('' for none).")
+    parser.add_argument("--sft-in-rl-starts", default="full,qtuning")
     parser.add_argument("--rl", default="{}", help="A YAML mapping of qtune rl options that replace RL's.")
     ns = parser.parse_args(argv)
     out = Path(ns.out).resolve()
@@ -102,6 +118,12 @@ def main(argv=None) -> None:
                                             model=str(folder / "sft" / "model"), data=str(prompts),
                                             eval_data=str(paths.test_path), eval_base=False,
                                             rl={**rl, "seed": seed, "filter_zero_variance": True}, eval=evaluation))
+            if start in ns.sft_in_rl_starts.split(","):
+                for variant in filter(None, ns.sft_in_rl.split(",")):
+                    run_pipeline(PipelineConfig(out=str(out / f"seed{seed}" / f"{start}-{variant}"),
+                                                model=str(folder / "sft" / "model"), data=str(prompts),
+                                                eval_data=str(paths.test_path), eval_base=False,
+                                                rl={**rl, "seed": seed, **SFT_IN_RL[variant]}, eval=evaluation))
     from rl_stages_report import report
 
     print(report(out))

@@ -12,6 +12,10 @@
    it, else "keeps" it (one seed has no standard deviation: no verdict).
 3. The zero-variance pre-pass on the filtered start: accuracy after RL, the RL stage's seconds
    (steps + pre-pass), prompts trained on and dropped, zero-variance groups met in training.
+4. SFT inside RL (--sft-in-rl): per start and variant, accuracy after RL against the plain GRPO
+   stage from the same SFT models: the difference of means in points and in units of the pooled
+   standard deviation of the two groups (win or loss beyond one, tie otherwise: docs/bench.md's
+   criterion), the paired difference per seed, RL seconds, ReLIFT's SFT steps and records.
 """
 
 from __future__ import annotations
@@ -49,11 +53,17 @@ def finished(out: Path) -> dict[str, dict[int, dict]]:
     return runs
 
 
+def is_start(name: str) -> bool:
+    """Whether a run folder is a start's SFT -> RL pipeline; the others (`<start>-filtered`,
+    `<start>-<variant>`) are rl-only stages from a start's SFT model."""
+    return "-" not in name
+
+
 def per_start_table(runs: dict) -> list[str]:
     lines = ["| start | seeds | EM after SFT % | EM after RL % | RL change pp | SFT s | RL s | SFT loss tokens | "
              "RL loss tokens |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for start, seeds in runs.items():
-        if start.endswith("-filtered"):
+        if not is_start(start):
             continue
         v = list(seeds.values())
         sft = [100 * r["sft"]["exact_match_strict"] for r in v]
@@ -76,7 +86,7 @@ def verdict(changes: list[float]) -> str:
 def gap_table(runs: dict) -> list[str]:
     lines = ["| gap | seeds | after SFT pp | after RL pp | change of size pp | RL ... the gap |",
              "|---|---:|---:|---:|---:|---|"]
-    starts = [s for s in runs if not s.endswith("-filtered")]
+    starts = [s for s in runs if is_start(s)]
     pairs = [(a, b) for a in starts for b in starts if a != b and (b == "full" or (a, b) == ("qtuning", "random"))]
     for a, b in pairs:
         seeds = sorted(set(runs[a]) & set(runs[b]))
@@ -112,11 +122,42 @@ def filter_table(runs: dict) -> list[str]:
     return lines
 
 
+def std_units(a: list[float], b: list[float]) -> str:
+    """mean(a) - mean(b) in units of the pooled standard deviation sqrt((s_a^2 + s_b^2) / 2), with
+    the verdict beyond one unit."""
+    pooled = ((statistics.variance(a) + statistics.variance(b)) / 2) ** 0.5 if min(len(a), len(b)) > 1 else 0.0
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    if pooled == 0:
+        return f"{diff:+.1f}, no spread"
+    units = diff / pooled
+    return f"{diff:+.1f}, {units:+.1f}σ {'win' if units > 1 else 'loss' if units < -1 else 'tie'}"
+
+
+def sft_in_rl_table(runs: dict) -> list[str]:
+    lines = ["| start | RL stage | seeds | EM after RL % | vs GRPO (pooled std) | paired by seed pp | RL s | "
+             "interleaved SFT steps (records) |", "|---|---|---:|---:|---|---:|---:|---:|"]
+    for name, seeds in runs.items():
+        start, _, variant = name.partition("-")
+        if not variant or variant == "filtered" or start not in runs:
+            continue
+        common = sorted(set(seeds) & set(runs[start]))
+        grpo = [100 * runs[start][s]["rl"]["exact_match_strict"] for s in common]
+        mixed = [100 * seeds[s]["rl"]["exact_match_strict"] for s in common]
+        summaries = [seeds[s]["summary"] for s in common]
+        lines.append(f"| {start} | {variant} | {len(common)} | {mean_std(mixed)} | {std_units(mixed, grpo)} | "
+                     f"{mean_std([m - g for m, g in zip(mixed, grpo)])} | "
+                     f"{mean_std([seeds[s]['rl']['seconds'] for s in common])} | "
+                     f"{statistics.fmean(x['interleaved_sft_steps'] for x in summaries):.1f} "
+                     f"({statistics.fmean(x['interleaved_sft_records'] for x in summaries):.0f}) |")
+    return lines
+
+
 def report(out: Path) -> str:
     runs = finished(Path(out))
     if not runs:
         return f"no finished run under {out}"
-    return "\n\n".join("\n".join(t) for t in (per_start_table(runs), gap_table(runs), filter_table(runs)))
+    tables = (per_start_table(runs), gap_table(runs), filter_table(runs), sft_in_rl_table(runs))
+    return "\n\n".join("\n".join(t) for t in tables if len(t) > 2)
 
 
 if __name__ == "__main__":

@@ -125,7 +125,8 @@ PLANNED = {
                            "--out runs/draws-saturated",
     "saturated-uds-b4": f"{UDS} --batch-size 4 --budgets 0.25x0.5 --out runs/grid-saturated/b4",
     "saturated-uds-b8": f"{UDS} --batch-size 8 --budgets 0.125x0.5 --out runs/grid-saturated/b8",
-    **{f"saturated-objectives/{loss}": f"{ZOO} --methods full --loss {loss} --out runs/grid-saturated/objectives/{loss}"
+    **{f"saturated-objectives/{loss}": f"{SATURATED} --jobs 2 --methods full --loss {loss} --data-seeds 0,1,2 "
+                                       f"--no-plots --out runs/draws-objectives/{loss}"
        for loss in ("dft", "asft", "psft", "eaft")},
 }
 
