@@ -131,9 +131,14 @@ def check_engine(args, accelerator) -> str:
     if reason:
         raise QTuneError(reason)
     if accelerator.num_processes > 1:
-        atexit.unregister(_end_process_group)  # once per process, however many runs it makes
-        atexit.register(_end_process_group)
+        end_process_group_at_exit()
     return running
+
+
+def end_process_group_at_exit() -> None:
+    """Register `_end_process_group` at exit, once per process however many runs it makes."""
+    atexit.unregister(_end_process_group)
+    atexit.register(_end_process_group)
 
 
 #: Seconds the exit handler releases the GIL for before the interpreter's teardown (`_end_process_group`).

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from .data import IGNORE_INDEX, collate, length_bucketed_batches
 from .head import accepts_logits_to_keep, full_parameters, head_forward, resolve_head_impl, working_block
 from .logit_matrix import LogitSummaries
+from .processes import Processes, run_batches
 
 #: Rows of existing logits (the logits path) converted to float32 at a time when `chunk_tokens` is
 #: None: the logits themselves are the larger tensor there.
@@ -332,21 +333,27 @@ def score_dataset(
     chunk_tokens: int | None = None,
     head_impl: str = "auto",
     progress: bool = True,
+    processes=None,
 ) -> DatasetScores:
     """Score tokenized samples (dicts from `qtune.data.tokenize_records`, or a `SampleTable` of
-    `qtune.tokenized`) in length-bucketed batches."""
+    `qtune.tokenized`) in length-bucketed batches. With `processes` (`qtune.processes.Processes`,
+    every process calling), the batches are shared out over the processes and every process
+    returns the whole dataset's scores, equal to one process's; `tokens` and the progress bar
+    (the main process's) count every process's work."""
     from tqdm.auto import tqdm
 
+    processes = processes or Processes()
     device = next(model.parameters()).device
     # A memory-mapped SampleTable knows its lengths without reading every sample.
     lengths = getattr(samples, "lengths", None)
     lengths = [len(s["input_ids"]) for s in samples] if lengths is None else lengths.tolist()
     batches = length_bucketed_batches(lengths, batch_size)
-    rows: dict[int, tuple] = {}
     tokens = 0
     start = time.perf_counter()
-    bar = tqdm(total=len(samples), unit="sample", desc="scoring", disable=not progress)
-    for indices in batches:
+    bar = tqdm(total=len(samples), unit="sample", desc="scoring", disable=not (progress and processes.is_main))
+
+    def run(indices: list[int]) -> dict[int, tuple]:
+        nonlocal tokens
         batch = collate([samples[i] for i in indices], pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         scores = score_batch(
@@ -354,12 +361,14 @@ def score_dataset(
             head_impl=head_impl,
         )
         tokens += int(batch["attention_mask"].sum())
-        rows.update(sample_rows(batch["sample_id"], scores, per_token=per_token))
-        bar.update(len(indices))
         elapsed = max(time.perf_counter() - start, 1e-9)
-        bar.set_postfix(tok_s=f"{tokens / elapsed:,.0f}", refresh=False)
+        bar.set_postfix(tok_s=f"{tokens * processes.world / elapsed:,.0f}", refresh=False)
+        return sample_rows(batch["sample_id"], scores, per_token=per_token)
+
+    rows = run_batches(run, batches, processes, progress_bar=bar)
     bar.close()
-    return dataset_scores(rows, per_token=per_token, seconds=time.perf_counter() - start, tokens=tokens)
+    return dataset_scores(rows, per_token=per_token, seconds=time.perf_counter() - start,
+                          tokens=processes.total(tokens))
 
 
 def sample_rows(sample_ids: torch.Tensor, scores: BatchScores, *, per_token: bool) -> dict[int, tuple]:

@@ -26,8 +26,9 @@ from .config import STATIC_METHODS, SelectConfig, TrainConfig
 from .console import log
 from .data import record_id_of, source_rows
 from .errors import QTuneError
-from .io import claim_output_dir, write_json, write_jsonl, write_parquet
+from .io import write_json, write_jsonl, write_parquet
 from .models import machine_stamp
+from .processes import Processes, claim_output_on_main, launched_processes
 from .samples import load_samples
 from .scoring import IGNORE_INDEX, score_dataset, unscored_dataset
 from .selectors import SELECTORS, SelectorInputs, StaticChoice
@@ -35,9 +36,13 @@ from .workflows import load_for_scoring
 
 
 def run_select(cfg: SelectConfig) -> dict:
-    """Score a dataset, choose a subset with `cfg.selector` and write it (see the module doc)."""
-    with claim_output_dir(cfg.out, "qtune select"):
-        return _select(cfg, Path(cfg.out))
+    """Score a dataset, choose a subset with `cfg.selector` and write it (see the module doc).
+    Under a launcher (torchrun, accelerate launch) the processes share the model's passes over the
+    dataset (`qtune.processes`), the main process chooses (every process, for a selector that runs
+    the model) and writes; it returns the summary, the other processes an empty dict."""
+    processes = launched_processes(cfg.device)
+    with claim_output_on_main(processes, cfg.out, "qtune select"):
+        return _select(cfg, Path(cfg.out), processes)
 
 
 def answer_only(samples, bos_token_id: int | None) -> list[dict]:
@@ -68,11 +73,12 @@ def load_target(cfg: SelectConfig, tokenizer) -> tuple[object, list[dict]]:
 
 
 def selector_inputs(selector, cfg: SelectConfig, scores, *, records, samples, model, tokenizer, pad_id: int,
-                    score: dict) -> SelectorInputs:
+                    score: dict, processes: Processes) -> SelectorInputs:
     """What `selector` needs (its `needs`, see `qtune.selectors`) besides the scoring pass `scores`:
-    the answers scored alone (a second pass, with `score_dataset`'s options `score`), the records'
-    texts, pairs and metadata, the model and samples, or the target set of `cfg.target_data`."""
-    inputs = SelectorInputs(scores)
+    the answers scored alone (a second pass, with `score_dataset`'s options `score`, shared over
+    `processes`), the records' texts, pairs and metadata, the model and samples, or the target set
+    of `cfg.target_data`."""
+    inputs = SelectorInputs(scores, processes=processes)
     if "answer_scores" in selector.needs:
         log("scoring the answers without their instructions")
         inputs.answer_scores = score_dataset(model, answer_only(samples, tokenizer.bos_token_id), **score)
@@ -104,7 +110,7 @@ def _method_choice(cfg: SelectConfig, method, scores) -> StaticChoice:
     return StaticChoice(list(chosen.sample_ids), None, direction[cfg.selector])
 
 
-def _select(cfg: SelectConfig, out: Path) -> dict:
+def _select(cfg: SelectConfig, out: Path, processes: Processes) -> dict:
     method = _static_method(cfg) if cfg.selector in STATIC_METHODS else None
     selector = SELECTORS[cfg.selector]() if method is None else None
     # A method's static selection ranks by the scores when its steps do (qtuning's triage).
@@ -112,24 +118,34 @@ def _select(cfg: SelectConfig, out: Path) -> dict:
     if not cfg.scores and "scores" in needs:
         raise QTuneError(f"the {cfg.selector} selector ranks by the scoring pass's perplexity; it cannot run with "
                          "--no-scores")
-    tokenizer, pad_id, records, samples, model = load_for_scoring(cfg, with_model=cfg.scores or "model" in needs)
+    tokenizer, pad_id, records, samples, model = load_for_scoring(cfg, with_model=cfg.scores or "model" in needs,
+                                                                  device=processes.device)
     score = dict(pad_token_id=pad_id, batch_size=cfg.batch_size, chunk_tokens=cfg.chunk_tokens,
-                 head_impl=cfg.head_impl)
+                 head_impl=cfg.head_impl, processes=processes)
     if cfg.scores:
         unused = "" if "scores" in needs else " (only for scores.parquet: --no-scores skips this pass)"
-        log(f"scoring {len(samples)} samples with {cfg.model} on {model.device} for the {cfg.selector} selector{unused}")
+        on = f"{model.device}" + (f" x {processes.world} processes" if processes.world > 1 else "")
+        log(f"scoring {len(samples)} samples with {cfg.model} on {on} for the {cfg.selector} selector{unused}")
         scores = score_dataset(model, samples, per_token=cfg.selector == "qtuning", **score)
     else:
         scores = unscored_dataset(samples)
     seconds = scores.seconds
+    # Past the scoring pass, a process other than the main one works only for a selector whose own
+    # passes it shares (answers scored alone, `shares_passes` selectors); the main process chooses
+    # and writes OUT.
+    shared = "answer_scores" in needs or getattr(selector, "shares_passes", False)
+    if not processes.is_main and (method is not None or not shared):
+        return {}
     if method is not None:
         choice = _method_choice(cfg, method, scores)
     else:
         inputs = selector_inputs(selector, cfg, scores, records=records, samples=samples, model=model,
-                                 tokenizer=tokenizer, pad_id=pad_id, score=score)
+                                 tokenizer=tokenizer, pad_id=pad_id, score=score, processes=processes)
         if inputs.answer_scores is not None:
             seconds += inputs.answer_scores.seconds
         choice = selector.choose(cfg, inputs)
+    if not processes.is_main:
+        return {}
 
     kept = set(choice.kept)
     kept_records = sorted({record_id_of(s) for s in kept})
@@ -146,7 +162,7 @@ def _select(cfg: SelectConfig, out: Path) -> dict:
         "n_samples": len(scores.sample_id), "n_kept": len(kept), "n_records": len(records),
         "n_records_kept": len(kept_records), "kept_fraction": len(kept) / len(scores.sample_id),
         "stats": choice.stats, "scoring_seconds": seconds, "config": dataclasses.asdict(cfg),
-        "machine": machine_stamp("cpu" if model is None else model.device),
+        "machine": machine_stamp("cpu" if model is None else model.device, processes.world),
     }
     write_json(out / "summary.json", summary)
     if cfg.plot and choice.score is not None:

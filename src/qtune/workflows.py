@@ -13,6 +13,7 @@ from .console import log
 from .data import load_records, record_id_of, require_pad_token
 from .io import claim_output_dir, write_json, write_parquet, write_text
 from .models import check_vocabulary, load_model, load_tokenizer, machine_stamp
+from .processes import Processes, claim_output_on_main, launched_processes
 from .pruning import QUADRANT_NAMES, triage
 from .report import category_quadrant_table, format_table, score_summary
 from .samples import load_samples
@@ -20,31 +21,38 @@ from .scoring import score_dataset
 
 
 def run_score(cfg: ScoreConfig) -> dict:
-    """Score every sample of a dataset on the EU plane and write scores, summary and plot."""
-    with claim_output_dir(cfg.out, "qtune score"):  # a bad or busy --out fails before anything loads
-        return _score(cfg, Path(cfg.out))
+    """Score every sample of a dataset on the EU plane and write scores, summary and plot. Under a
+    launcher (torchrun, accelerate launch) the processes share the scoring pass and the main one
+    writes (`qtune.processes`); every process returns the summary."""
+    processes = launched_processes(cfg.device)
+    # A bad or busy --out fails (every process) before anything loads.
+    with claim_output_on_main(processes, cfg.out, "qtune score"):
+        return _score(cfg, Path(cfg.out), processes)
 
 
-def load_for_scoring(cfg, *, with_model: bool = True):
+def load_for_scoring(cfg, *, with_model: bool = True, device: str | torch.device | None = None):
     """(tokenizer, its pad id, records, tokenized samples, model) of a config with model and data
-    fields: what a command that scores a dataset starts from (model None without `with_model`)."""
+    fields: what a command that scores a dataset starts from (model None without `with_model`;
+    on `device`, default `cfg.device`)."""
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code, pad_token=cfg.pad_token)
     pad_id = require_pad_token(tokenizer)
     records, samples = load_samples(cfg, tokenizer)
     if not with_model:
         return tokenizer, pad_id, records, samples, None
-    model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    model = load_model(cfg.model, dtype=cfg.dtype, device=str(device or cfg.device),
+                       trust_remote_code=cfg.trust_remote_code)
     check_vocabulary(model, tokenizer, cfg.model)
     return tokenizer, pad_id, records, samples, model
 
 
-def _score(cfg: ScoreConfig, out: Path) -> dict:
-    """run_score's work, in its claimed folder."""
-    _, pad_id, records, samples, model = load_for_scoring(cfg)
-    log(f"scoring {len(samples)} samples with {cfg.model} on {model.device} ({model.dtype})")
+def _score(cfg: ScoreConfig, out: Path, processes: Processes) -> dict:
+    """run_score's work, in its claimed folder (claimed by the main process)."""
+    _, pad_id, records, samples, model = load_for_scoring(cfg, device=processes.device)
+    on = f"{model.device}" + (f" x {processes.world} processes" if processes.world > 1 else "")
+    log(f"scoring {len(samples)} samples with {cfg.model} on {on} ({model.dtype})")
     scores = score_dataset(
         model, samples, pad_token_id=pad_id, batch_size=cfg.batch_size,
-        per_token=cfg.per_token, chunk_tokens=cfg.chunk_tokens, head_impl=cfg.head_impl,
+        per_token=cfg.per_token, chunk_tokens=cfg.chunk_tokens, head_impl=cfg.head_impl, processes=processes,
     )
     decision = triage(torch.tensor(scores.ppl), torch.tensor(scores.ent), cfg.r_sample)
     quadrant = decision.quadrant.tolist()
@@ -68,7 +76,6 @@ def _score(cfg: ScoreConfig, out: Path) -> dict:
     if cfg.per_token:
         columns["token_nll"] = scores.token_nll
         columns["token_entropy"] = scores.token_entropy
-    write_parquet(out / "scores.parquet", columns)
 
     summary = score_summary(scores.ppl, scores.ent, quadrant, cfg.r_sample)
     if categories is not None:
@@ -76,7 +83,6 @@ def _score(cfg: ScoreConfig, out: Path) -> dict:
     throughput = (f"{len(samples)} samples, {scores.tokens} tokens in {scores.seconds:.1f} s "
                   f"({len(samples) / scores.seconds:.1f} samples/s, {scores.tokens / scores.seconds:,.0f} tokens/s)")
     summary += "\n\n" + throughput
-    write_text(out / "summary.md", summary + "\n")
     result = {
         "config": asdict(cfg),
         "n_samples": len(samples),
@@ -85,8 +91,12 @@ def _score(cfg: ScoreConfig, out: Path) -> dict:
         "counts": decision.counts(),
         "seconds": scores.seconds,
         "tokens": scores.tokens,
-        "machine": machine_stamp(model.device),
+        "machine": machine_stamp(model.device, processes.world),
     }
+    if not processes.is_main:  # the main process writes OUT
+        return result
+    write_parquet(out / "scores.parquet", columns)
+    write_text(out / "summary.md", summary + "\n")
     write_json(out / "summary.json", result)
     if cfg.plot:
         from .plotting import plot_eu_plane

@@ -11,6 +11,7 @@ import torch
 
 from ..config import SELECTOR_NAMES
 from ..methods.rules import top_samples
+from ..processes import Processes
 
 SELECTORS: dict[str, type] = {}
 
@@ -24,7 +25,10 @@ class SelectorInputs:
     system turns, the assistant turns); metadata, its record's `metadata`. With "model": model,
     the scoring model; samples, the tokenized samples (in load order, each with its sample_id);
     pad_token_id. With "target": target_samples, the tokenized samples of --target-data, and
-    target_metadata, each one's record's `metadata`."""
+    target_metadata, each one's record's `metadata`. processes: the launched processes
+    (`qtune.processes`); a selector that runs the model over the dataset shares its batches out
+    with `run_batches` and says so with the class attribute `shares_passes = True`: then every
+    process calls its `choose`, else the main process alone does."""
 
     scores: object
     answer_scores: object | None = None
@@ -36,6 +40,7 @@ class SelectorInputs:
     pad_token_id: int | None = None
     target_samples: object | None = None
     target_metadata: list[dict] | None = None
+    processes: Processes = field(default_factory=Processes)
 
 
 @dataclass

@@ -1,0 +1,136 @@
+"""Whole-dataset passes on the processes a launcher started (`qtune score`, `qtune select`).
+
+Under `torchrun` or `accelerate launch` every process runs the same command. A pass over the
+dataset (scoring, a selector's forward passes) is then split by batches: the batches are built
+once, the same on every process (length-bucketed, as one process builds them), and batch k is
+run by process k mod world_size, so each sample is computed in exactly the batch, and so with
+exactly the padding, that one process would give it: the gathered results equal one process's.
+Uneven shares and empty ones (more processes than batches) work: a process without a batch in a
+round still takes part in the round's count. Every process ends with the whole result (the
+selectors' choice is deterministic, so all agree); the main process alone claims and writes the
+output folder (`claim_output_on_main`).
+
+The process group is accelerate's (`PartialState`, which reads the launcher's environment: gloo
+on CPU, NCCL on GPUs); qtune adds no distributed layer of its own. Without a launcher
+(`WORLD_SIZE` unset or 1) nothing is initialised and every helper is the one-process identity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import QTuneError
+from .io import claim_output_dir
+from .models import resolve_device
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among the launched ones: rank (0 is the main process), world (how
+    many), device (the one this process computes on: its own GPU under a launcher, else
+    `--device`)."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def rounds(self, count: int) -> int:
+        """Rounds needed for `count` batches, one batch per process a round."""
+        return -(-count // self.world)
+
+    def batch_of_round(self, round_index: int, count: int) -> int | None:
+        """The batch this process runs in a round (round-robin), None when the batches ran out."""
+        k = round_index * self.world + self.rank
+        return k if k < count else None
+
+    def total(self, value: int) -> int:
+        """The sum of `value` over the processes (every process gets it)."""
+        if self.world == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.long, device=self.device)
+        torch.distributed.all_reduce(tensor)
+        return int(tensor.item())
+
+    def gather(self, value) -> list:
+        """Every process's `value` (any picklable object), in rank order, on every process."""
+        if self.world == 1:
+            return [value]
+        gathered = [None] * self.world
+        torch.distributed.all_gather_object(gathered, value)
+        return gathered
+
+    def from_main(self, value):
+        """The main process's `value`, on every process."""
+        if self.world == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def launched_processes(device: str = "auto") -> Processes:
+    """The processes of this run: one (on `device`) without a launcher; under torchrun or
+    accelerate launch, accelerate's process group (started here when not yet) and this process's
+    device (its local GPU when `device` is auto and GPUs are there)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Processes(device=resolve_device(device))
+    from accelerate import PartialState
+
+    from .engine import end_process_group_at_exit
+
+    # accelerate starts a CPU group (gloo) only when told the run is on CPU.
+    state = PartialState(cpu=resolve_device(device).type == "cpu")
+    end_process_group_at_exit()
+    return Processes(rank=state.process_index, world=state.num_processes,
+                     device=state.device if device == "auto" else resolve_device(device))
+
+
+def run_batches(run: Callable[[list[int]], dict], batches: Sequence[list[int]], processes: Processes, *,
+                progress_bar=None) -> dict:
+    """`run(indices)` (one batch's results, a dict keyed by sample id) over `batches`, batch k on
+    process k mod world; every process returns the merged dict of all batches. `progress_bar`
+    (a tqdm, the main process's; None elsewhere) advances by the samples all processes finished
+    in each round, so it shows the whole dataset."""
+    rows: dict = {}
+    for round_index in range(processes.rounds(len(batches))):
+        k = processes.batch_of_round(round_index, len(batches))
+        if k is not None:
+            rows.update(run(batches[k]))
+        done = processes.total(0 if k is None else len(batches[k]))
+        if progress_bar is not None:
+            progress_bar.update(done)
+    if processes.world > 1:
+        merged: dict = {}
+        for part in processes.gather(rows):
+            merged.update(part)
+        rows = merged
+    return rows
+
+
+@contextlib.contextmanager
+def claim_output_on_main(processes: Processes, out: str | os.PathLike, command: str) -> Iterator[Path]:
+    """`claim_output_dir(out)` held by the main process alone, for the whole `with` block; the
+    other processes learn whether it could, and all stop with the main process's error when it
+    could not (a busy or unwritable --out fails every process before anything loads)."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if processes.is_main:
+            try:
+                stack.enter_context(claim_output_dir(out, command))
+            except QTuneError as exc:
+                error = str(exc)
+        error = processes.from_main(error)
+        if error is not None:
+            raise QTuneError(error)
+        yield Path(out)
+

@@ -1,0 +1,114 @@
+"""Whole-dataset passes on several processes (`qtune.processes`): the round-robin share of the
+batches by hand; `qtune score` and `qtune select` in 2 CPU processes (torchrun, gloo) write what
+one process writes; more processes than batches; a busy --out stops every process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+from test_train import SRC, tiny_run_inputs  # noqa: F401 (a fixture)
+
+from qtune.processes import Processes, run_batches
+
+WORKER = """
+import json, sys
+from qtune.config import ScoreConfig, SelectConfig
+from qtune.selection import run_select
+from qtune.workflows import run_score
+
+kind, values = sys.argv[1], json.loads(sys.argv[2])
+(run_score if kind == "score" else run_select)((ScoreConfig if kind == "score" else SelectConfig)(**values))
+"""
+TIMEOUT = 300  # seconds; a process left out of a collective would hang the others until then
+
+
+def launch(tmp_path, kind: str, values: dict, processes: int, *, check: bool = True):
+    """`qtune score` or `qtune select` with `values` in `processes` processes (torchrun when more
+    than one)."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    command = [*(launcher if processes > 1 else [sys.executable]), str(script), kind,
+               json.dumps({"plot": False, **values})]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    if check:
+        assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def test_batches_go_round_robin_and_every_process_gets_all_of_them():
+    """5 batches over 2 processes: process 0 runs batches 0, 2, 4, process 1 batches 1, 3 and sits
+    out round 2; with one process the helper runs every batch in order."""
+    batches = [[0, 1], [2], [3, 4, 5], [6], [7]]
+    shares = {rank: [Processes(rank, 2).batch_of_round(r, 5) for r in range(Processes(rank, 2).rounds(5))]
+              for rank in (0, 1)}
+    assert shares == {0: [0, 2, 4], 1: [1, 3, None]}
+    assert Processes(2, 3).batch_of_round(0, 2) is None  # more processes than batches
+
+    seen = []
+    rows = run_batches(lambda indices: seen.append(indices) or {i: i * i for i in indices}, batches, Processes())
+    assert seen == batches and rows == {i: i * i for i in range(8)}
+
+
+def read(folder):
+    return pq.read_table(folder / "scores.parquet").to_pydict()
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_run_inputs, tmp_path_factory):  # noqa: F811
+    """`qtune score` and `qtune select --selector ifd` of the 48 records in one process."""
+    model, data = tiny_run_inputs
+    root = tmp_path_factory.mktemp("one-process")
+    common = {"model": str(model), "data": str(data), "batch_size": 4}
+    launch(root, "score", {**common, "out": str(root / "score")}, 1)
+    launch(root, "select", {**common, "out": str(root / "select"), "selector": "ifd", "ratio": 0.25}, 1)
+    return root, common
+
+
+def test_two_processes_score_what_one_process_scores(one_process, tmp_path):
+    root, common = one_process
+    done = launch(tmp_path, "score", {**common, "out": str(tmp_path / "score")}, 2)
+    one, two = read(root / "score"), read(tmp_path / "score")
+    assert two["sample_id"] == one["sample_id"] == list(range(48))
+    assert two["ppl"] == pytest.approx(one["ppl"], rel=1e-5) and two["entropy"] == pytest.approx(one["entropy"], rel=1e-5)
+    assert two["quadrant"] == one["quadrant"] and two["kept"] == one["kept"]
+    summary_one = json.loads((root / "score" / "summary.json").read_text())
+    summary_two = json.loads((tmp_path / "score" / "summary.json").read_text())
+    assert summary_two["counts"] == summary_one["counts"] and summary_two["tokens"] == summary_one["tokens"]
+    assert "cpu x 2" in summary_two["machine"]
+    assert done.stdout.count("quadrant") == (root / "score" / "summary.md").read_text().count("quadrant")  # main prints once
+
+
+def test_two_processes_select_what_one_process_selects(one_process, tmp_path):
+    """ifd: the scoring pass and the answers' own pass are both shared out."""
+    root, common = one_process
+    launch(tmp_path, "select", {**common, "out": str(tmp_path / "select"), "selector": "ifd", "ratio": 0.25}, 2)
+    assert (tmp_path / "select" / "selected.jsonl").read_text() == (root / "select" / "selected.jsonl").read_text()
+    one, two = read(root / "select"), read(tmp_path / "select")
+    assert two["kept"] == one["kept"] and two["score"] == pytest.approx(one["score"], rel=1e-5)
+    assert sorted(p.name for p in (tmp_path / "select").iterdir()) == sorted(p.name for p in (root / "select").iterdir())
+
+
+def test_more_processes_than_batches(one_process, tmp_path):
+    """3 processes, 4 records in one batch of 8: two processes run nothing and still finish."""
+    root, common = one_process
+    small = tmp_path / "four.jsonl"
+    small.write_text("".join(open(common["data"]).readlines()[:4]))
+    values = {**common, "data": str(small), "batch_size": 8}
+    launch(tmp_path, "score", {**values, "out": str(tmp_path / "one")}, 1)
+    launch(tmp_path, "score", {**values, "out": str(tmp_path / "three")}, 3)
+    assert read(tmp_path / "three")["ppl"] == pytest.approx(read(tmp_path / "one")["ppl"], rel=1e-5)
+    assert read(tmp_path / "three")["ppl"] == pytest.approx(read(root / "score")["ppl"][:4], rel=1e-5)
+
+
+def test_an_unusable_out_stops_every_process(one_process, tmp_path):
+    _, common = one_process
+    taken = tmp_path / "a-file"
+    taken.write_text("not a folder")
+    done = launch(tmp_path, "score", {**common, "out": str(taken)}, 2, check=False)
+    assert done.returncode != 0
+    assert done.stderr.count("exists and is not a folder") >= 2  # the main process and the other one
