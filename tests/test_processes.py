@@ -58,15 +58,28 @@ def read(folder):
     return pq.read_table(folder / "scores.parquet").to_pydict()
 
 
+#: The selectors run in 2 processes against 1: one ranking by the scoring pass, one with a second
+#: shared pass (the answers alone), one whose own forward passes are shared (with a target set).
+SELECTORS = {"perplexity": {}, "ifd": {}, "rds": {"scores": False, "target_data": "target.jsonl"}}
+
+
 @pytest.fixture(scope="module")
 def one_process(tiny_run_inputs, tmp_path_factory):  # noqa: F811
-    """`qtune score` and `qtune select --selector ifd` of the 48 records in one process."""
+    """`qtune score` and `qtune select` with each of SELECTORS, of the 48 records, in one process."""
     model, data = tiny_run_inputs
     root = tmp_path_factory.mktemp("one-process")
     common = {"model": str(model), "data": str(data), "batch_size": 4}
+    (root / "target.jsonl").write_text("".join(open(data).readlines()[-6:]))
     launch(root, "score", {**common, "out": str(root / "score")}, 1)
-    launch(root, "select", {**common, "out": str(root / "select"), "selector": "ifd", "ratio": 0.25}, 1)
+    for name in SELECTORS:
+        launch(root, "select", select_values(common, root, root / name, name), 1)
     return root, common
+
+
+def select_values(common: dict, root, out, selector: str) -> dict:
+    """qtune select's options for `selector` (a target file named in SELECTORS is under `root`)."""
+    extra = {k: str(root / v) if k == "target_data" else v for k, v in SELECTORS[selector].items()}
+    return {**common, "out": str(out), "selector": selector, "ratio": 0.25, **extra}
 
 
 def test_two_processes_score_what_one_process_scores(one_process, tmp_path):
@@ -83,14 +96,15 @@ def test_two_processes_score_what_one_process_scores(one_process, tmp_path):
     assert done.stdout.count("quadrant") == (root / "score" / "summary.md").read_text().count("quadrant")  # main prints once
 
 
-def test_two_processes_select_what_one_process_selects(one_process, tmp_path):
-    """ifd: the scoring pass and the answers' own pass are both shared out."""
+@pytest.mark.parametrize("selector", sorted(SELECTORS))
+def test_two_processes_select_what_one_process_selects(one_process, tmp_path, selector):
     root, common = one_process
-    launch(tmp_path, "select", {**common, "out": str(tmp_path / "select"), "selector": "ifd", "ratio": 0.25}, 2)
-    assert (tmp_path / "select" / "selected.jsonl").read_text() == (root / "select" / "selected.jsonl").read_text()
-    one, two = read(root / "select"), read(tmp_path / "select")
-    assert two["kept"] == one["kept"] and two["score"] == pytest.approx(one["score"], rel=1e-5)
-    assert sorted(p.name for p in (tmp_path / "select").iterdir()) == sorted(p.name for p in (root / "select").iterdir())
+    launch(tmp_path, "select", select_values(common, root, tmp_path / selector, selector), 2)
+    one, two = root / selector, tmp_path / selector
+    assert (two / "selected.jsonl").read_text() == (one / "selected.jsonl").read_text()
+    assert read(two)["kept"] == read(one)["kept"] and sum(read(one)["kept"]) == 12
+    assert read(two)["score"] == pytest.approx(read(one)["score"], rel=1e-5, abs=1e-6)
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
 
 
 def test_more_processes_than_batches(one_process, tmp_path):

@@ -321,13 +321,15 @@ class LessConfig(Options):
     arXiv 2402.04333: 5% of the data, 4 epochs, LoRA rank 128 on the attention projections, lr 2e-5,
     8,192 dimensions)."""
 
-    target_data: str | None = option(None, "less selector: the target set, a file in any format --data takes (e.g. "
-                                           "a dev split); the training samples whose gradients point where the "
-                                           "target samples' do are kept. Required by less.")
-    less_target_field: str | None = option(None, "less selector: a metadata field that splits the target set into "
-                                                 "subtasks; a training sample scores its highest mean similarity "
-                                                 "over the subtasks (the paper's max over subtasks). Default: one "
-                                                 "task, the mean over every target sample.")
+    target_data: str | None = option(None, "less and rds selectors: the target set, a file in any format --data "
+                                           "takes (e.g. a dev split); less keeps the training samples whose "
+                                           "gradients point where the target samples' do, rds those whose pooled "
+                                           "hidden states are the closest to theirs. Required by both.")
+    less_target_field: str | None = option(None, "less and rds selectors: a metadata field that splits the target "
+                                                 "set into subtasks. less: a training sample scores its highest mean "
+                                                 "similarity over the subtasks (the paper's max over subtasks); rds: "
+                                                 "the subtasks take turns choosing their closest samples (RDS+'s "
+                                                 "round-robin). Default: one task, every target sample.")
     less_fraction: float = option(0.05, "less selector: share of the training samples (a seeded uniform draw) the "
                                         "LoRA warm-up trains on.", bounds="(0, 1]")
     less_epochs: int = option(4, "less selector: warm-up epochs; the gradient features are taken after each one "
@@ -374,20 +376,21 @@ class SelectConfig(SelectorOptions, LessConfig, ComputeConfig, DataConfig, Model
     selector: str = option("perplexity", "How to choose: perplexity (by the model's PPL, select_keep decides the "
                            "side), ifd (Instruction-Following Difficulty, highest first), diversity (k-center greedy "
                            "on sentence embeddings), hardness (THTB's extrinsic hardness), less (gradient similarity to "
-                           "--target-data after a LoRA warm-up), or a method's static selection over the whole "
+                           "--target-data after a LoRA warm-up), rds (RDS+: pooled hidden states closest to "
+                           "--target-data's), or a method's static selection over the whole "
                            "dataset: full, random, qtuning (Stage 1 only: whole records).",
                            check=_selector)
     ratio: float = option(0.25, "Fraction of the samples to keep.", bounds="(0, 1]")
     seed: int = option(0, "random selector: the seed of the draw; hardness: of k-means' seeding; less: of the "
                           "warm-up's subset, order and LoRA initialisation, and of the projection.")
     batch_size: int = option(8, "Samples per scoring batch (batches are bucketed by length); less: also per "
-                                "warm-up step.", bounds="[1, inf)")
+                                "warm-up step; rds: also per batch of its forward passes.", bounds="[1, inf)")
     plot: bool = option(True, "Write selection.png, the score's histogram, kept and dropped (needs matplotlib: "
                               "pip install qtune[plots]).")
     scores: bool = option(True, "Run the scoring pass (one forward pass of every sample) for scores.parquet's ppl "
                                 "and entropy even when the selector does not rank by them: full, random, diversity, "
-                                "hardness, less. --no-scores skips it, and the model too where the selector does "
-                                "not use it (all but less); perplexity, ifd and qtuning need the pass.")
+                                "hardness, less, rds. --no-scores skips it, and the model too where the selector "
+                                "does not use it (all but less and rds); perplexity, ifd and qtuning need the pass.")
 
 
 @dataclass

@@ -73,12 +73,12 @@ def load_target(cfg: SelectConfig, tokenizer) -> tuple[object, list[dict]]:
 
 
 def selector_inputs(selector, cfg: SelectConfig, scores, *, records, samples, model, tokenizer, pad_id: int,
-                    score: dict, processes: Processes) -> SelectorInputs:
+                    score: dict, processes: Processes | None = None) -> SelectorInputs:
     """What `selector` needs (its `needs`, see `qtune.selectors`) besides the scoring pass `scores`:
     the answers scored alone (a second pass, with `score_dataset`'s options `score`, shared over
     `processes`), the records' texts, pairs and metadata, the model and samples, or the target set
-    of `cfg.target_data`."""
-    inputs = SelectorInputs(scores, processes=processes)
+    of `cfg.target_data`. One process without `processes`."""
+    inputs = SelectorInputs(scores, processes=processes or Processes())
     if "answer_scores" in selector.needs:
         log("scoring the answers without their instructions")
         inputs.answer_scores = score_dataset(model, answer_only(samples, tokenizer.bos_token_id), **score)

@@ -88,9 +88,13 @@ def _chosen_names(cfg: AuditConfig) -> tuple[list[str], list[str], list[str], di
         selectors = sorted(set(SELECTORS) - {"less"})
         skipped["selector:less"] = ("a LoRA warm-up of several epochs and a --target-data set: not audited by "
                                     "default, name it in --selectors to audit it")
-    if "less" in selectors:
         if not cfg.target_data:
-            raise QTuneError("--selectors less needs --target-data: a file of examples of the target task")
+            selectors.remove("rds")
+            skipped["selector:rds"] = "ranks by similarity to a target set: give --target-data to audit it"
+    for name in ("less", "rds"):
+        if name in selectors and not cfg.target_data:
+            raise QTuneError(f"--selectors {name} needs --target-data: a file of examples of the target task")
+    if "less" in selectors:
         selectors = [n for n in selectors if n != "less"] + ["less"]  # it trains adapters into the model: last
     tokens = ["qtuning", *_with_random_first(tokens)] if tokens else []
     return _with_random_first(rules), tokens, _with_random_first(selectors), skipped
