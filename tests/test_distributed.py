@@ -223,3 +223,26 @@ def test_rl_from_a_lora_start_in_two_processes(testbed, tmp_path):
     end = load_file(str(out / "model" / "adapter_model.safetensors"))
     assert start.keys() == end.keys() and all(not torch.equal(start[k], end[k]) for k in start)
     assert all("kl" in r for r in read_step_log(out / "steps.jsonl"))
+
+
+def test_two_processes_share_the_token_cleaning_pass_and_fix_the_masks_of_one(tiny_run_inputs, tmp_path):
+    """Token Cleaning's one-time pass over the training set: each process scores every
+    world-size-th sample, the influences are gathered, and the masks saved equal one process's.
+    The reference is the tiny model with other random weights, so the influences differ."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qtune.trainer import TOKEN_MASKS, read_token_masks
+
+    model_dir, _ = tiny_run_inputs
+    reference = tmp_path / "reference"
+    torch.manual_seed(4)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    type(model)(model.config).save_pretrained(reference)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(reference)
+    options = dict(method="random+token_cleaning", r_sample=0.5, r_token=0.5, reference_model=str(reference),
+                   batch_size=8, max_steps=1, seed=3)
+    launch(tmp_path, train_config(tiny_run_inputs, tmp_path / "one", grad_accum=2, **options), 1)
+    launch(tmp_path, train_config(tiny_run_inputs, tmp_path / "two", **options), 2)
+    one, two = (read_token_masks(tmp_path / name / TOKEN_MASKS) for name in ("one", "two"))
+    assert two.sample_id.tolist() == one.sample_id.tolist() and two.offsets.tolist() == one.offsets.tolist()
+    assert torch.equal(two.keep, one.keep) and 0 < int(one.keep.sum()) < one.keep.numel()

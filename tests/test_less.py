@@ -13,7 +13,7 @@ from qtune.errors import QTuneError
 from qtune.pruning import keep_count
 from qtune.selection import run_select
 from qtune.selectors import less
-from qtune.selectors.less import _subtasks, adam_direction, project
+from qtune.selectors.less import target_tasks, adam_direction, project
 
 
 def test_adam_direction_on_a_hand_computed_case():
@@ -62,11 +62,11 @@ def test_the_projection_is_seeded_block_by_block_and_independent_of_the_buffer(m
 
 
 def test_subtasks_come_from_a_metadata_field():
-    index, names = _subtasks([{"task": "b"}, {"task": "a"}, {"task": "b"}], "task")
+    index, names = target_tasks([{"task": "b"}, {"task": "a"}, {"task": "b"}], "task")
     assert index.tolist() == [1, 0, 1] and names == ["a", "b"]
-    assert _subtasks([{}, {}], None)[1] == ["all"]
+    assert target_tasks([{}, {}], None)[1] == ["all"]
     with pytest.raises(QTuneError, match="--less-target-field 'task': 1 target records have no metadata"):
-        _subtasks([{"task": "a"}, {}], "task")
+        target_tasks([{"task": "a"}, {}], "task")
 
 
 def test_less_keeps_the_exact_count_and_ranks_the_targets_twin_first(tiny_run_inputs, tmp_path):

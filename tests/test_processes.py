@@ -1,6 +1,7 @@
 """Whole-dataset passes on several processes (`qtune.processes`): the round-robin share of the
-batches by hand; `qtune score` and `qtune select` in 2 CPU processes (torchrun, gloo) write what
-one process writes; more processes than batches; a busy --out stops every process."""
+batches by hand; `qtune score`, `qtune select` and `qtune audit` in 2 CPU processes (torchrun,
+gloo) write what one process writes; more processes than batches; an unusable --out stops every
+process."""
 
 import json
 import os
@@ -15,12 +16,15 @@ from qtune.processes import Processes, run_batches
 
 WORKER = """
 import json, sys
-from qtune.config import ScoreConfig, SelectConfig
+from qtune.audit.run import run_audit
+from qtune.config import AuditConfig, ScoreConfig, SelectConfig
 from qtune.selection import run_select
 from qtune.workflows import run_score
 
 kind, values = sys.argv[1], json.loads(sys.argv[2])
-(run_score if kind == "score" else run_select)((ScoreConfig if kind == "score" else SelectConfig)(**values))
+run, config = {"score": (run_score, ScoreConfig), "select": (run_select, SelectConfig),
+               "audit": (run_audit, AuditConfig)}[kind]
+run(config(**values))
 """
 TIMEOUT = 300  # seconds; a process left out of a collective would hang the others until then
 
@@ -30,7 +34,8 @@ def launch(tmp_path, kind: str, values: dict, processes: int, *, check: bool = T
     than one)."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1",
+           "QTUNE_CACHE": str(tmp_path / "cache")}  # the judge's answers too: each run generates its own
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     command = [*(launcher if processes > 1 else [sys.executable]), str(script), kind,
                json.dumps({"plot": False, **values})]
@@ -59,8 +64,12 @@ def read(folder):
 
 
 #: The selectors run in 2 processes against 1: one ranking by the scoring pass, one with a second
-#: shared pass (the answers alone), one whose own forward passes are shared (with a target set).
-SELECTORS = {"perplexity": {}, "ifd": {}, "rds": {"scores": False, "target_data": "target.jsonl"}}
+#: shared pass (the answers alone), one whose own forward passes are shared (with a target set),
+#: and two that run on the main process alone under a launcher (LESS's warm-up and gradients,
+#: THTB's judge: the tiny model judges itself).
+SELECTORS = {"perplexity": {}, "ifd": {}, "rds": {"scores": False, "target_data": "target.jsonl"},
+             "less": {"scores": False, "target_data": "target.jsonl", "less_epochs": 1, "less_dim": 64},
+             "thtb": {"scores": False, "judge_model": "MODEL", "clusters": 4}}
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +87,8 @@ def one_process(tiny_run_inputs, tmp_path_factory):  # noqa: F811
 
 def select_values(common: dict, root, out, selector: str) -> dict:
     """qtune select's options for `selector` (a target file named in SELECTORS is under `root`)."""
-    extra = {k: str(root / v) if k == "target_data" else v for k, v in SELECTORS[selector].items()}
+    extra = {k: str(root / v) if k == "target_data" else common["model"] if v == "MODEL" else v
+             for k, v in SELECTORS[selector].items()}
     return {**common, "out": str(out), "selector": selector, "ratio": 0.25, **extra}
 
 
@@ -126,3 +136,19 @@ def test_an_unusable_out_stops_every_process(one_process, tmp_path):
     done = launch(tmp_path, "score", {**common, "out": str(taken)}, 2, check=False)
     assert done.returncode != 0
     assert done.stderr.count("exists and is not a folder") >= 2  # the main process and the other one
+
+
+def test_two_processes_audit_what_one_process_audits(one_process, tmp_path):
+    """The audit's scoring pass shared out, the rules and selectors decided on the gathered scores,
+    rds's own passes shared: audit.json equal but for the machine and the seconds."""
+    root, common = one_process
+    values = {**common, "sample": 40, "plant": 0.5, "batch_size": 8, "progress": False,
+              "selectors": "random,perplexity,ifd,rds", "target_data": str(root / "target.jsonl")}
+    launch(tmp_path, "audit", {**values, "out": str(tmp_path / "one")}, 1)
+    launch(tmp_path, "audit", {**values, "out": str(tmp_path / "two")}, 2)
+    one, two = (json.loads((tmp_path / name / "audit.json").read_text()) for name in ("one", "two"))
+    for result in (one, two):
+        for key in ("machine", "scoring_seconds"):
+            result["settings"].pop(key)
+    assert two == one and "selector:rds" in one["methods"]
+    assert (tmp_path / "two" / "planted.jsonl").read_text() == (tmp_path / "one" / "planted.jsonl").read_text()

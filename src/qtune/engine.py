@@ -12,7 +12,7 @@ gradients and optimizer state sharded) and "zero3" (DeepSpeed ZeRO-3: parameters
   request as DDP where it cannot give FSDP (on CPU), and an unsupported variant (FSDP1, ZeRO-0/1,
   ZeRO-3 without 16-bit gathering on save) would train and then lose the model.
   In a multi-process run it also ends the process group at exit, before the interpreter's
-  teardown (`_end_process_group`).
+  teardown (`qtune.processes.end_process_group_at_exit`).
 - `save_trained_model`, called by every process: the full state dict is gathered (accelerate's
   `get_state_dict`: FSDP2's full state dict, ZeRO-3's 16-bit consolidation) and the main process
   writes OUT/model beside, checks that the written weights have the model's shapes, then swaps it
@@ -27,14 +27,11 @@ gradients and optimizer state sharded) and "zero3" (DeepSpeed ZeRO-3: parameters
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import copy
 import json
 import os
 import shutil
-import sys
-import time
 from pathlib import Path
 
 import torch
@@ -42,6 +39,7 @@ import torch
 from .checkpoints import discard_on_failure
 from .errors import QTuneError
 from .io import replace_dir
+from .processes import end_process_group_at_exit
 from .step import gather
 
 ENGINES = ("single", "ddp", "fsdp2", "zero2", "zero3")
@@ -134,37 +132,6 @@ def check_engine(args, accelerator) -> str:
         end_process_group_at_exit()
     return running
 
-
-def end_process_group_at_exit() -> None:
-    """Register `_end_process_group` at exit, once per process however many runs it makes."""
-    atexit.unregister(_end_process_group)
-    atexit.register(_end_process_group)
-
-
-#: Seconds the exit handler releases the GIL for before the interpreter's teardown (`_end_process_group`).
-_COLLECTIVES_SETTLE_SECONDS = 0.2
-
-
-def _end_process_group() -> None:
-    """At the exit of a multi-process run, let the last collective's clean-up finish and end the
-    process group while the interpreter is still whole.
-
-    A gloo collective's work object is destroyed on gloo's own worker thread after the collective
-    has completed, and when Python has already dropped its tensors, releasing them needs the GIL.
-    A thread that asks for the GIL once the interpreter is finalizing is ended by an unwind that
-    C++ cannot survive: the process aborts ("terminate called without an active exception",
-    SIGABRT), failing the launch after every step and the save succeeded. It hit the process that
-    exits first (not the main one, which still prints its summary), about one run in 15 on a busy
-    2-core machine, and ending the group does not prevent it (gloo's threads outlive the group
-    until its last reference goes). So the handler first sleeps, which releases the GIL to those
-    threads for a moment that costs nothing beside a training run. Not after an uncaught
-    exception: the other processes may still be inside a collective, and ending the group could
-    wait on them."""
-    if getattr(sys, "last_value", None) is not None:
-        return
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        time.sleep(_COLLECTIVES_SETTLE_SECONDS)
-        torch.distributed.destroy_process_group()
 
 
 def check_launcher(deepspeed: str | None) -> None:

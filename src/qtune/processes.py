@@ -17,8 +17,11 @@ on CPU, NCCL on GPUs); qtune adds no distributed layer of its own. Without a lau
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,8 +89,6 @@ def launched_processes(device: str = "auto") -> Processes:
         return Processes(device=resolve_device(device))
     from accelerate import PartialState
 
-    from .engine import end_process_group_at_exit
-
     # accelerate starts a CPU group (gloo) only when told the run is on CPU.
     state = PartialState(cpu=resolve_device(device).type == "cpu")
     end_process_group_at_exit()
@@ -134,3 +135,34 @@ def claim_output_on_main(processes: Processes, out: str | os.PathLike, command: 
             raise QTuneError(error)
         yield Path(out)
 
+
+#: Seconds the exit handler releases the GIL for before the interpreter's teardown (`_end_process_group`).
+_COLLECTIVES_SETTLE_SECONDS = 0.2
+
+
+def _end_process_group() -> None:
+    """At the exit of a multi-process run, let the last collective's clean-up finish and end the
+    process group while the interpreter is still whole.
+
+    A gloo collective's work object is destroyed on gloo's own worker thread after the collective
+    has completed, and when Python has already dropped its tensors, releasing them needs the GIL.
+    A thread that asks for the GIL once the interpreter is finalizing is ended by an unwind that
+    C++ cannot survive: the process aborts ("terminate called without an active exception",
+    SIGABRT), failing the launch after every step and the save succeeded. It hit the process that
+    exits first (not the main one, which still prints its summary), about one run in 15 on a busy
+    2-core machine, and ending the group does not prevent it (gloo's threads outlive the group
+    until its last reference goes). So the handler first sleeps, which releases the GIL to those
+    threads for a moment that costs nothing beside a training run. Not after an uncaught
+    exception: the other processes may still be inside a collective, and ending the group could
+    wait on them."""
+    if getattr(sys, "last_value", None) is not None:
+        return
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        time.sleep(_COLLECTIVES_SETTLE_SECONDS)
+        torch.distributed.destroy_process_group()
+
+
+def end_process_group_at_exit() -> None:
+    """Register `_end_process_group` at exit, once per process however many runs it makes."""
+    atexit.unregister(_end_process_group)
+    atexit.register(_end_process_group)

@@ -60,24 +60,27 @@ def answer_only(samples, bos_token_id: int | None) -> list[dict]:
     return out
 
 
-def load_target(cfg: SelectConfig, tokenizer) -> tuple[object, list[dict]]:
-    """The tokenized samples of --target-data (read with the data options of --data, every record)
-    and each one's record's metadata."""
+def load_target(cfg: SelectConfig, tokenizer, *, format: str | None = None) -> tuple[object, list[dict]]:
+    """The tokenized samples of --target-data (read with the data options of --data, every record;
+    in `format` when given, else --format) and each one's record's metadata."""
     if not cfg.target_data:
         raise QTuneError(f"the {cfg.selector} selector needs --target-data: a file of examples of the target task "
                          "(e.g. a dev split, in any format --data takes)")
     log(f"reading the target set {cfg.target_data}")
-    records, samples = load_samples(dataclasses.replace(cfg, data=cfg.target_data, limit=None), tokenizer)
+    options = dict(data=cfg.target_data, limit=None) | ({} if format is None else {"format": format})
+    records, samples = load_samples(dataclasses.replace(cfg, **options), tokenizer)
     metadata = {r.sample_id: r.metadata for r in records}
     return samples, [metadata[record_id_of(samples[i]["sample_id"])] for i in range(len(samples))]
 
 
 def selector_inputs(selector, cfg: SelectConfig, scores, *, records, samples, model, tokenizer, pad_id: int,
-                    score: dict, processes: Processes | None = None) -> SelectorInputs:
+                    score: dict, processes: Processes | None = None,
+                    target_format: str | None = None) -> SelectorInputs:
     """What `selector` needs (its `needs`, see `qtune.selectors`) besides the scoring pass `scores`:
     the answers scored alone (a second pass, with `score_dataset`'s options `score`, shared over
     `processes`), the records' texts, pairs and metadata, the model and samples, or the target set
-    of `cfg.target_data`. One process without `processes`."""
+    of `cfg.target_data` (in `target_format` when given: the audit reads its planted sample as
+    messages, the target set in the user's format). One process without `processes`."""
     inputs = SelectorInputs(scores, processes=processes or Processes())
     if "answer_scores" in selector.needs:
         log("scoring the answers without their instructions")
@@ -92,7 +95,7 @@ def selector_inputs(selector, cfg: SelectConfig, scores, *, records, samples, mo
     if "model" in selector.needs:
         inputs.model, inputs.samples, inputs.pad_token_id = model, samples, pad_id
     if "target" in selector.needs:
-        inputs.target_samples, inputs.target_metadata = load_target(cfg, tokenizer)
+        inputs.target_samples, inputs.target_metadata = load_target(cfg, tokenizer, format=target_format)
     return inputs
 
 

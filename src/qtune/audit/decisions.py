@@ -32,6 +32,7 @@ import torch
 from ..data import collate, length_bucketed_batches
 from ..methods import TOKEN_RULES, build_method
 from ..methods.random import step_generator
+from ..processes import Processes, run_batches
 from ..report import pruning_audit
 from ..scoring import BatchScores, DatasetScores, dataset_scores, sample_rows
 from ..step import to_device
@@ -46,27 +47,39 @@ class ScoredBatch:
 
 
 def score_batches(model, samples, scorer, *, pad_token_id: int, batch_size: int, seed: int,
-                  progress: bool = True) -> tuple[list[ScoredBatch], DatasetScores]:
+                  progress: bool = True, processes: Processes | None = None) -> tuple[list[ScoredBatch], DatasetScores]:
     """The scored batches (see the module doc) and the same scores per sample (`DatasetScores`,
-    with per-token NLL and entropy, in ascending sample id) for the static selectors."""
+    with per-token NLL and entropy, in ascending sample id) for the static selectors. With
+    `processes` (every process calling), the batches are shared out (`qtune.processes.run_batches`)
+    and every process gets all of them, in order; the progress bar is the main process's."""
     from tqdm.auto import tqdm
 
+    processes = processes or Processes()
     device = next(model.parameters()).device
     lengths = getattr(samples, "lengths", None)
     lengths = [len(s["input_ids"]) for s in samples] if lengths is None else lengths.tolist()
-    out, rows, tokens = [], {}, 0
+    batches = length_bucketed_batches(lengths, batch_size, shuffle=True, seed=seed)
+    tokens = 0
     start = time.perf_counter()
-    bar = tqdm(total=len(samples), unit="sample", desc="scoring", disable=not progress)
-    for indices in length_bucketed_batches(lengths, batch_size, shuffle=True, seed=seed):
+    bar = tqdm(total=len(samples), unit="sample", desc="scoring", disable=not (progress and processes.is_main))
+
+    def run(indices: list[int]) -> dict[int, ScoredBatch]:
+        nonlocal tokens
         batch = collate([samples[i] for i in indices], pad_token_id)
         scores = to_device(scorer(model, [to_device(batch, device)])[0], "cpu")
-        out.append(ScoredBatch(batch, scores))
-        rows.update(sample_rows(batch["sample_id"], scores, per_token=True))
         tokens += int(batch["attention_mask"].sum())
-        bar.update(len(indices))
-        bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):,.0f}", refresh=False)
+        bar.set_postfix(tok_s=f"{tokens * processes.world / max(time.perf_counter() - start, 1e-9):,.0f}",
+                        refresh=False)
+        return {indices[0]: ScoredBatch(batch, scores)}  # batches are disjoint: the first index names one
+
+    scored = run_batches(run, batches, processes, progress_bar=bar)
     bar.close()
-    return out, dataset_scores(rows, per_token=True, seconds=time.perf_counter() - start, tokens=tokens)
+    out = [scored[indices[0]] for indices in batches]
+    rows = {}
+    for b in out:
+        rows.update(sample_rows(b.batch["sample_id"], b.scores, per_token=True))
+    return out, dataset_scores(rows, per_token=True, seconds=time.perf_counter() - start,
+                               tokens=processes.total(tokens))
 
 
 def rule_rows(method, batches: list[ScoredBatch]) -> list[dict]:

@@ -25,11 +25,12 @@ from ..console import log
 from ..contamination import find_contamination
 from ..data import load_records, record_id_of
 from ..errors import QTuneError
-from ..io import claim_output_dir, write_jsonl
+from ..io import write_jsonl
 from ..methods import SAMPLE_RULES, TOKEN_RULES, build_method
 from ..models import machine_stamp
 from ..pruning import triage
 from ..scorer import build_scorer
+from ..processes import Processes, claim_output_on_main, launched_processes
 from ..selection import selector_inputs
 from ..selectors import SELECTORS
 from ..workflows import load_for_scoring
@@ -45,10 +46,17 @@ TOKEN_WORDS = {"planted": "the planted tokens of corrupted answers"}
 
 
 def run_audit(cfg: AuditConfig) -> dict:
-    """Plant, score, decide, judge and write (see the module doc); returns audit.json's content."""
+    """Plant, score, decide, judge and write (see the module doc); returns audit.json's content.
+    Under a launcher (torchrun, accelerate launch) the processes share the scoring pass and the
+    selectors' own shared passes (`qtune.processes`); the main process decides, writes and returns
+    the result, the others an empty dict."""
     chosen = _chosen_names(cfg)  # a bad combination of options fails before anything is read
-    with claim_output_dir(cfg.out, "qtune audit"):
-        return _audit(cfg, Path(cfg.out), *chosen)
+    processes = launched_processes(cfg.device)
+    if processes.world > 1 and cfg.steps:
+        raise QTuneError("--steps: the audit's training run is a one-process run; run qtune audit --steps without a "
+                         "launcher (the scoring pass and the selectors share out over processes without --steps)")
+    with claim_output_on_main(processes, cfg.out, "qtune audit"):
+        return _audit(cfg, Path(cfg.out), *chosen, processes=processes)
 
 
 def _listed(value: str | None) -> list[str] | None:
@@ -85,9 +93,8 @@ def _chosen_names(cfg: AuditConfig) -> tuple[list[str], list[str], list[str], di
                          "--reference-model")
     selectors = _listed(cfg.selectors)
     if selectors is None:
-        selectors = sorted(set(SELECTORS) - {"less"})
-        skipped["selector:less"] = ("a LoRA warm-up of several epochs and a --target-data set: not audited by "
-                                    "default, name it in --selectors to audit it")
+        selectors = sorted(set(SELECTORS) - set(NOT_BY_DEFAULT))
+        skipped.update({f"selector:{name}": why for name, why in NOT_BY_DEFAULT.items()})
         if not cfg.target_data:
             selectors.remove("rds")
             skipped["selector:rds"] = "ranks by similarity to a target set: give --target-data to audit it"
@@ -98,6 +105,17 @@ def _chosen_names(cfg: AuditConfig) -> tuple[list[str], list[str], list[str], di
         selectors = [n for n in selectors if n != "less"] + ["less"]  # it trains adapters into the model: last
     tokens = ["qtuning", *_with_random_first(tokens)] if tokens else []
     return _with_random_first(rules), tokens, _with_random_first(selectors), skipped
+
+
+#: Selectors `qtune audit` runs only when named in --selectors: each trains or generates first.
+NOT_BY_DEFAULT = {
+    "less": "a LoRA warm-up of several epochs and a --target-data set: not audited by default, name it in "
+            "--selectors to audit it",
+    "grads": "a LoRA warm-up epoch and a per-sample backward pass: not audited by default, name it in --selectors "
+             "to audit it",
+    "thtb": "a judge model's generation per record (--judge-model): not audited by default, name it in --selectors "
+            "to audit it",
+}
 
 
 def _needs_reference(token_rule: str) -> bool:
@@ -141,12 +159,14 @@ def _select_config(cfg: AuditConfig, planted: Path, selector: str) -> SelectConf
 
 
 def _audit(cfg: AuditConfig, out: Path, rules: list[str], tokens: list[str], selectors: list[str],
-           skipped: dict[str, str]) -> dict:
+           skipped: dict[str, str], *, processes: Processes) -> dict:
     records, _ = load_records(cfg.data, cfg.format, skip_invalid=cfg.skip_invalid, limit=cfg.limit)
     sample = draw_sample(records, cfg.sample, cfg.seed)
     planted = plant(sample, cfg.plant, cfg.seed, into=cfg.plant_into)
     planted_path = out / "planted.jsonl"
-    write_jsonl(planted_path, ({"messages": r.messages, "metadata": r.metadata} for r in planted))
+    if processes.is_main:
+        write_jsonl(planted_path, ({"messages": r.messages, "metadata": r.metadata} for r in planted))
+    processes.from_main(None)  # the others read planted.jsonl once it is written
     kind_of = {r.sample_id: r.metadata["audit"]["kind"] for r in planted}
     groups = [UNTOUCHED, *KINDS] + ([UNPLANTED_DEFECTIVE] if UNPLANTED_DEFECTIVE in kind_of.values() else [])
     planted_counts = {g: sum(1 for k in kind_of.values() if k == g) for g in groups}
@@ -159,7 +179,7 @@ def _audit(cfg: AuditConfig, out: Path, rules: list[str], tokens: list[str], sel
         log(f"contamination: {contamination.summary()}")
 
     scoring = dataclasses.replace(cfg, data=str(planted_path), format="messages", limit=None, skip_invalid=False)
-    tokenizer, pad_id, table, samples, model = load_for_scoring(scoring)
+    tokenizer, pad_id, table, samples, model = load_for_scoring(scoring, device=processes.device)
     device = model.device
     needs = set()
     for name in tokens[1:]:
@@ -170,7 +190,14 @@ def _audit(cfg: AuditConfig, out: Path, rules: list[str], tokens: list[str], sel
                           trust_remote_code=cfg.trust_remote_code, training_set_pass=True)
     log(f"scoring {len(samples)} samples with {cfg.model} on {model.device}, in batches of {cfg.batch_size}")
     batches, scores = score_batches(model, samples, scorer, pad_token_id=pad_id, batch_size=cfg.batch_size,
-                                    seed=cfg.seed, progress=cfg.progress)
+                                    seed=cfg.seed, progress=cfg.progress, processes=processes)
+    if not processes.is_main:
+        # The rules decide on the gathered scores alone; only the selectors that share passes need
+        # this process again (in the main process's order, so the collectives pair up).
+        for name in selectors:
+            if getattr(SELECTORS.get(name), "shares_passes", False):
+                _selector_kept(cfg, planted_path, name, scores, table, samples, model, tokenizer, pad_id, processes)
+        return {}
 
     methods = {"qtuning": _method_entry("Q-Tuning's triage (Stage 1), per batch",
                                         rule_rows(build_method("qtuning", cfg), batches), kind_of, groups[1:])}
@@ -185,7 +212,8 @@ def _audit(cfg: AuditConfig, out: Path, rules: list[str], tokens: list[str], sel
     explicit = cfg.selectors is not None
     for name in selectors:
         try:
-            kept = _selector_kept(cfg, planted_path, name, scores, table, samples, model, tokenizer, pad_id)
+            kept = _selector_kept(cfg, planted_path, name, scores, table, samples, model, tokenizer, pad_id,
+                                  processes)
         except QTuneError as exc:
             if explicit:
                 raise
@@ -211,7 +239,7 @@ def _audit(cfg: AuditConfig, out: Path, rules: list[str], tokens: list[str], sel
                      "steps": cfg.steps, "method": cfg.method if cfg.steps else None,
                      "corrupted_samples_with_token_flags": len(flags),
                      "scoring_seconds": scores.seconds, "scoring_tokens": scores.tokens,
-                     "machine": machine_stamp(device)},
+                     "machine": machine_stamp(device, processes.world)},
         "not_a_real_defect": NOT_A_REAL_DEFECT,
         "planted": planted_counts,
         "methods": methods,
@@ -236,7 +264,7 @@ def _audit(cfg: AuditConfig, out: Path, rules: list[str], tokens: list[str], sel
 
 
 def _selector_kept(cfg: AuditConfig, planted: Path, name: str, scores, table, samples, model, tokenizer,
-                   pad_id: int) -> list[int]:
+                   pad_id: int, processes: Processes) -> list[int]:
     """The sample ids that selector (or static method) `name` keeps at r_sample of the sample."""
     if name in STATIC_METHODS:
         return build_method(name, cfg).select_dataset(scores).sample_ids
@@ -245,5 +273,6 @@ def _selector_kept(cfg: AuditConfig, planted: Path, name: str, scores, table, sa
     score = dict(pad_token_id=pad_id, batch_size=cfg.batch_size, chunk_tokens=cfg.chunk_tokens,
                  head_impl=cfg.head_impl, progress=cfg.progress)
     inputs = selector_inputs(selector, select_cfg, scores, records=table, samples=samples, model=model,
-                             tokenizer=tokenizer, pad_id=pad_id, score=score)
+                             tokenizer=tokenizer, pad_id=pad_id, score=score, processes=processes,
+                             target_format=cfg.format)
     return selector.choose(select_cfg, inputs).kept

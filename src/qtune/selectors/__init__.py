@@ -13,7 +13,7 @@ Besides the selectors registered here, every pruning method with a static select
 (`Method.select_dataset`: `full`, `random`, `qtuning`) can be named.
 """
 
-from . import diversity, hardness, ifd, less, perplexity, rds  # noqa: F401 (register the selectors)
+from . import diversity, grads, hardness, ifd, less, perplexity, rds, thtb  # noqa: F401 (register the selectors)
 from .base import SELECTORS, SelectorInputs, StaticChoice, keep_top, register_selector
 
 __all__ = ["SELECTORS", "SelectorInputs", "StaticChoice", "keep_top", "register_selector"]

@@ -133,30 +133,48 @@ def unit_features(model, params, samples, positions, cfg, pad_token_id, *, adam=
             yield part, torch.nn.functional.normalize(project(stacked, cfg.less_dim, cfg.seed), dim=1)
 
 
-def _warm_up(model, params, samples, cfg, pad_token_id):
-    """Train the LoRA weights on a seeded draw of keep_count(less_fraction, N) samples; after each
-    epoch, yield (the epoch's mean learning rate, the optimizer)."""
+def warm_up_adapters(model, *, r: int, target: str, seed: int):
+    """(`model` with the warm-up's LoRA adapters, their weights): rank `r`, alpha 4 x r, no dropout,
+    on the modules named in `target`, initialised from `seed` without touching the global random
+    state. The adapters are added to `model` in place. Shared by the `less` and `grads` selectors."""
+    from ..train import apply_lora
+
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)  # the adapters' initialisation
+        model = apply_lora(model, r=r, alpha=4 * r, dropout=0.0, target=target)
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def warm_up(model, params, samples, *, fraction: float, epochs: int, lr: float, batch_size: int, seed: int,
+            pad_token_id: int, chunk_tokens=None, head_impl: str = "auto"):
+    """Train `params` (the LoRA weights of `warm_up_adapters`) on a seeded draw of
+    keep_count(fraction, N) samples for `epochs` epochs: AdamW (betas 0.9, 0.999, eps 1e-8, no
+    weight decay), peak `lr`, linear warm-up over floor(3%) of the steps then linear decay to 0,
+    `batch_size` samples a step, each step's loss the mean over its response tokens. After each
+    epoch (the model then in eval mode), yield (the epoch's mean learning rate, the optimizer).
+    Shared by the `less` and `grads` selectors."""
     from transformers import get_linear_schedule_with_warmup
 
     from ..step import loss_token_count, micro_batch_loss
 
-    generator = torch.Generator().manual_seed(cfg.seed)
-    chosen = torch.randperm(len(samples), generator=generator)[: keep_count(cfg.less_fraction, len(samples))]
-    steps_per_epoch = math.ceil(chosen.numel() / cfg.batch_size)
-    total = steps_per_epoch * cfg.less_epochs
-    optimizer = torch.optim.AdamW(params, lr=cfg.less_lr, betas=BETAS, eps=EPS, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(len(samples), generator=generator)[: keep_count(fraction, len(samples))]
+    steps_per_epoch = math.ceil(chosen.numel() / batch_size)
+    total = steps_per_epoch * epochs
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=BETAS, eps=EPS, weight_decay=0.0)
     schedule = get_linear_schedule_with_warmup(optimizer, int(WARMUP_SHARE * total), total)
     device = params[0].device
-    for _ in range(cfg.less_epochs):
+    for _ in range(epochs):
         model.train()
         order = chosen[torch.randperm(chosen.numel(), generator=generator)].tolist()
         rates = []
-        for start in range(0, len(order), cfg.batch_size):
-            rows = [samples[i] for i in order[start:start + cfg.batch_size]]
+        for start in range(0, len(order), batch_size):
+            rows = [samples[i] for i in order[start:start + batch_size]]
             batch = {k: v.to(device) for k, v in collate(rows, pad_token_id).items()}
             rates.append(optimizer.param_groups[0]["lr"])
-            micro_batch_loss(model, batch, loss_token_count([batch]), chunk_tokens=cfg.chunk_tokens,
-                             head_impl=cfg.head_impl).backward()
+            micro_batch_loss(model, batch, loss_token_count([batch]), chunk_tokens=chunk_tokens,
+                             head_impl=head_impl).backward()
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
@@ -164,7 +182,7 @@ def _warm_up(model, params, samples, cfg, pad_token_id):
         yield sum(rates) / len(rates), optimizer
 
 
-def _subtasks(metadata: list[dict], field: str | None) -> tuple[torch.Tensor, list[str]]:
+def target_tasks(metadata: list[dict], field: str | None) -> tuple[torch.Tensor, list[str]]:
     """(the subtask index of each target sample, the subtasks' names): one subtask without `field`."""
     if field is None:
         return torch.zeros(len(metadata), dtype=torch.long), ["all"]
@@ -180,18 +198,15 @@ def _subtasks(metadata: list[dict], field: str | None) -> tuple[torch.Tensor, li
 def less_scores(model, samples, target_samples, target_metadata, cfg, pad_token_id) -> tuple[torch.Tensor, dict]:
     """Float64 [N]: the LESS score of each of `samples` (in their order), and statistics (see the
     module doc for the steps)."""
-    from ..train import apply_lora
-
     device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed)  # the adapters' initialisation
-        model = apply_lora(model, r=cfg.less_lora_r, alpha=4 * cfg.less_lora_r, dropout=0.0,
-                           target=cfg.less_lora_target)
-    params = [p for p in model.parameters() if p.requires_grad]
-    subtask, names = _subtasks(target_metadata, cfg.less_target_field)
+    model, params = warm_up_adapters(model, r=cfg.less_lora_r, target=cfg.less_lora_target, seed=cfg.seed)
+    subtask, names = target_tasks(target_metadata, cfg.less_target_field)
     totals = torch.zeros(len(samples), len(names), dtype=torch.float64)
     weights, started, feature_seconds = 0.0, time.perf_counter(), 0.0
-    for epoch, (rate, optimizer) in enumerate(_warm_up(model, params, samples, cfg, pad_token_id), 1):
+    epochs = warm_up(model, params, samples, fraction=cfg.less_fraction, epochs=cfg.less_epochs, lr=cfg.less_lr,
+                     batch_size=cfg.batch_size, seed=cfg.seed, pad_token_id=pad_token_id,
+                     chunk_tokens=cfg.chunk_tokens, head_impl=cfg.head_impl)
+    for epoch, (rate, optimizer) in enumerate(epochs, 1):
         begun = time.perf_counter()
         means = torch.zeros(len(names), cfg.less_dim, device=device)
         for part, features in unit_features(model, params, target_samples, list(range(len(target_samples))), cfg,

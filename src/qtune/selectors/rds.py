@@ -65,7 +65,7 @@ from ..head import accepts_logits_to_keep
 from ..pruning import keep_count
 from ..processes import Processes, run_batches
 from .base import StaticChoice, register_selector
-from .less import _subtasks
+from .less import target_tasks
 
 #: Floats of one block of the pool x query similarity matrix (64 MiB of float32): the pool is
 #: compared with the queries max(1, SIMILARITY_FLOATS // Q) rows at a time.
@@ -180,7 +180,7 @@ class RdsSelector:
 
     def choose(self, cfg, inputs) -> StaticChoice:
         samples, processes = inputs.samples, inputs.processes
-        task, names = _subtasks(inputs.target_metadata, cfg.less_target_field)
+        task, names = target_tasks(inputs.target_metadata, cfg.less_target_field)
         started = time.perf_counter()
         options = dict(pad_token_id=inputs.pad_token_id, batch_size=cfg.batch_size, processes=processes,
                        progress=getattr(cfg, "progress", True))
