@@ -8,6 +8,7 @@
 # preset's own settings, PRESETS["saturated"].sft_settings, are the defaults under their
 # `testbed: saturated`). This script makes the selections and runs the configs, JOBS at a time.
 # Usage: bash bench/saturated_zoo.sh [select|static|ablations|all] [JOBS]   (default: all, 2 jobs)
+#   SELECTORS="rds grads" bash bench/saturated_zoo.sh static   runs only those selectors
 #   select: the static selections only; static: selections, then training on each subset;
 #   ablations: Q-Tuning's switches; all: static, then ablations
 # Then:  python bench/saturated_zoo_report.py
@@ -30,7 +31,7 @@ in_background() {  # run "$@" in the background, its output in the log named fir
     ( "$@" > "$log" 2>&1 && echo "finished: $log" || echo "FAILED: $log" ) &
 }
 
-selectors="random perplexity ifd diversity hardness less qtuning"
+selectors=${SELECTORS:-"random perplexity ifd diversity hardness less qtuning rds grads thtb"}
 if [ "$part" = select ] || [ "$part" = static ] || [ "$part" = all ]; then
     mkdir -p "$out/static"
     for selector in $selectors; do
@@ -38,6 +39,9 @@ if [ "$part" = select ] || [ "$part" = static ] || [ "$part" = all ]; then
         if [ ! -e "$sel/summary.json" ]; then
             extra=""
             [ "$selector" = less ] && extra="--target-data $T/dev.jsonl --less-lora-r 8 --less-lr 3e-4"
+            [ "$selector" = rds ] && extra="--target-data $T/dev.jsonl --no-scores"
+            [ "$selector" = grads ] && extra="--no-scores"
+            [ "$selector" = thtb ] && extra="--no-scores"  # the default judge, smollm2-135m-instruct
             OMP_NUM_THREADS=2 qtune select --model "$T/model" --data "$T/train.jsonl" --selector "$selector" \
                 --ratio 0.25 --seed 0 --no-plot $extra --out "$sel" > "$out/static/$selector.select.log" 2>&1 \
                 || { echo "FAILED: selection $selector (log: $out/static/$selector.select.log)"; exit 1; }
