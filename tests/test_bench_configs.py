@@ -123,6 +123,8 @@ PLANNED = {
     "saturated-draws-uds": f"{SATURATED} --jobs 2 --methods full,random,qtuning,token_matched_random,"
                            "oracle_ratio+random,uds+all,uds+random --budgets 0.25x0.5 --data-seeds 0,1,2 "
                            "--out runs/draws-saturated",
+    "saturated-draws-uds-b8": f"{SATURATED} --jobs 2 --methods random,qtuning,token_matched_random,uds+all,uds+random "
+                              "--budgets 0.125x0.5 --batch-size 8 --data-seeds 0,1,2 --out runs/draws-saturated-b8",
     "saturated-uds-b4": f"{UDS} --batch-size 4 --budgets 0.25x0.5 --out runs/grid-saturated/b4",
     "saturated-uds-b8": f"{UDS} --batch-size 8 --budgets 0.125x0.5 --out runs/grid-saturated/b8",
     **{f"saturated-objectives/{loss}": f"{SATURATED} --jobs 2 --methods full --loss {loss} --data-seeds 0,1,2 "
