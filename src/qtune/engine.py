@@ -39,8 +39,7 @@ import torch
 from .checkpoints import discard_on_failure
 from .errors import QTuneError
 from .io import replace_dir
-from .processes import end_process_group_at_exit
-from .step import gather
+from .processes import end_process_group_at_exit, gather
 
 ENGINES = ("single", "ddp", "fsdp2", "zero2", "zero3")
 #: Engines under which each process holds only a shard of the parameters.

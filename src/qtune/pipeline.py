@@ -227,9 +227,9 @@ def _run_stage(stage: Stage) -> None:
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Run every unfinished stage of `cfg` in order, rewriting the report after each; returns the
     report (see the module doc)."""
-    from .step import launched_processes
+    from .processes import launcher_world_size
 
-    if launched_processes() > 1:
+    if launcher_world_size() > 1:
         # Its select and eval stages run in one process, and one process holds OUT's lock.
         raise QTuneError("qtune pipeline runs in one process; for several, launch its training stages on their "
                          "own (torchrun or accelerate launch with qtune train and qtune rl)")

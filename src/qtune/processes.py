@@ -66,11 +66,7 @@ class Processes:
 
     def gather(self, value) -> list:
         """Every process's `value` (any picklable object), in rank order, on every process."""
-        if self.world == 1:
-            return [value]
-        gathered = [None] * self.world
-        torch.distributed.all_gather_object(gathered, value)
-        return gathered
+        return gather(value)
 
     def from_main(self, value):
         """The main process's `value`, on every process."""
@@ -81,11 +77,34 @@ class Processes:
         return box[0]
 
 
+def launcher_world_size() -> int:
+    """The processes a launcher started (torchrun and accelerate launch set WORLD_SIZE), readable
+    before torch.distributed is initialised; 1 without a launcher."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) without torch.distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def gather(obj) -> list:
+    """`obj` of every process, in rank order (a list of one without torch.distributed)."""
+    _, size = world()
+    if size == 1:
+        return [obj]
+    out = [None] * size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def launched_processes(device: str = "auto") -> Processes:
     """The processes of this run: one (on `device`) without a launcher; under torchrun or
     accelerate launch, accelerate's process group (started here when not yet) and this process's
     device (its local GPU when `device` is auto and GPUs are there)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if launcher_world_size() <= 1:
         return Processes(device=resolve_device(device))
     from accelerate import PartialState
 
@@ -98,7 +117,7 @@ def launched_processes(device: str = "auto") -> Processes:
 
 def run_batches(run: Callable[[list[int]], dict], batches: Sequence[list[int]], processes: Processes, *,
                 progress_bar=None) -> dict:
-    """`run(indices)` (one batch's results, a dict keyed by sample id) over `batches`, batch k on
+    """`run(indices)` (one batch's results, a dict whose keys no other batch's share) over `batches`, batch k on
     process k mod world; every process returns the merged dict of all batches. `progress_bar`
     (a tqdm, the main process's; None elsewhere) advances by the samples all processes finished
     in each round, so it shows the whole dataset."""

@@ -27,7 +27,6 @@ Rules:
 from __future__ import annotations
 
 import contextlib
-import os
 import types
 from dataclasses import dataclass
 
@@ -43,34 +42,12 @@ from .methods import Decision, Method, Selection, response_mask_of
 from .models import base_model
 from .objectives import GOLD_OBJECTIVES, Objective, entropy_weights, proximal_value_and_weight
 from .phases import PhaseClock
+from .processes import gather, world
 from .reference_policy import ReferencePolicy
 from .scorer import Scorer
 from .scoring import BatchScores, chunked_token_statistics
 
 TRIAGE_SCOPES = ("global", "local")
-
-
-def launched_processes() -> int:
-    """The processes a launcher started (torchrun and accelerate launch set WORLD_SIZE), readable
-    before torch.distributed is initialised; 1 without a launcher."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of this process; (0, 1) without torch.distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def gather(obj) -> list:
-    """`obj` of every process, in rank order (a list of one without torch.distributed)."""
-    _, size = world()
-    if size == 1:
-        return [obj]
-    out = [None] * size
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def to_device(value, device):

@@ -28,11 +28,12 @@ from .io import claim_output_dir, write_json
 from .methods import build_method
 from .models import check_vocabulary, load_model, load_tokenizer, machine_stamp, resolve_device, resolve_dtype
 from .objectives import Objective
+from .processes import launcher_world_size
 from .reference_policy import reference_policy
 from .run_log import STEP_LOG, read_step_log, summarize_run, truncate_step_log
 from .samples import load_samples
 from .scorer import build_scorer
-from .step import launched_processes, pack_kept
+from .step import pack_kept
 from .trainer import (METHOD_STATE, TOKEN_MASKS, QTuneTrainer, SampleDataset, _PruningProgress, read_token_masks,
                       write_token_masks)
 
@@ -111,7 +112,7 @@ def _training_arguments(cfg: TrainConfig, out: Path, device: torch.device, mixed
         bf16=mixed_bf16,
         use_cpu=device.type == "cpu",
         # Several CPU processes (torchrun and accelerate set WORLD_SIZE) reduce over gloo.
-        ddp_backend="gloo" if device.type == "cpu" and launched_processes() > 1 else None,
+        ddp_backend="gloo" if device.type == "cpu" and launcher_world_size() > 1 else None,
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=None,  # QTuneTrainer deletes old checkpoints itself, counting complete ones only

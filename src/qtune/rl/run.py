@@ -40,7 +40,7 @@ from ..errors import QTuneError
 from ..io import claim_output_dir, write_json
 from ..models import machine_stamp, resolve_device, resolve_dtype
 from ..rewards import bind_options, parse_spec, resolve
-from ..step import launched_processes
+from ..processes import launcher_world_size
 from ..run_log import read_step_log
 from ..train import CHECKPOINTING, prepare_folder, resume_point
 from .config import RLConfig
@@ -109,7 +109,7 @@ def grpo_config(cfg: RLConfig, out: Path):
             data_seed=cfg.seed,
             bf16=resolve_dtype(cfg.dtype, device) == torch.bfloat16,
             use_cpu=device.type == "cpu",
-            ddp_backend="gloo" if device.type == "cpu" and launched_processes() > 1 else None,
+            ddp_backend="gloo" if device.type == "cpu" and launcher_world_size() > 1 else None,
             ddp_find_unused_parameters=False,  # the policy's trainable parameters all take part in its loss
             **{CHECKPOINTING: cfg.gradient_checkpointing},
             use_vllm=cfg.use_vllm,
