@@ -299,6 +299,16 @@ def silhouette(points: torch.Tensor, labels: torch.Tensor, *, sample: int | None
     return out
 
 
+def quality_values(metadata: list[dict], field: str, sample_ids: list[int]) -> list[float]:
+    """`metadata[field]` of every sample as a number; QTuneError when a record has none."""
+    values = [m.get(field) for m in metadata]
+    missing = [i for i, v in enumerate(values) if not isinstance(v, (int, float)) or isinstance(v, bool)]
+    if missing:
+        raise QTuneError(f"--judge-field {field!r}: {len(missing)} records have no number in metadata[{field!r}] "
+                         f"(the first is sample {sample_ids[missing[0]]})")
+    return [float(v) for v in values]
+
+
 @register_selector("hardness")
 class HardnessSelector:
     """keep_count(ratio, N) samples of highest extrinsic hardness (THTB's EHS: expansion index and TF-IDF silhouette)"""
@@ -316,12 +326,8 @@ class HardnessSelector:
         allowed = None
         stats = {"clusters": k}
         if cfg.judge_field:
-            judged = [m.get(cfg.judge_field) for m in inputs.metadata]
-            missing = [i for i, v in enumerate(judged) if not isinstance(v, (int, float)) or isinstance(v, bool)]
-            if missing:
-                raise QTuneError(f"--judge-field {cfg.judge_field!r}: {len(missing)} records have no number in "
-                                 f"metadata[{cfg.judge_field!r}] (the first is sample {scores.sample_id[missing[0]]})")
-            passed = keep_top([float(v) for v in judged], keep_count(cfg.judge_keep, n), highest=True)
+            judged = quality_values(inputs.metadata, cfg.judge_field, scores.sample_id)
+            passed = keep_top(judged, keep_count(cfg.judge_keep, n), highest=True)
             allowed = [False] * n
             for i in passed:
                 allowed[i] = True

@@ -83,16 +83,6 @@ def intrinsic_hardness(levels: list[int], disciplines: list[int]) -> list[float]
     return [(b + c) / 2 for b, c in zip(min_max([float(v) for v in levels]), min_max([float(v) for v in disciplines]))]
 
 
-def quality_values(metadata: list[dict], field: str, sample_ids: list[int]) -> list[float]:
-    """`metadata[field]` of every sample as a number; QTuneError when a record has none."""
-    values = [m.get(field) for m in metadata]
-    missing = [i for i, v in enumerate(values) if not isinstance(v, (int, float)) or isinstance(v, bool)]
-    if missing:
-        raise QTuneError(f"--judge-field {field!r}: {len(missing)} records have no number in metadata[{field!r}] "
-                         f"(the first is sample {sample_ids[missing[0]]})")
-    return [float(v) for v in values]
-
-
 @dataclasses.dataclass
 class Stages:
     """kept: positions kept (ascending); score: the inspection score of every position (see the
@@ -173,7 +163,7 @@ class ThtbSelector:
     def choose(self, cfg, inputs) -> StaticChoice:
         n, ids = len(inputs.texts), inputs.scores.sample_id
         instructions = [instruction for instruction, _ in inputs.pairs]
-        quality = quality_values(inputs.metadata, cfg.judge_field, ids) if cfg.judge_field else None
+        quality = hardness.quality_values(inputs.metadata, cfg.judge_field, ids) if cfg.judge_field else None
         stats: dict = {"quality_stage": (f"metadata[{cfg.judge_field!r}], highest {cfg.judge_keep:g} kept"
                                          if quality is not None else "none: no --judge-field, every sample passes")}
         if quality is None:
