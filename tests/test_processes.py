@@ -65,10 +65,13 @@ def read(folder):
 
 #: The selectors run in 2 processes against 1: one ranking by the scoring pass, one with a second
 #: shared pass (the answers alone), one whose own forward passes are shared (with a target set),
-#: and two that run on the main process alone under a launcher (LESS's warm-up and gradients,
-#: THTB's judge: the tiny model judges itself).
+#: two that share a LoRA warm-up's steps and per-sample gradients (LESS over 2 checkpoints with a
+#: target set, GrADS), and one that runs on the main process alone under a launcher (THTB's judge:
+#: the tiny model judges itself).
 SELECTORS = {"perplexity": {}, "ifd": {}, "rds": {"scores": False, "target_data": "target.jsonl"},
-             "less": {"scores": False, "target_data": "target.jsonl", "less_epochs": 1, "less_dim": 64},
+             "less": {"scores": False, "target_data": "target.jsonl", "less_epochs": 2, "less_dim": 64,
+                      "less_fraction": 0.5},
+             "grads": {"scores": False},
              "thtb": {"scores": False, "judge_model": "MODEL", "clusters": 4}}
 
 

@@ -174,7 +174,7 @@ def test_grads_keeps_the_count_and_the_choice_recomputed_from_what_it_reports(ti
     assert {table["sample_id"][i] for i in kept} == {s for s, k in zip(table["sample_id"], table["kept"]) if k}
     selected = [json.loads(line) for line in (tmp_path / "out" / "selected.jsonl").read_text().splitlines()]
     assert len(selected) == 12
-    assert SELECTORS["grads"].needs == frozenset({"model"}) and not getattr(SELECTORS["grads"], "shares_passes", False)
+    assert SELECTORS["grads"].needs == frozenset({"model"}) and SELECTORS["grads"].shares_passes
 
 
 def test_select_help_lists_the_grads_options(capsys):

@@ -64,6 +64,19 @@ class Processes:
         torch.distributed.all_reduce(tensor)
         return int(tensor.item())
 
+    def sum_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
+        """Each of `params`' .grad replaced by its sum over the processes (one all-reduce of them
+        all, flattened); a parameter without a gradient takes part as zeros. For a training step
+        whose loss each process computed on its share of the rows (`qtune.selectors.less.warm_up`):
+        the sum is the gradient of the whole step's loss."""
+        if self.world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        for p, part in zip(params, flat.split([g.numel() for g in grads])):
+            p.grad = part.view_as(p).clone()
+
     def gather(self, value) -> list:
         """Every process's `value` (any picklable object), in rank order, on every process."""
         return gather(value)

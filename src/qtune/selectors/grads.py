@@ -51,8 +51,10 @@ the magnitude of highest density, whether the matrices are tied and the seconds 
 so that the choice can be recomputed from scores.parquet (`grads_choice` on the scores).
 
 The scoring model is left as it was: the adapters are removed afterwards (not merged) and every
-parameter's requires_grad and the train/eval mode are restored. Under a launcher the main process
-alone runs it (no `shares_passes`).
+parameter's requires_grad and the train/eval mode are restored. Under a launcher the warm-up's
+steps (each process a share of each step's rows, the LoRA gradients summed: `less.step_gradient`)
+and the per-sample gradients (runs of samples round-robin, the norms gathered) are shared out
+over the processes; every process then computes the same KDE and choice.
 
 Memory, besides the model: the LoRA weights and AdamW's moments (3P floats); during the gradient
 pass the two gradient matrices (2 V x d floats of the model's dtype, one when tied; the chunked
@@ -76,11 +78,14 @@ import torch
 from ..data import collate
 from ..errors import QTuneError
 from ..pruning import keep_count
+from ..processes import Processes, run_batches
 from .base import StaticChoice, keep_top, register_selector
 from .less import warm_up, warm_up_adapters
 
 #: Elements of a gradient summed at once in float32 when its norm is taken (64 MiB).
 NORM_BLOCK = 1 << 24
+#: Samples whose gradients one process computes between two gatherings (a step of the progress bar).
+RUN_SAMPLES = 64
 #: Float64 kernel evaluations of the KDE held at once (32 MiB).
 KDE_BLOCK = 1 << 22
 #: Above this many samples the KDE is binned (`binned_gaussian_kde`, linear in N), below it exact
@@ -122,27 +127,39 @@ def gradient_weights(model) -> tuple[list[torch.nn.Parameter], bool]:
 
 
 def sample_gradient_magnitudes(model, weights, samples, pad_token_id, *, chunk_tokens=None, head_impl="auto",
-                               progress: bool = True) -> torch.Tensor:
+                               processes: Processes | None = None, progress: bool = True) -> torch.Tensor:
     """Float64 [N, len(weights) + 1]: per sample (in `samples`' order), the L2 norm of the gradient
     of its mean token loss with respect to each of `weights`, then of all of them together
-    (`gradient_magnitudes`). One sample at a time; only `weights` should require gradients."""
+    (`gradient_magnitudes`). One sample at a time, the samples shared out over `processes` in
+    runs of at most RUN_SAMPLES (`run_batches`; every process returns all rows); only `weights`
+    should require gradients."""
     from tqdm.auto import tqdm
 
     from ..step import loss_token_count, micro_batch_loss
 
+    processes = processes or Processes()
     device = weights[0].device
-    out = torch.empty(len(samples), len(weights) + 1, dtype=torch.float64)
-    for i in tqdm(range(len(samples)), desc="grads: per-sample gradients", unit="sample", disable=not progress):
-        batch = {k: v.to(device) for k, v in collate([samples[i]], pad_token_id).items()}
-        for weight in weights:
-            weight.grad = None
-        micro_batch_loss(model, batch, loss_token_count([batch]), chunk_tokens=chunk_tokens,
-                         head_impl=head_impl).backward()
-        norms, combined = gradient_magnitudes([w.grad for w in weights])
-        out[i] = torch.tensor([*norms, combined], dtype=torch.float64)
+
+    def run(positions: list[int]) -> dict:
+        rows = {}
+        for i in positions:
+            batch = {k: v.to(device) for k, v in collate([samples[i]], pad_token_id).items()}
+            for weight in weights:
+                weight.grad = None
+            micro_batch_loss(model, batch, loss_token_count([batch]), chunk_tokens=chunk_tokens,
+                             head_impl=head_impl).backward()
+            norms, combined = gradient_magnitudes([w.grad for w in weights])
+            rows[i] = [*norms, combined]
+        return rows
+
+    size = max(1, min(RUN_SAMPLES, -(-len(samples) // processes.world)))
+    runs = [list(range(start, min(start + size, len(samples)))) for start in range(0, len(samples), size)]
+    with tqdm(total=len(samples), desc="grads: per-sample gradients", unit="sample",
+              disable=not (progress and processes.is_main)) as bar:
+        rows = run_batches(run, runs, processes, progress_bar=bar if processes.is_main else None)
     for weight in weights:
         weight.grad = None
-    return out
+    return torch.tensor([rows[i] for i in range(len(samples))], dtype=torch.float64).reshape(len(samples), -1)
 
 
 def silverman_bandwidth(values: torch.Tensor) -> float:
@@ -240,10 +257,12 @@ def grads_choice(magnitude, count: int, rank: str = "mass", *, device="cpu") -> 
                                                            "ranked": ranked}
 
 
-def grads_magnitudes(model, samples, cfg, pad_token_id) -> tuple[torch.Tensor, dict]:
+def grads_magnitudes(model, samples, cfg, pad_token_id, processes: Processes | None = None) -> tuple[torch.Tensor, dict]:
     """Float64 [N, k + 1] (k = 2, or 1 when tied): per sample of `samples` (in their order) its
     embedding and LM-head gradient norms and their combination, after the shared LoRA warm-up, and
-    statistics. `model` is left as it was (adapters removed, requires_grad and mode restored)."""
+    statistics; the warm-up's steps and the gradients shared out over `processes`, every process
+    returning the whole. `model` is left as it was (adapters removed, requires_grad and mode
+    restored)."""
     weights, tied = gradient_weights(model)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     training = model.training
@@ -252,7 +271,7 @@ def grads_magnitudes(model, samples, cfg, pad_token_id) -> tuple[torch.Tensor, d
     try:
         for _ in warm_up(peft_model, params, samples, fraction=cfg.grads_fraction, epochs=cfg.grads_epochs,
                          lr=cfg.grads_lr, batch_size=cfg.batch_size, seed=cfg.seed, pad_token_id=pad_token_id,
-                         chunk_tokens=cfg.chunk_tokens, head_impl=cfg.head_impl):
+                         chunk_tokens=cfg.chunk_tokens, head_impl=cfg.head_impl, processes=processes):
             pass
         warmup_seconds = time.perf_counter() - started
         started = time.perf_counter()
@@ -262,7 +281,8 @@ def grads_magnitudes(model, samples, cfg, pad_token_id) -> tuple[torch.Tensor, d
         for weight in weights:
             weight.requires_grad_(True)
         norms = sample_gradient_magnitudes(peft_model, weights, samples, pad_token_id, chunk_tokens=cfg.chunk_tokens,
-                                           head_impl=cfg.head_impl, progress=getattr(cfg, "progress", True))
+                                           head_impl=cfg.head_impl, processes=processes,
+                                           progress=getattr(cfg, "progress", True))
         gradient_seconds = time.perf_counter() - started
     finally:
         peft_model.zero_grad(set_to_none=True)
@@ -281,10 +301,11 @@ class GradsSelector:
     """keep_count(ratio, N) samples by GrADS: embedding + LM-head gradient magnitude after a LoRA warm-up, ranked by magnitude x its KDE density"""
 
     needs = frozenset({"model"})
+    shares_passes = True  # its warm-up and gradients go through the processes: every process calls choose
 
     def choose(self, cfg, inputs) -> StaticChoice:
         samples = inputs.samples
-        norms, stats = grads_magnitudes(inputs.model, samples, cfg, inputs.pad_token_id)
+        norms, stats = grads_magnitudes(inputs.model, samples, cfg, inputs.pad_token_id, inputs.processes)
         # Rows in the order of scores.sample_id, so that "earlier" means what it does for keep_top.
         position = {samples[i]["sample_id"]: i for i in range(len(samples))}
         ids = list(inputs.scores.sample_id)

@@ -33,11 +33,19 @@ effective batch is 128), the projection is generated here in blocks (TRAK's CUDA
 used). The LoRA adapters are added to the scoring model in place; the selector is the last to use
 it.
 
+Under a launcher (torchrun, accelerate launch) the work is shared out over the processes: each
+warm-up step's rows (each process runs every world-th row and the LoRA gradients are summed,
+`step_gradient`: every process then takes the same optimizer step) and the gradient passes (the
+buffers of samples go round-robin, `shared_features`, and the features or scores are gathered).
+Every process ends with the same scores, equal to one process's up to rounding (tested in 2 CPU
+processes: tests/test_processes.py).
+
 Memory: besides the model, the P LoRA weights and AdamW's two moments (3P floats), the selector
-holds the gradients of max(batch_size, BUFFER_FLOATS / P) samples at once (128 MiB of float32,
-or batch_size x P floats when P is larger), three times that while the Adam direction is
-computed; one block of the projection, max(1, BLOCK_FLOATS / less_dim) x less_dim floats
-(16 MiB), never the whole P x less_dim matrix; the subtasks' mean target features (subtasks x
+holds the gradients of one buffer of samples at once, max(batch_size, BUFFER_FLOATS / P) of them
+(128 MiB of float32, or batch_size x P floats when P is larger) but at most BUFFER_SAMPLES, three
+times that while the Adam direction is computed; one block of the projection, max(1,
+BLOCK_FLOATS / less_dim) x less_dim floats (16 MiB), never the whole P x less_dim matrix; the
+target samples' features (Q x less_dim), the subtasks' mean target features (subtasks x
 less_dim) and the scores (N x subtasks, float64). Time: the warm-up, then per checkpoint one
 forward and backward per training and target sample and 2 x P x less_dim flops per sample for the
 projection, plus P x less_dim random draws per buffer of gradients.
@@ -53,6 +61,7 @@ import torch
 from ..data import collate
 from ..errors import QTuneError
 from ..pruning import keep_count
+from ..processes import Processes, run_batches
 from .base import StaticChoice, keep_top, register_selector
 
 #: Floats of one block of the projection matrix, generated when needed and then dropped (16 MiB of
@@ -62,6 +71,9 @@ BLOCK_FLOATS = 1 << 22
 #: samples' hold more: each block of the projection is drawn once per such buffer, so larger
 #: buffers draw fewer times.
 BUFFER_FLOATS = 1 << 25
+#: Samples in one buffer at most, whatever their size: a buffer is one step of the progress bar
+#: and one batch of the share-out over processes.
+BUFFER_SAMPLES = 256
 #: AdamW's defaults, which the warm-up uses and the Adam direction must match.
 BETAS = (0.9, 0.999)
 EPS = 1e-8
@@ -112,25 +124,42 @@ def _samples_gradients(model, params, samples, positions, pad_token_id, chunk_to
         yield torch.cat([p.grad.flatten().float() for p in params])
 
 
-def unit_features(model, params, samples, positions, cfg, pad_token_id, *, adam=None, desc: str):
-    """Yields (the positions of a buffer of samples, their unit-length projected features
-    float32 [b, less_dim]); `adam`: (exp_avg, exp_avg_sq, step) to precondition the gradients
-    with (`adam_direction`), None for plain gradients."""
+def unit_features(model, params, samples, part, cfg, pad_token_id, *, adam=None) -> torch.Tensor:
+    """Float32 [len(part), less_dim]: the unit-length projected features of the samples at
+    positions `part`, one buffer; `adam`: (exp_avg, exp_avg_sq, step) to precondition the
+    gradients with (`adam_direction`), None for plain gradients."""
+    n_params = sum(p.numel() for p in params)
+    stacked = torch.empty(len(part), n_params, device=params[0].device)
+    for row, gradient in enumerate(_samples_gradients(model, params, samples, part, pad_token_id,
+                                                      cfg.chunk_tokens, cfg.head_impl)):
+        stacked[row] = gradient
+    if adam is not None:
+        stacked = adam_direction(stacked, *adam)
+    return torch.nn.functional.normalize(project(stacked, cfg.less_dim, cfg.seed), dim=1)
+
+
+def feature_buffers(count: int, n_params: int, batch_size: int, world: int) -> list[list[int]]:
+    """The positions 0..count-1 cut into the buffers whose gradients are projected together:
+    max(batch_size, BUFFER_FLOATS / n_params) samples each, at most BUFFER_SAMPLES (so that the
+    progress bar moves), and at most ceil(count / world) (so that every process gets a share)."""
+    size = min(max(batch_size, BUFFER_FLOATS // n_params), BUFFER_SAMPLES, max(1, -(-count // world)))
+    return [list(range(start, min(start + size, count))) for start in range(0, count, size)]
+
+
+def shared_features(model, params, samples, cfg, pad_token_id, processes: Processes, *, then, adam=None,
+                    desc: str) -> dict:
+    """{position: then(its features)} for every sample of `samples`: the buffers
+    (`feature_buffers`) shared out over `processes` (`run_batches`, every process gets the whole
+    dict); `then` maps a buffer's features [b, less_dim] to one value per row (what is gathered:
+    the features themselves, or the scores they give). A progress bar on the main process."""
     from tqdm.auto import tqdm
 
-    n_params = sum(p.numel() for p in params)
-    rows = max(cfg.batch_size, BUFFER_FLOATS // n_params)
-    with tqdm(total=len(positions), desc=desc, unit="sample") as bar:
-        for start in range(0, len(positions), rows):
-            part = positions[start:start + rows]
-            stacked = torch.empty(len(part), n_params, device=params[0].device)
-            gradients = _samples_gradients(model, params, samples, part, pad_token_id, cfg.chunk_tokens, cfg.head_impl)
-            for row, gradient in enumerate(gradients):
-                stacked[row] = gradient
-                bar.update(1)
-            if adam is not None:
-                stacked = adam_direction(stacked, *adam)
-            yield part, torch.nn.functional.normalize(project(stacked, cfg.less_dim, cfg.seed), dim=1)
+    buffers = feature_buffers(len(samples), sum(p.numel() for p in params), cfg.batch_size, processes.world)
+    bar = tqdm(total=len(samples), desc=desc, unit="sample", disable=not processes.is_main)
+    with bar:
+        return run_batches(
+            lambda part: dict(zip(part, then(unit_features(model, params, samples, part, cfg, pad_token_id, adam=adam)))),
+            buffers, processes, progress_bar=bar if processes.is_main else None)
 
 
 def warm_up_adapters(model, *, r: int, target: str, seed: int):
@@ -147,39 +176,58 @@ def warm_up_adapters(model, *, r: int, target: str, seed: int):
 
 
 def warm_up(model, params, samples, *, fraction: float, epochs: int, lr: float, batch_size: int, seed: int,
-            pad_token_id: int, chunk_tokens=None, head_impl: str = "auto"):
+            pad_token_id: int, chunk_tokens=None, head_impl: str = "auto", processes: Processes | None = None):
     """Train `params` (the LoRA weights of `warm_up_adapters`) on a seeded draw of
     keep_count(fraction, N) samples for `epochs` epochs: AdamW (betas 0.9, 0.999, eps 1e-8, no
     weight decay), peak `lr`, linear warm-up over floor(3%) of the steps then linear decay to 0,
     `batch_size` samples a step, each step's loss the mean over its response tokens. After each
     epoch (the model then in eval mode), yield (the epoch's mean learning rate, the optimizer).
-    Shared by the `less` and `grads` selectors."""
+    Under several `processes` each step's rows are shared out (`step_gradient`) and every process
+    takes the same optimizer steps. Shared by the `less` and `grads` selectors."""
     from transformers import get_linear_schedule_with_warmup
 
-    from ..step import loss_token_count, micro_batch_loss
-
+    processes = processes or Processes()
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(len(samples), generator=generator)[: keep_count(fraction, len(samples))]
     steps_per_epoch = math.ceil(chosen.numel() / batch_size)
     total = steps_per_epoch * epochs
     optimizer = torch.optim.AdamW(params, lr=lr, betas=BETAS, eps=EPS, weight_decay=0.0)
     schedule = get_linear_schedule_with_warmup(optimizer, int(WARMUP_SHARE * total), total)
-    device = params[0].device
     for _ in range(epochs):
         model.train()
         order = chosen[torch.randperm(chosen.numel(), generator=generator)].tolist()
         rates = []
         for start in range(0, len(order), batch_size):
-            rows = [samples[i] for i in order[start:start + batch_size]]
-            batch = {k: v.to(device) for k, v in collate(rows, pad_token_id).items()}
             rates.append(optimizer.param_groups[0]["lr"])
-            micro_batch_loss(model, batch, loss_token_count([batch]), chunk_tokens=chunk_tokens,
-                             head_impl=head_impl).backward()
+            step_gradient(model, params, [samples[i] for i in order[start:start + batch_size]], processes,
+                          pad_token_id=pad_token_id, chunk_tokens=chunk_tokens, head_impl=head_impl)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
         model.eval()  # the features are taken without dropout
         yield sum(rates) / len(rates), optimizer
+
+
+def step_gradient(model, params, rows: list[dict], processes: Processes, *, pad_token_id: int, chunk_tokens=None,
+                  head_impl: str = "auto") -> None:
+    """The gradient of the mean response-token loss over `rows` (one warm-up step) into `params`'
+    .grad. Under several processes each runs every world-th row, its summed token loss divided by
+    all the rows' tokens, and the gradients are summed over the processes (`Processes.sum_gradients`,
+    one all-reduce): the gradient one process computes on all the rows, up to rounding (each share
+    is padded to its own longest row, which changes no loss), when the model has no dropout. A
+    process without a row in the step runs nothing and adds zeros. Gradients left in `params` (the
+    last sample's of a gradient pass between two epochs) are dropped first."""
+    from ..step import loss_token_count, micro_batch_loss
+
+    device = params[0].device
+    for p in params:
+        p.grad = None
+    share = rows[processes.rank::processes.world]
+    if share:
+        batch = {k: v.to(device) for k, v in collate(share, pad_token_id).items()}
+        tokens = loss_token_count([collate(rows, pad_token_id) if processes.world > 1 else batch])
+        micro_batch_loss(model, batch, tokens, chunk_tokens=chunk_tokens, head_impl=head_impl).backward()
+    processes.sum_gradients(params)
 
 
 def target_tasks(metadata: list[dict], field: str | None) -> tuple[torch.Tensor, list[str]]:
@@ -195,9 +243,12 @@ def target_tasks(metadata: list[dict], field: str | None) -> tuple[torch.Tensor,
     return torch.tensor([index[str(m[field])] for m in metadata], dtype=torch.long), names
 
 
-def less_scores(model, samples, target_samples, target_metadata, cfg, pad_token_id) -> tuple[torch.Tensor, dict]:
+def less_scores(model, samples, target_samples, target_metadata, cfg, pad_token_id,
+                processes: Processes | None = None) -> tuple[torch.Tensor, dict]:
     """Float64 [N]: the LESS score of each of `samples` (in their order), and statistics (see the
-    module doc for the steps)."""
+    module doc for the steps). Under several `processes` the warm-up's steps and the gradient
+    passes are shared out (`warm_up`, `shared_features`) and every process returns the scores."""
+    processes = processes or Processes()
     device = next(model.parameters()).device
     model, params = warm_up_adapters(model, r=cfg.less_lora_r, target=cfg.less_lora_target, seed=cfg.seed)
     subtask, names = target_tasks(target_metadata, cfg.less_target_field)
@@ -205,20 +256,21 @@ def less_scores(model, samples, target_samples, target_metadata, cfg, pad_token_
     weights, started, feature_seconds = 0.0, time.perf_counter(), 0.0
     epochs = warm_up(model, params, samples, fraction=cfg.less_fraction, epochs=cfg.less_epochs, lr=cfg.less_lr,
                      batch_size=cfg.batch_size, seed=cfg.seed, pad_token_id=pad_token_id,
-                     chunk_tokens=cfg.chunk_tokens, head_impl=cfg.head_impl)
+                     chunk_tokens=cfg.chunk_tokens, head_impl=cfg.head_impl, processes=processes)
     for epoch, (rate, optimizer) in enumerate(epochs, 1):
         begun = time.perf_counter()
-        means = torch.zeros(len(names), cfg.less_dim, device=device)
-        for part, features in unit_features(model, params, target_samples, list(range(len(target_samples))), cfg,
-                                            pad_token_id, desc=f"less: target gradients, checkpoint {epoch}"):
-            means.index_add_(0, subtask[part].to(device), features)
+        target = shared_features(model, params, target_samples, cfg, pad_token_id, processes, then=lambda f: f.cpu(),
+                                 desc=f"less: target gradients, checkpoint {epoch}")
+        features = torch.stack([target[i] for i in range(len(target_samples))]).to(device)
+        means = torch.zeros(len(names), cfg.less_dim, device=device).index_add_(0, subtask.to(device), features)
         means /= torch.bincount(subtask, minlength=len(names)).to(device)[:, None]
         state = [optimizer.state[p] for p in params]
         adam = (torch.cat([s["exp_avg"].flatten() for s in state]), torch.cat([s["exp_avg_sq"].flatten() for s in state]),
                 int(state[0]["step"]))
-        for part, features in unit_features(model, params, samples, list(range(len(samples))), cfg, pad_token_id,
-                                            adam=adam, desc=f"less: training gradients, checkpoint {epoch}"):
-            totals[part] += rate * (features @ means.T).double().cpu()
+        similarity = shared_features(model, params, samples, cfg, pad_token_id, processes, adam=adam,
+                                     then=lambda f: (f @ means.T).double().cpu(),
+                                     desc=f"less: training gradients, checkpoint {epoch}")
+        totals += rate * torch.stack([similarity[i] for i in range(len(samples))])
         weights += rate
         feature_seconds += time.perf_counter() - begun
     model.zero_grad(set_to_none=True)
@@ -234,11 +286,12 @@ class LessSelector:
     """keep_count(ratio, N) samples of highest LESS score: Adam-preconditioned LoRA gradients' cosine similarity to --target-data's"""
 
     needs = frozenset({"model", "target"})
+    shares_passes = True  # its warm-up and gradient passes go through the processes: every process calls choose
 
     def choose(self, cfg, inputs) -> StaticChoice:
         samples = inputs.samples
         scores, stats = less_scores(inputs.model, samples, inputs.target_samples, inputs.target_metadata, cfg,
-                                    inputs.pad_token_id)
+                                    inputs.pad_token_id, inputs.processes)
         by_id = dict(zip((samples[i]["sample_id"] for i in range(len(samples))), scores.tolist()))
         values = [by_id[s] for s in inputs.scores.sample_id]
         positions = keep_top(values, keep_count(cfg.ratio, len(values)), highest=True)
