@@ -19,7 +19,7 @@ from qtune.judge import JudgeAnswer, JudgeRun, JudgeSettings, judge_agreement, p
 from qtune.scoring import DatasetScores
 from qtune.selection import run_select
 from qtune.selectors import SELECTORS, SelectorInputs
-from qtune.selectors.thtb import intrinsic_hardness, min_max, subset_inputs, thtb_stages
+from qtune.selectors.thtb import intrinsic_hardness, normalised, subset_inputs, thtb_stages
 
 
 def cfg(**values):
@@ -87,7 +87,8 @@ def test_the_prompt_asks_both_questions_and_cuts_a_long_instruction():
 def test_intrinsic_hardness_is_the_mean_of_the_normalised_level_and_discipline_count():
     # Levels 1 3 6 3 -> 0, 0.4, 1, 0.4; counts 1 2 1 3 -> 0, 0.5, 0, 1; IHS = the means.
     assert intrinsic_hardness([1, 3, 6, 3], [1, 2, 1, 3]) == pytest.approx([0.0, 0.45, 0.5, 0.7])
-    assert min_max([2.0, 2.0]) == [0.0, 0.0] and intrinsic_hardness([2, 2], [1, 1]) == [0.0, 0.0]
+    assert normalised([2.0, 2.0]) == [0.0, 0.0] and normalised([]) == []
+    assert intrinsic_hardness([2, 2], [1, 1]) == [0.0, 0.0]
 
 
 def test_the_three_stages_on_hand_made_scores():

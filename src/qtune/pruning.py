@@ -202,8 +202,9 @@ def _rank(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return rank
 
 
-def _min_max(x: torch.Tensor) -> torch.Tensor:
-    """Min-max normalisation to [0, 1] over the batch; a constant vector gives all zeros."""
+def min_max(x: torch.Tensor) -> torch.Tensor:
+    """Min-max normalisation to [0, 1]: each value's position between the smallest (0) and the
+    largest (1); a constant vector gives all zeros."""
     low, span = x.min(), x.max() - x.min()
     return torch.where(span > 0, (x - low) / torch.where(span > 0, span, 1), 0)
 
@@ -356,7 +357,7 @@ def triage(
     ppl, ent = ppl.to(work_dtype), ent.to(work_dtype)
     n = ppl.numel()
     ppl_sorted, ent_sorted = torch.sort(ppl).values, torch.sort(ent).values
-    tilt = _min_max(ppl) - _min_max(ent)  # P^ - E^: > 0 leans to Q2, < 0 to Q4
+    tilt = min_max(ppl) - min_max(ent)  # P^ - E^: > 0 leans to Q2, < 0 to Q4
 
     def partition_at(level: float) -> _Partition:
         return _Partition(ppl, ent, ppl_sorted, ent_sorted, level, reference, keep_q1)

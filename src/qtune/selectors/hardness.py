@@ -43,20 +43,15 @@ from collections import Counter
 import torch
 
 from ..errors import QTuneError
-from ..pruning import keep_count
+from ..pruning import keep_count, min_max
 from .base import StaticChoice, keep_top, register_selector
-
-
-def _min_max(values: torch.Tensor) -> torch.Tensor:
-    span = values.max() - values.min()
-    return (values - values.min()) / span if span > 0 else torch.zeros_like(values)
 
 
 def expansion_index(instructions: list[str], responses: list[str]) -> torch.Tensor:
     """IREI per sample: mean of the min-max normalised total length and response/instruction ratio."""
     inst = torch.tensor([max(len(t), 1) for t in instructions], dtype=torch.float64)
     resp = torch.tensor([len(t) for t in responses], dtype=torch.float64)
-    return (_min_max(inst + resp) + _min_max(resp / inst)) / 2
+    return (min_max(inst + resp) + min_max(resp / inst)) / 2
 
 
 _BLOCK = 2 ** 20  # floats of one block of distances (8 MiB of float64): k-means' [rows, k]

@@ -62,25 +62,26 @@ import dataclasses
 from collections import Counter
 from collections.abc import Callable
 
+import torch
+
 from ..console import log
 from ..errors import QTuneError
-from ..pruning import keep_count
+from ..pruning import keep_count, min_max
 from . import hardness
 from .base import SELECTORS, SelectorInputs, StaticChoice, keep_top, register_selector
 
 
-def min_max(values: list[float]) -> list[float]:
-    """Each value's position between the smallest (0) and the largest (1); all 0 when they are equal."""
-    if not values:
-        return []
-    low, high = min(values), max(values)
-    return [(v - low) / (high - low) if high > low else 0.0 for v in values]
+def normalised(values: list[float]) -> list[float]:
+    """`qtune.pruning.min_max` of a list: each value's position between the smallest (0) and the
+    largest (1), all 0 when they are equal; [] for []."""
+    return min_max(torch.tensor(values, dtype=torch.float64)).tolist() if values else []
 
 
 def intrinsic_hardness(levels: list[int], disciplines: list[int]) -> list[float]:
     """IHS per sample: the mean of its min-max normalised Bloom level and min-max normalised number
     of disciplines (both over the given samples)."""
-    return [(b + c) / 2 for b, c in zip(min_max([float(v) for v in levels]), min_max([float(v) for v in disciplines]))]
+    bloom, breadth = normalised([float(v) for v in levels]), normalised([float(v) for v in disciplines])
+    return [(b + c) / 2 for b, c in zip(bloom, breadth)]
 
 
 @dataclasses.dataclass
@@ -114,10 +115,10 @@ def thtb_stages(n: int, count: int, *, quality: list[float] | None, quality_keep
     passed_intrinsic = [passed_quality[j] for j in keep_top(ihs, through, highest=True)]
     ehs = extrinsic(passed_intrinsic)
     kept = sorted(passed_intrinsic[j] for j in keep_top(ehs, count, highest=True))
-    score = [0.0] * n if quality is None else min_max(quality)
-    for i, value in zip(passed_quality, min_max(ihs)):
+    score = [0.0] * n if quality is None else normalised(quality)
+    for i, value in zip(passed_quality, normalised(ihs)):
         score[i] = 1 + value
-    for i, value in zip(passed_intrinsic, min_max(ehs)):
+    for i, value in zip(passed_intrinsic, normalised(ehs)):
         score[i] = 2 + value
     return Stages(kept, score, passed_quality, passed_intrinsic)
 
