@@ -155,3 +155,32 @@ def test_two_processes_audit_what_one_process_audits(one_process, tmp_path):
             result["settings"].pop(key)
     assert two == one and "selector:rds" in one["methods"]
     assert (tmp_path / "two" / "planted.jsonl").read_text() == (tmp_path / "one" / "planted.jsonl").read_text()
+
+
+@pytest.mark.parametrize("env, asked", [
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "FSDP2"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "DeepSpeed ZeRO-3"),
+])
+def test_a_launch_that_asks_for_sharded_parameters_is_refused(one_process, tmp_path, monkeypatch, env, asked):
+    """accelerate launch with an FSDP or ZeRO-3 config: the passes would hold the whole model on
+    every process, so qtune score, select and audit stop with one line before anything loads
+    (nothing is written); a ZeRO-2 config, which shards nothing the passes hold, runs."""
+    from qtune.audit.run import run_audit
+    from qtune.config import AuditConfig, ScoreConfig, SelectConfig
+    from qtune.errors import QTuneError
+    from qtune.selection import run_select
+    from qtune.workflows import run_score
+
+    _, common = one_process
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    for run, config, command in ((run_score, ScoreConfig, "qtune score"), (run_select, SelectConfig, "qtune select"),
+                                 (run_audit, AuditConfig, "qtune audit")):
+        with pytest.raises(QTuneError, match=f"{command} runs its passes data-parallel.*asks for {asked}"):
+            run(config(**common, out=str(tmp_path / command), plot=False))
+        assert not (tmp_path / command).exists()
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    run_score(ScoreConfig(**common, out=str(tmp_path / "zero2"), plot=False))
+    assert read(tmp_path / "zero2")["ppl"] == pytest.approx(read(one_process[0] / "score")["ppl"], rel=1e-5)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 import shutil
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch
 from .checkpoints import discard_on_failure
 from .errors import QTuneError
 from .io import replace_dir
-from .processes import end_process_group_at_exit, gather
+from .processes import deepspeed_stage, end_process_group_at_exit, gather, launcher_engine_request
 
 ENGINES = ("single", "ddp", "fsdp2", "zero2", "zero3")
 #: Engines under which each process holds only a shard of the parameters.
@@ -49,38 +48,16 @@ GATHER_16BIT = "stage3_gather_16bit_weights_on_model_save"
 DOCS = "docs/distributed.md"
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
-
-
-def _deepspeed_stage(config) -> int | None:
-    """The ZeRO stage of a DeepSpeed config (a dict or a JSON file), None when unreadable."""
-    if isinstance(config, (str, os.PathLike)):
-        try:
-            config = json.loads(Path(config).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-    stage = (config or {}).get("zero_optimization", {}).get("stage", 0)
-    return int(stage) if str(stage).isdigit() else None
-
-
 def requested_engine(args) -> tuple[str, str] | None:
     """The sharded engine that a run's `TrainingArguments` or its launcher (accelerate launch's
-    environment) ask for, as ("fsdp<version>" or "zero<stage>" or "zero?", what asked for it);
-    None when none is asked for (DDP or one process)."""
+    environment, `qtune.processes.launcher_engine_request`) ask for, as ("fsdp<version>" or
+    "zero<stage>" or "zero?", what asked for it); None when none is asked for (DDP or one process)."""
     if args.deepspeed:
-        stage = _deepspeed_stage(getattr(args, "hf_deepspeed_config", None) and args.hf_deepspeed_config.config)
+        stage = deepspeed_stage(getattr(args, "hf_deepspeed_config", None) and args.hf_deepspeed_config.config)
         return f"zero{'?' if stage is None else stage}", f"--deepspeed {args.deepspeed}"
     if args.fsdp:
         return f"fsdp{(args.fsdp_plugin_args or {}).get('fsdp_version', 2)}", "--fsdp"
-    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
-        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-        if stage is None and os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none") != "none":
-            stage = _deepspeed_stage(os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"])
-        return f"zero{stage if stage is not None else '?'}", "the accelerate config (DeepSpeed)"
-    if _env_flag("ACCELERATE_USE_FSDP"):
-        return f"fsdp{os.environ.get('FSDP_VERSION', '1')}", "the accelerate config (FSDP)"
-    return None
+    return launcher_engine_request()
 
 
 def running_engine(accelerator) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import sys
 import time
@@ -96,6 +97,35 @@ def launcher_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def deepspeed_stage(config) -> int | None:
+    """The ZeRO stage of a DeepSpeed config (a dict or a JSON file), None when unreadable."""
+    if isinstance(config, (str, os.PathLike)):
+        try:
+            config = json.loads(Path(config).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+    stage = (config or {}).get("zero_optimization", {}).get("stage", 0)
+    return int(stage) if str(stage).isdigit() else None
+
+
+def launcher_engine_request() -> tuple[str, str] | None:
+    """The sharded engine that `accelerate launch`'s environment asks for (its config's FSDP or
+    DeepSpeed section), as ("fsdp<version>" or "zero<stage>" or "zero?", what asked for it); None
+    without one (torchrun, a plain multi-process config, one process)."""
+    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        if stage is None and os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none") != "none":
+            stage = deepspeed_stage(os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"])
+        return f"zero{stage if stage is not None else '?'}", "the accelerate config (DeepSpeed)"
+    if _env_flag("ACCELERATE_USE_FSDP"):
+        return f"fsdp{os.environ.get('FSDP_VERSION', '1')}", "the accelerate config (FSDP)"
+    return None
+
+
 def world() -> tuple[int, int]:
     """(rank, world size) of this process; (0, 1) without torch.distributed."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -113,10 +143,21 @@ def gather(obj) -> list:
     return out
 
 
-def launched_processes(device: str = "auto") -> Processes:
+def launched_processes(device: str = "auto", command: str = "this command") -> Processes:
     """The processes of this run: one (on `device`) without a launcher; under torchrun or
     accelerate launch, accelerate's process group (started here when not yet) and this process's
-    device (its local GPU when `device` is auto and GPUs are there)."""
+    device (its local GPU when `device` is auto and GPUs are there). Every process holds the whole
+    model (the passes are data-parallel): a launch whose accelerate config asks for the parameters
+    to be sharded (FSDP, DeepSpeed ZeRO-3, or a ZeRO stage that cannot be read) gets a one-line
+    QTuneError naming `command` instead of a silent whole-model run on every process. ZeRO-1/2
+    shard only what training holds (optimizer state, gradients), so they run as asked."""
+    requested = launcher_engine_request()
+    if requested is not None and requested[0] not in ("zero0", "zero1", "zero2"):
+        raise QTuneError(
+            f"{command} runs its passes data-parallel, with the whole model on every process, but {requested[1]} "
+            f"asks for {requested[0].replace('zero', 'DeepSpeed ZeRO-').replace('fsdp', 'FSDP')}, which shards the "
+            "parameters; sharded passes are not available yet: launch with torchrun or a multi-GPU accelerate "
+            "config (the model must fit on one device), docs/scoring.md#several-processes")
     if launcher_world_size() <= 1:
         return Processes(device=resolve_device(device))
     from accelerate import PartialState

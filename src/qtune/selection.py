@@ -40,7 +40,7 @@ def run_select(cfg: SelectConfig) -> dict:
     Under a launcher (torchrun, accelerate launch) the processes share the model's passes over the
     dataset (`qtune.processes`), the main process chooses (every process, for a selector that runs
     the model) and writes; it returns the summary, the other processes an empty dict."""
-    processes = launched_processes(cfg.device)
+    processes = launched_processes(cfg.device, "qtune select")
     with claim_output_on_main(processes, cfg.out, "qtune select"):
         return _select(cfg, Path(cfg.out), processes)
 

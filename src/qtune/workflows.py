@@ -24,7 +24,7 @@ def run_score(cfg: ScoreConfig) -> dict:
     """Score every sample of a dataset on the EU plane and write scores, summary and plot. Under a
     launcher (torchrun, accelerate launch) the processes share the scoring pass and the main one
     writes (`qtune.processes`); every process returns the summary."""
-    processes = launched_processes(cfg.device)
+    processes = launched_processes(cfg.device, "qtune score")
     # A bad or busy --out fails (every process) before anything loads.
     with claim_output_on_main(processes, cfg.out, "qtune score"):
         return _score(cfg, Path(cfg.out), processes)

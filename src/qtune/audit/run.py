@@ -51,7 +51,7 @@ def run_audit(cfg: AuditConfig) -> dict:
     selectors' own shared passes (`qtune.processes`); the main process decides, writes and returns
     the result, the others an empty dict."""
     chosen = _chosen_names(cfg)  # a bad combination of options fails before anything is read
-    processes = launched_processes(cfg.device)
+    processes = launched_processes(cfg.device, "qtune audit")
     if processes.world > 1 and cfg.steps:
         raise QTuneError("--steps: the audit's training run is a one-process run; run qtune audit --steps without a "
                          "launcher (the scoring pass and the selectors share out over processes without --steps)")
