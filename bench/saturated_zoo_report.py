@@ -1,10 +1,12 @@
 """Tables of bench/saturated_zoo.sh (Q-Tuning's ablations and the static selectors on the
 saturated preset, planned in docs/bench.md), printed as Markdown.
 
-    python bench/saturated_zoo_report.py [OUT]   (default OUT: runs/grid-saturated)
+    python bench/saturated_zoo_report.py [OUT [REFERENCE]]   (default OUT: runs/grid-saturated)
 
-Reads OUT/b4/results.jsonl (part A of bench/saturated_grid.sh: the full-data, random and Q-Tuning
-reference rows at 25% x 50%), OUT/ablations/*/results.jsonl, and for each static selector
+Reads REFERENCE (default OUT/b4/results.jsonl, part A of bench/saturated_grid.sh; the static rerun
+of issue 30 reads runs/draws-saturated/results.jsonl: the full-data, random and Q-Tuning
+reference rows at 25% x 50%, of the preset's own draw of the data, data seed 0, alone),
+OUT/ablations/*/results.jsonl, and for each static selector
 OUT/static/<selector>/select/ (the subset, summary.json) and OUT/static/<selector>/bench/results.jsonl.
 A static selector's rows are named `select:<selector>`; its "dropped" audit is the share of each
 category's training records that are not in its subset (the selection is made once, so every epoch
@@ -19,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 from qtune.io import read_jsonl
-from qtune.bench.stats import audit_rows, summarize_results, versus
+from qtune.bench.stats import audit_rows, data_seed, summarize_results, versus
 from qtune.report import format_table, markdown_text
 from qtune.testbed import build_testbed
 
@@ -44,10 +46,10 @@ def _static_audit(train: list[dict], subset: list[dict]) -> dict:
 def main(argv: list[str]) -> None:
     out = Path(argv[0] if argv else "runs/grid-saturated")
     missing = []
-    part_a = out / "b4" / "results.jsonl"
+    part_a = Path(argv[1]) if len(argv) > 1 else out / "b4" / "results.jsonl"
     reference = [r for r in read_jsonl(part_a)  # no file: no rows
-                 if r["method"] == "full" or (r["method"] in ("random", "qtuning", "token_matched_random")
-                                              and (r["r_sample"], r["r_token"]) == BUDGET)]
+                 if data_seed(r) == 0 and (r["method"] == "full" or (
+                     r["method"] in ("random", "qtuning", "token_matched_random") and (r["r_sample"], r["r_token"]) == BUDGET))]
     if not reference:
         missing.append(str(part_a))
     ablations = []
@@ -63,9 +65,10 @@ def main(argv: list[str]) -> None:
             continue
         audit = _static_audit(train, read_jsonl(subset))
         summary = json.loads((folder / "select" / "summary.json").read_text())
-        passes = summary.get("stats") or {}  # LESS reports its warm-up and gradient passes apart
-        selection_seconds[f"select:{folder.name}"] = (summary["scoring_seconds"] + passes.get("warmup_seconds", 0)
-                                                      + passes.get("gradient_seconds", 0))
+        passes = summary.get("stats") or {}  # LESS and GrADS report their warm-up and gradients apart, RDS its passes
+        selection_seconds[f"select:{folder.name}"] = summary["scoring_seconds"] + sum(
+            passes.get(key, 0) for key in ("warmup_seconds", "gradient_seconds", "forward_seconds", "kde_seconds",
+                                           "similarity_seconds"))
         # Labelled by the share of records selected (trained on whole: every token of the subset).
         static += [dict(r, method=f"select:{folder.name}", audit=audit, r_sample=summary["ratio"],
                         nominal_budget=summary["ratio"]) for r in read_jsonl(results)]
