@@ -106,34 +106,42 @@ def test_a_warm_up_steps_shares_sum_to_the_whole_steps_gradient(tiny_run_inputs)
     `Processes.sum_gradients` does), are the gradient one process computes on the 5 rows, to
     float32 rounding (each share is padded to its own longest row). A gradient left in the weights
     (a gradient pass's last sample, between two epochs) is not added to the step's: it was, before
-    the step cleared it."""
+    the step cleared it. After the adapters' scope the model is as it was: the same weights, no
+    adapter, the same requires_grad and mode."""
     from qtune.config import SelectConfig
     from qtune.workflows import load_for_scoring
 
     model_dir, data = tiny_run_inputs
     cfg = SelectConfig(model=str(model_dir), data=str(data), out="unused", selector="less")
     _, pad, _, samples, model = load_for_scoring(cfg, with_model=True, device="cpu")
-    model, params = less.warm_up_adapters(model, r=4, target=cfg.less_lora_target, seed=0)
-    with torch.no_grad():
-        for p in params:  # B away from 0, so that every adapter weight has a gradient
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    before = {name: (p.detach().clone(), p.requires_grad) for name, p in model.named_parameters()}
+    training = model.training
     rows = [samples[i] for i in (0, 3, 9, 17, 30)]
     assert len({len(r["input_ids"]) for r in rows}) > 1  # the shares' padding differs from the whole's
-    model.train()
-    for p in params:
-        p.grad = torch.ones_like(p)  # left over
-    less.step_gradient(model, params, rows, less.Processes(), pad_token_id=pad)
-    whole = [p.grad.clone() for p in params]
-    summed = [torch.zeros_like(p) for p in params]
-    for rank in range(3):
-        model.zero_grad(set_to_none=True)
-        less.step_gradient(model, params, rows, _Share(rank=rank, world=3), pad_token_id=pad)
-        for total, p in zip(summed, params):
-            total += p.grad
+    with less.warm_up_adapters(model, r=4, target=cfg.less_lora_target, seed=0) as (peft_model, params):
+        with torch.no_grad():
+            for p in params:  # B away from 0, so that every adapter weight has a gradient
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+        peft_model.train()
+        for p in params:
+            p.grad = torch.ones_like(p)  # left over
+        less.step_gradient(peft_model, params, rows, less.Processes(), pad_token_id=pad)
+        whole = [p.grad.clone() for p in params]
+        summed = [torch.zeros_like(p) for p in params]
+        for rank in range(3):
+            peft_model.zero_grad(set_to_none=True)
+            less.step_gradient(peft_model, params, rows, _Share(rank=rank, world=3), pad_token_id=pad)
+            for total, p in zip(summed, params):
+                total += p.grad
     scale = max(g.abs().max().item() for g in whole)
     assert scale > 0
     for total, g in zip(summed, whole):
         assert torch.allclose(total, g, rtol=1e-5, atol=1e-6 * scale)
+    after = dict(model.named_parameters())
+    assert sorted(after) == sorted(before) and not any("lora" in name for name in after)
+    for name, (weight, flag) in before.items():
+        assert torch.equal(after[name], weight) and after[name].requires_grad == flag and after[name].grad is None
+    assert model.training == training
 
 
 def test_select_help_lists_less_and_its_options(capsys):

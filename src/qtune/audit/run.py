@@ -5,8 +5,8 @@
    (`qtune.contamination`).
 2. Score the planted sample once, batch by batch (`decisions.score_batches`), with a progress bar.
 3. Decide on those scores: Q-Tuning's triage, then every sample rule, per batch; every token rule,
-   Q-Tuning's Stage 2 first; every static selector (`less`, only when named, last: it trains
-   adapters into the model). The random rule and the random selection are each family's reference.
+   Q-Tuning's Stage 2 first; every static selector (`less`, `grads` and `thtb` only when named).
+   The random rule and the random selection are each family's reference.
 4. With --steps, a short training run of --method on the planted sample (`dynamic`).
 5. Judge every method's drop share per planted kind against its drop share of untouched records
    (`verdict`), and write audit.json, audit.md and audit.html (`outputs`).
@@ -101,8 +101,6 @@ def _chosen_names(cfg: AuditConfig) -> tuple[list[str], list[str], list[str], di
     for name in ("less", "rds"):
         if name in selectors and not cfg.target_data:
             raise QTuneError(f"--selectors {name} needs --target-data: a file of examples of the target task")
-    if "less" in selectors:
-        selectors = [n for n in selectors if n != "less"] + ["less"]  # it trains adapters into the model: last
     tokens = ["qtuning", *_with_random_first(tokens)] if tokens else []
     return _with_random_first(rules), tokens, _with_random_first(selectors), skipped
 

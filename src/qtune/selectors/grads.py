@@ -264,11 +264,8 @@ def grads_magnitudes(model, samples, cfg, pad_token_id, processes: Processes | N
     returning the whole. `model` is left as it was (adapters removed, requires_grad and mode
     restored)."""
     weights, tied = gradient_weights(model)
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    training = model.training
     started = time.perf_counter()
-    peft_model, params = warm_up_adapters(model, r=cfg.grads_lora_r, target=cfg.grads_lora_target, seed=cfg.seed)
-    try:
+    with warm_up_adapters(model, r=cfg.grads_lora_r, target=cfg.grads_lora_target, seed=cfg.seed) as (peft_model, params):
         for _ in warm_up(peft_model, params, samples, fraction=cfg.grads_fraction, epochs=cfg.grads_epochs,
                          lr=cfg.grads_lr, batch_size=cfg.batch_size, seed=cfg.seed, pad_token_id=pad_token_id,
                          chunk_tokens=cfg.chunk_tokens, head_impl=cfg.head_impl, processes=processes):
@@ -284,12 +281,6 @@ def grads_magnitudes(model, samples, cfg, pad_token_id, processes: Processes | N
                                            head_impl=cfg.head_impl, processes=processes,
                                            progress=getattr(cfg, "progress", True))
         gradient_seconds = time.perf_counter() - started
-    finally:
-        peft_model.zero_grad(set_to_none=True)
-        peft_model.base_model.unload()  # the adapters out, not merged: the scoring model as it was
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(training)
     stats = {"tied_embeddings": tied, "lora_parameters": sum(p.numel() for p in params),
              "warmup_samples": keep_count(cfg.grads_fraction, len(samples)), "warmup_epochs": cfg.grads_epochs,
              "warmup_seconds": warmup_seconds, "gradient_seconds": gradient_seconds}

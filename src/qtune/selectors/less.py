@@ -30,8 +30,8 @@ ICML 2024, arXiv 2402.04333 (Q-Tuning's Table 13 baseline). Reimplemented from t
 Simplifications, against the paper: one model, no dropout in the adapters (the features are then
 deterministic), no gradient clipping in the warm-up, `batch_size` samples a step (the paper's
 effective batch is 128), the projection is generated here in blocks (TRAK's CUDA projector is not
-used). The LoRA adapters are added to the scoring model in place; the selector is the last to use
-it.
+used). The LoRA adapters are added to the scoring model for the selector's work and removed after
+(`warm_up_adapters`): the model is left as it was.
 
 Under a launcher (torchrun, accelerate launch) the work is shared out over the processes: each
 warm-up step's rows (each process runs every world-th row and the LoRA gradients are summed,
@@ -53,6 +53,7 @@ projection, plus P x less_dim random draws per buffer of gradients.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -162,17 +163,29 @@ def shared_features(model, params, samples, cfg, pad_token_id, processes: Proces
             buffers, processes, progress_bar=bar if processes.is_main else None)
 
 
+@contextlib.contextmanager
 def warm_up_adapters(model, *, r: int, target: str, seed: int):
-    """(`model` with the warm-up's LoRA adapters, their weights): rank `r`, alpha 4 x r, no dropout,
-    on the modules named in `target`, initialised from `seed` without touching the global random
-    state. The adapters are added to `model` in place. Shared by the `less` and `grads` selectors."""
+    """With (`model` with the warm-up's LoRA adapters, their weights): rank `r`, alpha 4 x r, no
+    dropout, on the modules named in `target`, initialised from `seed` without touching the global
+    random state. On exit `model` is as it was: the adapters removed (not merged), every
+    parameter's requires_grad and the train/eval mode restored, no gradient left, so that any
+    selector can run after. Shared by the `less` and `grads` selectors."""
     from ..train import apply_lora
 
     device = next(model.parameters()).device
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    training = model.training
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)  # the adapters' initialisation
-        model = apply_lora(model, r=r, alpha=4 * r, dropout=0.0, target=target)
-    return model, [p for p in model.parameters() if p.requires_grad]
+        peft_model = apply_lora(model, r=r, alpha=4 * r, dropout=0.0, target=target)
+    try:
+        yield peft_model, [p for p in peft_model.parameters() if p.requires_grad]
+    finally:
+        peft_model.zero_grad(set_to_none=True)
+        peft_model.base_model.unload()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(training)
 
 
 def warm_up(model, params, samples, *, fraction: float, epochs: int, lr: float, batch_size: int, seed: int,
@@ -249,9 +262,17 @@ def less_scores(model, samples, target_samples, target_metadata, cfg, pad_token_
     module doc for the steps). Under several `processes` the warm-up's steps and the gradient
     passes are shared out (`warm_up`, `shared_features`) and every process returns the scores."""
     processes = processes or Processes()
-    device = next(model.parameters()).device
-    model, params = warm_up_adapters(model, r=cfg.less_lora_r, target=cfg.less_lora_target, seed=cfg.seed)
     subtask, names = target_tasks(target_metadata, cfg.less_target_field)
+    with warm_up_adapters(model, r=cfg.less_lora_r, target=cfg.less_lora_target, seed=cfg.seed) as (peft_model, params):
+        totals, stats = _less_scores(peft_model, params, samples, target_samples, subtask, names, cfg, pad_token_id,
+                                     processes)
+    return totals.max(dim=1).values, stats
+
+
+def _less_scores(model, params, samples, target_samples, subtask, names, cfg, pad_token_id, processes):
+    """less_scores' steps 1-4 on `model` with its warm-up adapters `params`: (float64 [N, subtasks]
+    the checkpoint-weighted similarities, statistics)."""
+    device = params[0].device
     totals = torch.zeros(len(samples), len(names), dtype=torch.float64)
     weights, started, feature_seconds = 0.0, time.perf_counter(), 0.0
     epochs = warm_up(model, params, samples, fraction=cfg.less_fraction, epochs=cfg.less_epochs, lr=cfg.less_lr,
@@ -273,12 +294,11 @@ def less_scores(model, samples, target_samples, target_metadata, cfg, pad_token_
         totals += rate * torch.stack([similarity[i] for i in range(len(samples))])
         weights += rate
         feature_seconds += time.perf_counter() - begun
-    model.zero_grad(set_to_none=True)
     stats = {"lora_parameters": sum(p.numel() for p in params), "checkpoints": cfg.less_epochs,
              "warmup_samples": keep_count(cfg.less_fraction, len(samples)), "target_samples": len(target_samples),
              "subtasks": names, "warmup_seconds": time.perf_counter() - started - feature_seconds,
              "gradient_seconds": feature_seconds}
-    return (totals / weights).max(dim=1).values, stats
+    return totals / weights, stats
 
 
 @register_selector("less")
