@@ -95,7 +95,7 @@ BEFORE = {
                           "--out runs/grid-saturated/threads2",
     "saturated-controls": f"{SATURATED} --methods full,oracle,oracle_ratio,random,anti_oracle --budgets 0.25x1 "
                           "--batch-size 4 --jobs 1 --out runs/saturated-calibration/controls",
-    "saturated-static": f"{ZOO} --methods full",
+    "saturated-static": f"{ZOO} --methods full --allow-contamination",
     **{f"saturated-ablations/{name}": f"{ZOO} --methods qtuning --budgets 0.25x0.5 {switch} "
                                       f"--out runs/grid-saturated/ablations/{name}"
        for name, switch in (("stages-sample", "--stages sample"), ("stages-token", "--stages token"),
