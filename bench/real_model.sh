@@ -5,9 +5,9 @@
 #      selector but less and every sample rule at 25%; the contamination count against test);
 #   2. SFT on seed 0's planted sample (bench/configs/real-smollm2-gsm8k.yaml);
 #   3. the base model evaluated as the SFT cells are (the first 500 test problems).
-#   4. (audit-new, not in all) the audit of the rds selector (seeds 0-2) and grads (seed 0) on the
-#      same draws (docs/audit.md, "RDS+, GrADS and THTB on GSM8K with the real model").
-# Usage: bash bench/real_model.sh [audit|sft|base|all|audit-new]   (default all; run from the project root)
+#   4. (audit-new and audit-grads, not in all) the audit of the rds selector (seeds 0-2) and of grads
+#      (seed 0) on the same draws (docs/audit.md, "RDS+, GrADS and THTB on GSM8K with the real model").
+# Usage: bash bench/real_model.sh [audit|sft|base|all|audit-new|audit-grads]   (default all; run from the project root)
 set -euo pipefail
 part=${1:-all}
 gsm8k=../shared/data/gsm8k
@@ -27,16 +27,17 @@ if [ "$part" = base ] || [ "$part" = all ]; then
         qtune eval --model smollm2-135m-instruct --data $gsm8k/test.jsonl --limit 500 \
             --out runs/real-smollm2-gsm8k-base  # the defaults: 256 new tokens, 16 prompts at once, as the config
 fi
-if [ "$part" = audit-new ]; then
+if [ "$part" = audit-new ] || [ "$part" = audit-grads ]; then
     target=runs/gsm8k-test-1001-1064.jsonl  # test problems no qtune run evaluates on (they take the first 500)
     [ -e $target ] || sed -n 1001,1064p $gsm8k/test.jsonl > $target
-    for seed in 0 1 2; do
-        selectors=rds
-        [ "$seed" = 0 ] && selectors=rds,grads  # grads once: about 40 minutes a seed on a 2-core CPU
-        [ -e "runs/audit-gsm8k-new-seed$seed/audit.json" ] && continue
-        rm -rf "runs/audit-gsm8k-new-seed$seed"
+    selectors=rds; seeds="0 1 2"; name=new
+    # grads apart, on seed 0: its LoRA epoch and per-sample backward passes take over an hour a seed on 2 CPU cores
+    [ "$part" = audit-grads ] && { selectors=grads; seeds=0; name=grads; }
+    for seed in $seeds; do
+        [ -e "runs/audit-gsm8k-$name-seed$seed/audit.json" ] && continue
+        rm -rf "runs/audit-gsm8k-$name-seed$seed"
         qtune audit --data $gsm8k/train.jsonl --eval-data $gsm8k/test.jsonl --seed $seed \
             --rules none --token-rules none --selectors $selectors --target-data $target \
-            --out "runs/audit-gsm8k-new-seed$seed"
+            --out "runs/audit-gsm8k-$name-seed$seed"
     done
 fi
